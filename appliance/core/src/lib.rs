@@ -1,0 +1,8 @@
+//! Sans-IO issuance core of the invoice appliance: validation, number pools, idempotency,
+//! journal records and canonical invoice bytes. No I/O, no clock, no threads: time and
+//! randomness come in as arguments, so that every behaviour can be simulated.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod canonical;
+pub mod journal;

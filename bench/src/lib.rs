@@ -1,0 +1,1 @@
+//! Benchmarks live in `bench/benches/`; this crate has no library code.
