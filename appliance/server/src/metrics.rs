@@ -1,0 +1,179 @@
+//! Per-shard, per-stage latency histograms (HDR, microseconds) and their report.
+//!
+//! Each shard owns one [`ShardMetrics`] and records into it without sharing; a snapshot
+//! is a plain clone sent to whoever asks (the demo, and later the control port), so the
+//! issuing path never touches another core's memory.
+
+use hdrhistogram::Histogram;
+use std::fmt::Write as _;
+
+/// Highest latency the histograms track: larger values saturate at this bound (60 s).
+pub const LATENCY_US_MAX: u64 = 60_000_000;
+
+/// Stages of one issue request on its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// From arrival at the shard to the start of the tick that takes it.
+    QueueWait,
+    /// The tick's tax-code command to the tax server.
+    TaxCode,
+    /// The tick's journal write and fdatasync.
+    JournalCommit,
+    /// From arrival at the shard to its answer being released.
+    Total,
+}
+
+impl Stage {
+    /// Every stage, in report order.
+    pub const ALL: [Stage; 4] = [
+        Stage::QueueWait,
+        Stage::TaxCode,
+        Stage::JournalCommit,
+        Stage::Total,
+    ];
+
+    /// Short name used in reports and metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::QueueWait => "queue_wait",
+            Stage::TaxCode => "tax_code",
+            Stage::JournalCommit => "journal_commit",
+            Stage::Total => "total",
+        }
+    }
+}
+
+/// Latency histograms and counters of one shard.
+#[derive(Debug, Clone)]
+pub struct ShardMetrics {
+    /// Shard index.
+    pub shard_id: u32,
+    stages: [Histogram<u64>; 4],
+    /// Invoices newly issued (journaled and answered).
+    pub issued_invoices: u64,
+    /// Requests answered with the invoice issued earlier for the same order.
+    pub replayed_invoices: u64,
+    /// Requests answered with an error.
+    pub rejected_requests: u64,
+    /// Ticks run (each is one tax-code command and one journal commit at most).
+    pub ticks: u64,
+    /// Invoices in the largest tick.
+    pub tick_invoices_max: u64,
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 3 significant digits: 0.1% resolution is ample for latency percentiles.
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("static histogram bounds are valid")
+}
+
+impl ShardMetrics {
+    /// Empty metrics for shard `shard_id`.
+    pub fn new(shard_id: u32) -> Self {
+        ShardMetrics {
+            shard_id,
+            stages: [
+                new_histogram(),
+                new_histogram(),
+                new_histogram(),
+                new_histogram(),
+            ],
+            issued_invoices: 0,
+            replayed_invoices: 0,
+            rejected_requests: 0,
+            ticks: 0,
+            tick_invoices_max: 0,
+        }
+    }
+
+    /// Records `count` requests that spent `latency_us` in `stage`.
+    pub fn record(&mut self, stage: Stage, latency_us: u64, count: u64) {
+        if count > 0 {
+            self.stages[stage as usize]
+                .saturating_record_n(latency_us.clamp(1, LATENCY_US_MAX), count);
+        }
+    }
+
+    /// The histogram of one stage.
+    pub fn stage(&self, stage: Stage) -> &Histogram<u64> {
+        &self.stages[stage as usize]
+    }
+
+    /// Adds another shard's figures into this one (for an all-shards line).
+    pub fn merge(&mut self, other: &ShardMetrics) {
+        for (mine, theirs) in self.stages.iter_mut().zip(other.stages.iter()) {
+            // Same bounds on both sides, so addition cannot fail.
+            mine.add(theirs).expect("histograms share bounds");
+        }
+        self.issued_invoices += other.issued_invoices;
+        self.replayed_invoices += other.replayed_invoices;
+        self.rejected_requests += other.rejected_requests;
+        self.ticks += other.ticks;
+        self.tick_invoices_max = self.tick_invoices_max.max(other.tick_invoices_max);
+    }
+}
+
+/// Renders a per-shard latency table of one stage: p50, p99, p99.9 and max in µs.
+pub fn latency_table(shards: &[ShardMetrics], stage: Stage) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>6} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9}",
+        "shard", "invoices", "ticks", "p50_us", "p99_us", "p99.9_us", "max_us"
+    );
+    let mut all = ShardMetrics::new(u32::MAX);
+    for shard in shards {
+        all.merge(shard);
+        push_row(&mut out, &shard.shard_id.to_string(), shard, stage);
+    }
+    if shards.len() > 1 {
+        push_row(&mut out, "all", &all, stage);
+    }
+    out
+}
+
+fn push_row(out: &mut String, label: &str, m: &ShardMetrics, stage: Stage) {
+    let h = m.stage(stage);
+    let _ = writeln!(
+        out,
+        "{:>6} {:>10} {:>8} {:>9} {:>9} {:>9} {:>9}",
+        label,
+        m.issued_invoices + m.replayed_invoices,
+        m.ticks,
+        h.value_at_quantile(0.50),
+        h.value_at_quantile(0.99),
+        h.value_at_quantile(0.999),
+        h.max()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_adds_counts_and_keeps_percentiles() {
+        let mut a = ShardMetrics::new(0);
+        let mut b = ShardMetrics::new(1);
+        a.record(Stage::Total, 100, 99);
+        b.record(Stage::Total, 10_000, 1);
+        a.issued_invoices = 99;
+        b.issued_invoices = 1;
+        let mut all = ShardMetrics::new(9);
+        all.merge(&a);
+        all.merge(&b);
+        assert_eq!(all.stage(Stage::Total).len(), 100);
+        assert_eq!(all.issued_invoices, 100);
+        assert!(all.stage(Stage::Total).value_at_quantile(0.5) < 200);
+        assert!(all.stage(Stage::Total).max() >= 9_990);
+        let table = latency_table(&[a, b], Stage::Total);
+        assert_eq!(table.lines().count(), 4, "{table}");
+    }
+
+    #[test]
+    fn out_of_range_latency_saturates() {
+        let mut m = ShardMetrics::new(0);
+        m.record(Stage::TaxCode, u64::MAX, 1);
+        m.record(Stage::TaxCode, 0, 1);
+        assert_eq!(m.stage(Stage::TaxCode).len(), 2);
+    }
+}
