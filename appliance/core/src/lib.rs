@@ -5,4 +5,13 @@
 #![deny(missing_docs)]
 
 pub mod canonical;
+pub mod invoice;
 pub mod journal;
+pub mod money;
+pub mod taxpayer;
+pub mod validate;
+
+pub use invoice::{Invoice, InvoiceIdentity, InvoiceKind, IssueRequest, LineItem, RedReference};
+pub use money::TaxRate;
+pub use taxpayer::{InvoiceCode, InvoiceNumber, NumberSegment, TaxpayerId};
+pub use validate::{IssueError, ItemError};

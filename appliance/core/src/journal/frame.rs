@@ -173,7 +173,7 @@ pub fn decode_record_at(buf: &[u8], offset: usize) -> Result<(RawRecord<'_>, usi
     }
     let len = header.len.get();
     let len_usize = len as usize;
-    if len_usize < RECORD_HEADER_BYTES || len_usize > RECORD_HEADER_BYTES + RECORD_BODY_BYTES_MAX {
+    if !(RECORD_HEADER_BYTES..=RECORD_HEADER_BYTES + RECORD_BODY_BYTES_MAX).contains(&len_usize) {
         return Err(FrameError::BadLength(len));
     }
     let padded = align_up(len_usize);
