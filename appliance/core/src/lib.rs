@@ -5,9 +5,11 @@
 #![deny(missing_docs)]
 
 pub mod canonical;
+pub mod idempotency;
 pub mod invoice;
 pub mod journal;
 pub mod money;
+pub mod pool;
 pub mod taxpayer;
 pub mod validate;
 

@@ -1,0 +1,427 @@
+//! The idempotency index of one shard: which orders were issued, under which journal
+//! sequence number, and with which request content.
+//!
+//! # Layout and memory per remembered order
+//!
+//! * A ring of [`IndexEntry`] in insertion order (= journal order), 56 bytes each:
+//!   key fingerprint (xxh3-128 of seller ‖ order id, as two u64 so that the struct has
+//!   8-byte alignment and no padding), request digest (xxh3-64), journal sequence, invoice
+//!   code, number, issue time (u32 seconds) and total.
+//! * An open-addressing (linear probing) table of u32 ring slots, with twice as many slots
+//!   as the ring so that the load factor stays ≤ 0.5: 2 × 4 = 8 bytes per order.
+//!
+//! Both are allocated once, for the configured capacity (a power of two), so memory is
+//! exactly 64 bytes × capacity whatever the load; e.g. 8 Mi orders per shard = 512 MiB.
+//! Red totals live in a side map holding only originals that have reds (≈ 48 B each
+//! with hashbrown overhead; reds are rare).
+//!
+//! Expiry pops the ring head while it is older than the retention window; deletion from
+//! the table uses backward-shift deletion, so there are no tombstones and probe lengths
+//! never degrade.
+
+use std::collections::HashMap;
+
+use xxhash_rust::xxh3::{xxh3_128, xxh3_64};
+
+use crate::invoice::{InvoiceKind, IssueRequest};
+use crate::taxpayer::TaxpayerId;
+use crate::validate::ORDER_ID_BYTES_MAX;
+
+/// Smallest capacity accepted (keeps the table math simple for tiny test configs).
+pub const INDEX_CAPACITY_MIN: u32 = 16;
+/// Largest capacity: 2^30 orders (64 GiB); ring slots must fit below the u32 empty mark.
+pub const INDEX_CAPACITY_MAX: u32 = 1 << 30;
+const EMPTY: u32 = u32::MAX;
+
+/// Fingerprint of the idempotency key (seller, order id).
+pub fn key_fingerprint(seller: &TaxpayerId, order_id: &str) -> u128 {
+    // Seller ids are fixed-length, so seller ‖ order id is unambiguous. Order ids are
+    // bounded by validation; a longer one is hashed on the heap path, never truncated.
+    let mut buf = [0u8; 18 + ORDER_ID_BYTES_MAX];
+    let bytes = order_id.as_bytes();
+    if bytes.len() <= ORDER_ID_BYTES_MAX {
+        buf[..18].copy_from_slice(seller.as_bytes());
+        buf[18..18 + bytes.len()].copy_from_slice(bytes);
+        xxh3_128(&buf[..18 + bytes.len()])
+    } else {
+        let mut v = seller.as_bytes().to_vec();
+        v.extend_from_slice(bytes);
+        xxh3_128(&v)
+    }
+}
+
+/// Digest of every field of a request, to tell a retry (same digest) from a different
+/// request reusing an order id (`IdempotencyConflict`). `scratch` is reused between
+/// calls to avoid an allocation per request.
+pub fn request_digest(request: &IssueRequest, scratch: &mut Vec<u8>) -> u64 {
+    fn put_str(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+    scratch.clear();
+    scratch.extend_from_slice(request.seller.as_bytes());
+    put_str(scratch, &request.order_id);
+    put_str(scratch, &request.buyer_name);
+    match &request.buyer_taxpayer {
+        Some(t) => scratch.extend_from_slice(t.as_bytes()),
+        None => scratch.extend_from_slice(&[0; 18]),
+    }
+    scratch.extend_from_slice(&(request.lines.len() as u32).to_le_bytes());
+    for line in &request.lines {
+        put_str(scratch, &line.name);
+        scratch.extend_from_slice(&line.quantity.to_le_bytes());
+        scratch.extend_from_slice(&line.unit_price_fen.to_le_bytes());
+    }
+    scratch.extend_from_slice(&request.tax_rate.bp().to_le_bytes());
+    put_str(scratch, &request.issuer_ref);
+    scratch.extend_from_slice(&request.amount_fen.to_le_bytes());
+    scratch.extend_from_slice(&request.tax_fen.to_le_bytes());
+    scratch.extend_from_slice(&request.total_fen.to_le_bytes());
+    match &request.kind {
+        InvoiceKind::Blue => scratch.push(0),
+        InvoiceKind::Red(r) => {
+            scratch.push(1);
+            scratch.extend_from_slice(&r.original_code.get().to_le_bytes());
+            scratch.extend_from_slice(&r.original_number.get().to_le_bytes());
+            put_str(scratch, &r.original_order_id);
+        }
+    }
+    xxh3_64(scratch)
+}
+
+/// One remembered order: 56 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct IndexEntry {
+    /// xxh3-128 of seller ‖ order id, low half first.
+    pub fingerprint: [u64; 2],
+    /// [`request_digest`] of the issuing request.
+    pub request_digest: u64,
+    /// Journal sequence of the issued (or pending) record: replays are answered from it.
+    pub seq: u64,
+    /// Invoice code.
+    pub code: u64,
+    /// Invoice number.
+    pub number: u32,
+    /// Issue time, seconds since the Unix epoch (u32 lasts until 2106).
+    pub issue_time_s: u32,
+    /// Invoice total in fen (negative for red invoices).
+    pub total_fen: i64,
+}
+
+const _: () = assert!(core::mem::size_of::<IndexEntry>() == 56);
+
+impl IndexEntry {
+    /// The fingerprint as one u128.
+    pub fn fingerprint(&self) -> u128 {
+        u128::from(self.fingerprint[0]) | (u128::from(self.fingerprint[1]) << 64)
+    }
+    /// Splits a u128 fingerprint into the stored form.
+    pub fn split_fingerprint(fingerprint: u128) -> [u64; 2] {
+        [fingerprint as u64, (fingerprint >> 64) as u64]
+    }
+}
+
+/// Converts ms since the epoch into the entries' u32 seconds (saturating in 2106).
+pub fn issue_time_s(now_ms: u64) -> u32 {
+    u32::try_from(now_ms / 1000).unwrap_or(u32::MAX)
+}
+
+/// Bounded idempotency index (see the module docs for layout and memory).
+#[derive(Debug, Clone)]
+pub struct IdempotencyIndex {
+    ring: Vec<IndexEntry>,
+    /// Absolute insertion number of the oldest live entry.
+    head: u64,
+    len: u32,
+    table: Vec<u32>,
+    retention_s: u64,
+    red_totals_fen: HashMap<u128, i64>,
+}
+
+impl IdempotencyIndex {
+    /// An empty index for `capacity_orders` (rounded up to a power of two, clamped to
+    /// [`INDEX_CAPACITY_MIN`]..=[`INDEX_CAPACITY_MAX`]), forgetting orders older than
+    /// `retention_ms`.
+    pub fn new(capacity_orders: u32, retention_ms: u64) -> Self {
+        let capacity = capacity_orders
+            .clamp(INDEX_CAPACITY_MIN, INDEX_CAPACITY_MAX)
+            .next_power_of_two();
+        Self {
+            ring: vec![IndexEntry::default(); capacity as usize],
+            head: 0,
+            len: 0,
+            table: vec![EMPTY; 2 * capacity as usize],
+            retention_s: retention_ms / 1000,
+            red_totals_fen: HashMap::new(),
+        }
+    }
+
+    /// Orders the index can hold.
+    pub fn capacity(&self) -> u32 {
+        self.ring.len() as u32
+    }
+
+    /// Orders remembered now.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Whether no order is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of the ring and table (the red-total side map excluded).
+    pub fn memory_bytes(&self) -> usize {
+        self.ring.len() * core::mem::size_of::<IndexEntry>()
+            + self.table.len() * core::mem::size_of::<u32>()
+    }
+
+    fn table_mask(&self) -> usize {
+        self.table.len() - 1
+    }
+
+    fn home(&self, fingerprint_low: u64) -> usize {
+        fingerprint_low as usize & self.table_mask()
+    }
+
+    /// Table position holding the entry with this fingerprint.
+    fn find_position(&self, fingerprint: u128) -> Option<usize> {
+        let parts = IndexEntry::split_fingerprint(fingerprint);
+        let mut pos = self.home(parts[0]);
+        // Load ≤ 0.5 guarantees an empty slot, so the loop ends; the bound is belt and
+        // braces against a broken invariant.
+        for _ in 0..self.table.len() {
+            let slot = self.table[pos];
+            if slot == EMPTY {
+                return None;
+            }
+            if self.ring[slot as usize].fingerprint == parts {
+                return Some(pos);
+            }
+            pos = (pos + 1) & self.table_mask();
+        }
+        None
+    }
+
+    /// The entry of an order, if remembered.
+    pub fn get(&self, fingerprint: u128) -> Option<&IndexEntry> {
+        self.find_position(fingerprint)
+            .map(|pos| &self.ring[self.table[pos] as usize])
+    }
+
+    /// Remembers a new order.
+    ///
+    /// # Panics
+    /// If the index is full or the order already present: the issuer checks both before
+    /// taking a number, so either is a programming error.
+    pub fn insert(&mut self, entry: IndexEntry) {
+        assert!(self.len < self.capacity(), "idempotency index full");
+        assert!(
+            self.get(entry.fingerprint()).is_none(),
+            "order inserted twice"
+        );
+        let slot = ((self.head + u64::from(self.len)) & u64::from(self.capacity() - 1)) as u32;
+        self.ring[slot as usize] = entry;
+        self.len += 1;
+        let mut pos = self.home(entry.fingerprint[0]);
+        while self.table[pos] != EMPTY {
+            pos = (pos + 1) & self.table_mask();
+        }
+        self.table[pos] = slot;
+    }
+
+    /// Forgets orders issued more than the retention window before `now_ms`, oldest
+    /// first; returns how many. Red totals of a forgotten original go with it: reds
+    /// against it are refused from then on (its original is unknown).
+    pub fn expire(&mut self, now_ms: u64) -> u32 {
+        let now_s = now_ms / 1000;
+        let mut expired = 0;
+        while self.len > 0 {
+            let slot = (self.head & u64::from(self.capacity() - 1)) as usize;
+            let entry = self.ring[slot];
+            if now_s.saturating_sub(u64::from(entry.issue_time_s)) <= self.retention_s {
+                break;
+            }
+            let pos = self
+                .find_position(entry.fingerprint())
+                .expect("ring entry missing from the table");
+            self.remove_position(pos);
+            self.red_totals_fen.remove(&entry.fingerprint());
+            self.head += 1;
+            self.len -= 1;
+            expired += 1;
+        }
+        expired
+    }
+
+    /// Backward-shift deletion for linear probing.
+    fn remove_position(&mut self, mut hole: usize) {
+        let mask = self.table_mask();
+        self.table[hole] = EMPTY;
+        let mut probe = hole;
+        loop {
+            probe = (probe + 1) & mask;
+            let slot = self.table[probe];
+            if slot == EMPTY {
+                return;
+            }
+            let home = self.home(self.ring[slot as usize].fingerprint[0]);
+            // The entry at `probe` may stay if its home lies cyclically in (hole, probe].
+            let stays = if hole <= probe {
+                hole < home && home <= probe
+            } else {
+                hole < home || home <= probe
+            };
+            if !stays {
+                self.table[hole] = slot;
+                self.table[probe] = EMPTY;
+                hole = probe;
+            }
+        }
+    }
+
+    /// Σ |red totals| already issued against an original.
+    pub fn red_total_fen(&self, original_fingerprint: u128) -> i64 {
+        self.red_totals_fen
+            .get(&original_fingerprint)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Adds a red invoice's |total| to its original's running sum.
+    pub fn add_red_fen(&mut self, original_fingerprint: u128, red_abs_fen: i64) {
+        debug_assert!(red_abs_fen >= 0);
+        let sum = self.red_totals_fen.entry(original_fingerprint).or_insert(0);
+        *sum = sum.saturating_add(red_abs_fen);
+    }
+
+    /// Originals that have reds (size of the side map).
+    pub fn originals_with_reds(&self) -> usize {
+        self.red_totals_fen.len()
+    }
+
+    /// Entries oldest first (tests and diagnostics).
+    pub fn entries(&self) -> impl Iterator<Item = &IndexEntry> + '_ {
+        let mask = u64::from(self.capacity() - 1);
+        (0..u64::from(self.len)).map(move |i| &self.ring[((self.head + i) & mask) as usize])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(i: u64, time_s: u32) -> IndexEntry {
+        let fp = xxh3_128(&i.to_le_bytes());
+        IndexEntry {
+            fingerprint: IndexEntry::split_fingerprint(fp),
+            request_digest: i,
+            seq: i + 1,
+            code: 1,
+            number: i as u32 + 1,
+            issue_time_s: time_s,
+            total_fen: 100,
+        }
+    }
+
+    #[test]
+    fn sizes_and_memory_per_order() {
+        assert_eq!(core::mem::size_of::<IndexEntry>(), 56);
+        let index = IdempotencyIndex::new(1000, 0);
+        assert_eq!(index.capacity(), 1024);
+        // 56 B entry + 2 table slots × 4 B = 64 B per order at capacity.
+        assert_eq!(index.memory_bytes(), 1024 * 64);
+        assert_eq!(index.memory_bytes() / index.capacity() as usize, 64);
+        assert_eq!(IdempotencyIndex::new(0, 0).capacity(), INDEX_CAPACITY_MIN);
+    }
+
+    #[test]
+    fn insert_get_expire_in_order() {
+        let mut index = IdempotencyIndex::new(64, 10_000);
+        for i in 0..64 {
+            index.insert(entry(i, i as u32));
+        }
+        for i in 0..64 {
+            let e = entry(i, i as u32);
+            assert_eq!(index.get(e.fingerprint()), Some(&e));
+        }
+        assert!(index.get(xxh3_128(b"absent")).is_none());
+        // now = 30 s, retention 10 s: entries with time < 20 go.
+        assert_eq!(index.expire(30_000), 20);
+        assert_eq!(index.len(), 44);
+        for i in 0..64 {
+            let e = entry(i, i as u32);
+            assert_eq!(index.get(e.fingerprint()).is_some(), i >= 20, "{i}");
+        }
+        // The ring wraps: insert 20 more into the freed slots.
+        for i in 64..84 {
+            index.insert(entry(i, 40));
+        }
+        assert_eq!(index.len(), 64);
+        let seqs: Vec<u64> = index.entries().map(|e| e.seq).collect();
+        assert_eq!(seqs, (21..=84).collect::<Vec<_>>());
+        for i in 20..84 {
+            let e = entry(i, if i < 64 { i as u32 } else { 40 });
+            assert_eq!(index.get(e.fingerprint()), Some(&e), "{i}");
+        }
+    }
+
+    #[test]
+    fn colliding_homes_survive_deletion() {
+        // Force every fingerprint into the same home slot to exercise backward shift.
+        let mut index = IdempotencyIndex::new(16, 0);
+        let mk = |i: u64| IndexEntry {
+            fingerprint: [0, i],
+            seq: i,
+            issue_time_s: i as u32,
+            ..IndexEntry::default()
+        };
+        for i in 0..16 {
+            index.insert(mk(i));
+        }
+        for round in 0..16 {
+            // Retention 0: everything strictly older than now goes.
+            assert_eq!(index.expire((round + 1) * 1000), 1);
+            for i in 0..16 {
+                assert_eq!(index.get(mk(i).fingerprint()).is_some(), i > round);
+            }
+        }
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn red_totals_go_with_their_original() {
+        let mut index = IdempotencyIndex::new(16, 0);
+        let e = entry(1, 5);
+        index.insert(e);
+        index.add_red_fen(e.fingerprint(), 30);
+        index.add_red_fen(e.fingerprint(), 20);
+        assert_eq!(index.red_total_fen(e.fingerprint()), 50);
+        index.expire(10_000);
+        assert_eq!(index.red_total_fen(e.fingerprint()), 0);
+        assert_eq!(index.originals_with_reds(), 0);
+    }
+
+    #[test]
+    fn digest_sees_every_field() {
+        let base = crate::validate::tests::sample_request("o-1", 100);
+        let mut s = Vec::new();
+        let d = request_digest(&base, &mut s);
+        let mut r = base.clone();
+        r.buyer_name.push('x');
+        assert_ne!(request_digest(&r, &mut s), d);
+        let mut r = base.clone();
+        r.lines[0].quantity += 1;
+        assert_ne!(request_digest(&r, &mut s), d);
+        let mut r = base.clone();
+        r.issuer_ref.clear();
+        assert_ne!(request_digest(&r, &mut s), d);
+        assert_eq!(request_digest(&base.clone(), &mut s), d);
+        assert_ne!(
+            key_fingerprint(&base.seller, "o-1"),
+            key_fingerprint(&base.seller, "o-2")
+        );
+    }
+}
