@@ -1,4 +1,5 @@
-//! Journal records: framing (`frame`) and, on top of it, the record kinds of the invoice
-//! life cycle.
+//! Journal records: framing (`frame`), the record kinds of the invoice life cycle
+//! (`record`) and recovery of an issuer from the records (`replay`).
 
 pub mod frame;
+pub mod record;
