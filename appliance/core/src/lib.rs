@@ -7,6 +7,7 @@
 pub mod canonical;
 pub mod idempotency;
 pub mod invoice;
+pub mod issuer;
 pub mod journal;
 pub mod money;
 pub mod pool;
@@ -14,6 +15,9 @@ pub mod taxpayer;
 pub mod validate;
 
 pub use invoice::{Invoice, InvoiceIdentity, InvoiceKind, IssueRequest, LineItem, RedReference};
+pub use issuer::{
+    Answer, Commit, Issuer, IssuerConfig, Outcome, TaxCodeResult, TaxpayerConfig, Tick,
+};
 pub use money::TaxRate;
 pub use taxpayer::{InvoiceCode, InvoiceNumber, NumberSegment, TaxpayerId};
 pub use validate::{IssueError, ItemError};

@@ -1,0 +1,810 @@
+//! The issuer of one shard: the tick state machine that turns a batch of requests into
+//! one TaxCodes command for the tax server and one journal write.
+//!
+//! ```text
+//! begin_tick(now_ms, requests) -> Tick     validate, idempotency lookup, take numbers,
+//!                                          canonical bytes for ONE TaxCodes command,
+//!                                          refill requests
+//! finish_tick(tick, tax codes, journal)    journal records (control records first, then
+//!     -> Commit                            one Issued or NumberSpoiled per taken number,
+//!                                          consecutive seqs), answers to release once the
+//!                                          journal bytes are durable
+//! abort_tick(tick)                         the TaxCodes command failed as a whole: every
+//!                                          number goes back, nothing was journaled
+//! ```
+//!
+//! Design decisions (docs/design/foundation.md is the contract):
+//! * Idempotency entries are inserted at `finish_tick`, when the records get their
+//!   sequence numbers, not at `begin_tick`. Only one tick is in flight, so nobody can look
+//!   the index up in between; duplicates inside the tick are found through a tick-local
+//!   map. Abort therefore has no index entry to roll back, which makes it exact by
+//!   construction. Capacity for the tick's new entries is checked at `begin_tick`.
+//! * A number the tax server refuses for one item (per-item status) is journaled as
+//!   `NumberSpoiled` and never reused: the device has seen canonical bytes under that
+//!   number, so handing the number to another invoice could make two different invoices
+//!   claim it. The request is answered `TaxCodeRefused`; a retry takes a fresh number.
+//! * A check code that is not 20 ASCII digits is treated like a refused item, because an
+//!   invoice carrying it could not be verified.
+//! * Control records (segment reserved/returned, upload watermark, batch root) queue up
+//!   and are written first in the next commit, so a segment's `SegmentReserved` always
+//!   precedes the first Issued record of its numbers. They survive an aborted tick.
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+
+use crate::canonical;
+use crate::idempotency::{
+    issue_time_s, key_fingerprint, request_digest, IdempotencyIndex, IndexEntry,
+};
+use crate::invoice::{Invoice, InvoiceIdentity, InvoiceKind, IssueRequest};
+use crate::journal::frame::encode_record;
+use crate::journal::record::{encode_issued, is_check_code, Record, RecordKind};
+use crate::pool::{NumberAccounting, Pool, PoolError, RefillRequest};
+use crate::taxpayer::{InvoiceCode, InvoiceNumber, NumberSegment, TaxpayerId};
+use crate::validate::{check_request, IssueError, ItemError};
+
+/// Default retention of the idempotency index: 35 days.
+pub const RETENTION_MS_DEFAULT: u64 = 35 * 24 * 3600 * 1000;
+/// Taxpayers one shard may serve.
+pub const TAXPAYERS_MAX: usize = 4096;
+/// Upper bound of `tick_requests_max`: the tax server's batch and the journal write stay
+/// bounded (8,192 × < 2.6 KiB ≈ 21 MiB worst case, ~3 MiB typical).
+pub const TICK_REQUESTS_MAX: u32 = 8192;
+/// Control records queued between commits.
+pub const CONTROL_RECORDS_MAX: usize = 1024;
+
+/// One seller served by the shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaxpayerConfig {
+    /// Seller taxpayer id.
+    pub id: TaxpayerId,
+    /// Single-invoice ceiling on |total| (开票限额), fen, > 0.
+    pub ceiling_fen: i64,
+    /// Emit a refill request when fewer numbers than this remain.
+    pub low_watermark: u32,
+    /// Numbers to ask for in a refill, > 0.
+    pub refill_count: u32,
+}
+
+/// Configuration of one shard's issuer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuerConfig {
+    /// Shard id (the requisition holder).
+    pub shard_id: u32,
+    /// Sellers served (1..=[`TAXPAYERS_MAX`], distinct).
+    pub taxpayers: Vec<TaxpayerConfig>,
+    /// How long an order is remembered for idempotency (default
+    /// [`RETENTION_MS_DEFAULT`]).
+    pub retention_ms: u64,
+    /// Orders the idempotency index holds (64 B each, allocated up front).
+    pub index_capacity_orders: u32,
+    /// Requests accepted per tick (1..=[`TICK_REQUESTS_MAX`]).
+    pub tick_requests_max: u32,
+}
+
+/// Invalid configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// No taxpayer, or more than [`TAXPAYERS_MAX`].
+    #[error("a shard serves 1..={TAXPAYERS_MAX} taxpayers, got {0}")]
+    TaxpayerCount(usize),
+    /// The same taxpayer twice.
+    #[error("taxpayer {0} configured twice")]
+    DuplicateTaxpayer(TaxpayerId),
+    /// Ceiling ≤ 0 or refill count 0.
+    #[error("taxpayer {0}: ceiling must be > 0 and refill count > 0")]
+    BadTaxpayer(TaxpayerId),
+    /// `tick_requests_max` out of bounds.
+    #[error("tick_requests_max must be 1..={TICK_REQUESTS_MAX}")]
+    TickRequestsMax,
+}
+
+impl IssuerConfig {
+    /// Checks every bound.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.taxpayers.is_empty() || self.taxpayers.len() > TAXPAYERS_MAX {
+            return Err(ConfigError::TaxpayerCount(self.taxpayers.len()));
+        }
+        let mut seen = HashSet::new();
+        for t in &self.taxpayers {
+            if !seen.insert(t.id) {
+                return Err(ConfigError::DuplicateTaxpayer(t.id));
+            }
+            if t.ceiling_fen <= 0 || t.refill_count == 0 {
+                return Err(ConfigError::BadTaxpayer(t.id));
+            }
+        }
+        if self.tick_requests_max == 0 || self.tick_requests_max > TICK_REQUESTS_MAX {
+            return Err(ConfigError::TickRequestsMax);
+        }
+        Ok(())
+    }
+}
+
+/// Misuse of the tick protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TickError {
+    /// `begin_tick` while another tick is in flight.
+    #[error("a tick is already in flight")]
+    TickInFlight,
+    /// The tick given is not the one in flight.
+    #[error("this tick is not the one in flight")]
+    NotInFlight,
+    /// More requests than `tick_requests_max`.
+    #[error("{count} requests in one tick, at most {max}")]
+    TooManyRequests {
+        /// Requests given.
+        count: usize,
+        /// Configured bound.
+        max: u32,
+    },
+    /// Not one tax code result per item; the tick was aborted.
+    #[error("expected {expected} tax codes, got {got}; tick aborted")]
+    TaxCodeCountMismatch {
+        /// Items of the tick.
+        expected: usize,
+        /// Results given.
+        got: usize,
+    },
+}
+
+/// Why a segment or control operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// The seller is not served by this shard.
+    #[error("unknown seller")]
+    UnknownSeller,
+    /// The pool refused the segment.
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// [`CONTROL_RECORDS_MAX`] control records already wait for a commit.
+    #[error("too many control records waiting for a commit")]
+    QueueFull,
+    /// Not allowed while a tick is in flight.
+    #[error("a tick is in flight")]
+    TickInFlight,
+    /// Sequence numbers out of order (watermark going back, range not yet journaled).
+    #[error("bad sequence number or range")]
+    BadSeq,
+}
+
+/// What `begin_tick` decided for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new invoice: item `item` of the TaxCodes command.
+    NeedsTaxCode {
+        /// Index among the tick's canonical items.
+        item: u32,
+    },
+    /// Already issued earlier: answer from the journal record at `seq`.
+    Replay {
+        /// Journal sequence of the Issued record.
+        seq: u64,
+        /// Code and number.
+        identity: InvoiceIdentity,
+    },
+    /// Same request as an earlier one of this tick: gets that one's answer.
+    DuplicateOf {
+        /// Index of the first request.
+        request: u32,
+    },
+    /// Refused.
+    Rejected(IssueError),
+}
+
+#[derive(Debug)]
+struct TickItem {
+    request_index: u32,
+    pool: u32,
+    code: InvoiceCode,
+    number: InvoiceNumber,
+    fingerprint: u128,
+    request_digest: u64,
+    request: IssueRequest,
+    canonical: Range<usize>,
+    red_original: Option<u128>,
+}
+
+/// A tick in flight: created by `begin_tick`, consumed by `finish_tick` or `abort_tick`.
+#[derive(Debug)]
+pub struct Tick {
+    id: u64,
+    now_ms: u64,
+    outcomes: Vec<Outcome>,
+    items: Vec<TickItem>,
+    canonical: Vec<u8>,
+    refills: Vec<RefillRequest>,
+}
+
+impl Tick {
+    /// The tick's time (issue time of its invoices).
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+    /// Per-request outcome, in request order.
+    pub fn outcomes(&self) -> &[Outcome] {
+        &self.outcomes
+    }
+    /// New invoices needing a tax code.
+    pub fn item_count(&self) -> usize {
+        self.items.len()
+    }
+    /// Canonical bytes of item `i` (0..item_count).
+    pub fn canonical_item(&self, i: usize) -> &[u8] {
+        &self.canonical[self.items[i].canonical.clone()]
+    }
+    /// Canonical bytes of every item, in item order: the TaxCodes command's items.
+    pub fn canonical_items(&self) -> impl Iterator<Item = &[u8]> + '_ {
+        self.items
+            .iter()
+            .map(|it| &self.canonical[it.canonical.clone()])
+    }
+    /// Total canonical bytes of the tick.
+    pub fn canonical_bytes(&self) -> usize {
+        self.canonical.len()
+    }
+    /// Refill requests to send to the tax server. Send them even if the tick is aborted:
+    /// the pool will not ask again until a segment arrives or `refill_failed` is called.
+    pub fn refill_requests(&self) -> &[RefillRequest] {
+        &self.refills
+    }
+}
+
+/// The tax server's answer for one item: codes, or why it refused.
+pub type TaxCodeResult = Result<([u8; 32], [u8; 20]), ItemError>;
+
+/// Final answer for one request, to release once the commit is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Newly issued.
+    Issued {
+        /// Journal sequence of its Issued record.
+        seq: u64,
+        /// The invoice.
+        invoice: Invoice,
+    },
+    /// Issued before (earlier tick, or earlier in this tick): read the Issued record at
+    /// `seq` (`journal::record::decode_issued`) to answer with the full invoice.
+    Replay {
+        /// Journal sequence of the Issued record.
+        seq: u64,
+        /// Code and number.
+        identity: InvoiceIdentity,
+    },
+    /// Refused.
+    Rejected(IssueError),
+}
+
+/// Result of `finish_tick`.
+#[derive(Debug)]
+pub struct Commit {
+    /// One answer per request of the tick, in request order.
+    pub answers: Vec<Answer>,
+    /// Sequence numbers of the records appended (may be empty).
+    pub seqs: Range<u64>,
+    /// Where the records were appended in the caller's journal buffer.
+    pub journal_range: Range<usize>,
+}
+
+/// The issuance state of one shard.
+#[derive(Debug)]
+pub struct Issuer {
+    pub(crate) config: IssuerConfig,
+    pub(crate) sellers: HashMap<TaxpayerId, u32>,
+    pub(crate) pools: Vec<Pool>,
+    pub(crate) index: IdempotencyIndex,
+    /// Sequence number of the next record.
+    pub(crate) next_seq: u64,
+    pub(crate) upload_watermark_seq: u64,
+    pub(crate) batch_root_last_seq: u64,
+    control: Vec<Record>,
+    tick_in_flight: Option<u64>,
+    ticks_started: u64,
+    scratch: Vec<u8>,
+}
+
+impl Issuer {
+    /// An issuer with empty pools and index; the first record gets sequence number 1.
+    pub fn new(config: IssuerConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let sellers = config
+            .taxpayers
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id, i as u32))
+            .collect();
+        let pools = config
+            .taxpayers
+            .iter()
+            .map(|t| Pool::new(t.id, t.low_watermark, t.refill_count, config.shard_id))
+            .collect();
+        let index = IdempotencyIndex::new(config.index_capacity_orders, config.retention_ms);
+        Ok(Self {
+            config,
+            sellers,
+            pools,
+            index,
+            next_seq: 1,
+            upload_watermark_seq: 0,
+            batch_root_last_seq: 0,
+            control: Vec::new(),
+            tick_in_flight: None,
+            ticks_started: 0,
+            scratch: Vec::with_capacity(1024),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &IssuerConfig {
+        &self.config
+    }
+    /// Sequence number the next record will get.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+    /// Every record up to this sequence number has been uploaded.
+    pub fn upload_watermark_seq(&self) -> u64 {
+        self.upload_watermark_seq
+    }
+    /// Last sequence number covered by a batch root (0 if none).
+    pub fn batch_root_last_seq(&self) -> u64 {
+        self.batch_root_last_seq
+    }
+    /// The idempotency index.
+    pub fn index(&self) -> &IdempotencyIndex {
+        &self.index
+    }
+    /// Whether a tick is in flight.
+    pub fn tick_in_flight(&self) -> bool {
+        self.tick_in_flight.is_some()
+    }
+    /// Control records waiting for the next commit (run a tick, even an empty one, to
+    /// write them).
+    pub fn pending_control_records(&self) -> usize {
+        self.control.len()
+    }
+    /// Number accounting of a seller's pool.
+    pub fn accounting(&self, seller: &TaxpayerId) -> Option<NumberAccounting> {
+        let i = *self.sellers.get(seller)?;
+        Some(self.pools[i as usize].accounting())
+    }
+    /// Available numbers of a seller, as segments in take order.
+    pub fn available_segments(&self, seller: &TaxpayerId) -> Option<Vec<NumberSegment>> {
+        let i = *self.sellers.get(seller)?;
+        Some(self.pools[i as usize].available_segments())
+    }
+
+    fn pool_mut(&mut self, seller: &TaxpayerId) -> Result<&mut Pool, ControlError> {
+        let i = *self
+            .sellers
+            .get(seller)
+            .ok_or(ControlError::UnknownSeller)?;
+        Ok(&mut self.pools[i as usize])
+    }
+
+    fn queue(&mut self, record: Record) -> Result<(), ControlError> {
+        if self.control.len() >= CONTROL_RECORDS_MAX {
+            return Err(ControlError::QueueFull);
+        }
+        self.control.push(record);
+        Ok(())
+    }
+
+    /// Adds a segment granted by the tax server. Its numbers can be taken at once; its
+    /// `SegmentReserved` record is written first in the next commit, so no number of it
+    /// is answered before the reservation is durable.
+    pub fn add_segment(
+        &mut self,
+        seller: &TaxpayerId,
+        segment: NumberSegment,
+    ) -> Result<(), ControlError> {
+        if self.control.len() >= CONTROL_RECORDS_MAX {
+            return Err(ControlError::QueueFull);
+        }
+        self.pool_mut(seller)?.add_segment(segment)?;
+        self.queue(Record::SegmentReserved {
+            seller: *seller,
+            segment,
+        })
+    }
+
+    /// Takes every available number of a seller out of the pool and queues
+    /// `SegmentReturned` records; give them back to the tax server only after the next
+    /// commit is durable.
+    pub fn return_unused(
+        &mut self,
+        seller: &TaxpayerId,
+    ) -> Result<Vec<NumberSegment>, ControlError> {
+        if self.tick_in_flight.is_some() {
+            return Err(ControlError::TickInFlight);
+        }
+        let queued = self.control.len();
+        let pool = self.pool_mut(seller)?;
+        if queued + pool.available_segments().len() > CONTROL_RECORDS_MAX {
+            return Err(ControlError::QueueFull);
+        }
+        let returned = pool.return_unused();
+        for segment in &returned {
+            self.queue(Record::SegmentReturned {
+                seller: *seller,
+                segment: *segment,
+            })?;
+        }
+        Ok(returned)
+    }
+
+    /// The requisition for this seller failed: the next tick may ask again.
+    pub fn refill_failed(&mut self, seller: &TaxpayerId) -> Result<(), ControlError> {
+        self.pool_mut(seller)?.refill_failed();
+        Ok(())
+    }
+
+    /// Queues an upload watermark: every record up to `watermark_seq` was accepted by the
+    /// authority.
+    pub fn queue_uploaded_to(&mut self, watermark_seq: u64) -> Result<(), ControlError> {
+        if watermark_seq < self.upload_watermark_seq || watermark_seq >= self.next_seq {
+            return Err(ControlError::BadSeq);
+        }
+        self.queue(Record::UploadedTo { watermark_seq })
+    }
+
+    /// Queues a signed Merkle root over records `first_seq..=last_seq` (already
+    /// journaled, after the previous root).
+    pub fn queue_batch_root(
+        &mut self,
+        first_seq: u64,
+        last_seq: u64,
+        root: [u8; 32],
+        signature: [u8; 64],
+    ) -> Result<(), ControlError> {
+        if first_seq <= self.batch_root_last_seq
+            || first_seq > last_seq
+            || last_seq >= self.next_seq
+        {
+            return Err(ControlError::BadSeq);
+        }
+        self.queue(Record::BatchRoot {
+            first_seq,
+            last_seq,
+            root,
+            signature,
+        })
+    }
+
+    /// Starts a tick: validates every request, answers replays and duplicates, takes a
+    /// number per new invoice and encodes its canonical bytes for one TaxCodes command.
+    pub fn begin_tick(
+        &mut self,
+        now_ms: u64,
+        requests: &[IssueRequest],
+    ) -> Result<Tick, TickError> {
+        if self.tick_in_flight.is_some() {
+            return Err(TickError::TickInFlight);
+        }
+        if requests.len() > self.config.tick_requests_max as usize {
+            return Err(TickError::TooManyRequests {
+                count: requests.len(),
+                max: self.config.tick_requests_max,
+            });
+        }
+        self.index.expire(now_ms);
+        self.ticks_started += 1;
+        let mut tick = Tick {
+            id: self.ticks_started,
+            now_ms,
+            outcomes: Vec::with_capacity(requests.len()),
+            items: Vec::new(),
+            canonical: Vec::new(),
+            refills: Vec::new(),
+        };
+        // Tick-local state: first new request per key, and red totals claimed in this tick.
+        let mut firsts: HashMap<u128, (u32, u64)> = HashMap::new();
+        let mut red_claims_fen: HashMap<u128, i64> = HashMap::new();
+        for (i, request) in requests.iter().enumerate() {
+            let outcome = self.classify(
+                &mut tick,
+                i as u32,
+                request,
+                &mut firsts,
+                &mut red_claims_fen,
+            );
+            tick.outcomes.push(outcome);
+        }
+        for pool in &mut self.pools {
+            if let Some(refill) = pool.refill_request() {
+                tick.refills.push(refill);
+            }
+        }
+        debug_assert_eq!(tick.outcomes.len(), requests.len());
+        self.tick_in_flight = Some(tick.id);
+        Ok(tick)
+    }
+
+    fn classify(
+        &mut self,
+        tick: &mut Tick,
+        request_index: u32,
+        request: &IssueRequest,
+        firsts: &mut HashMap<u128, (u32, u64)>,
+        red_claims_fen: &mut HashMap<u128, i64>,
+    ) -> Outcome {
+        let fingerprint = key_fingerprint(&request.seller, &request.order_id);
+        let digest = request_digest(request, &mut self.scratch);
+        if let Some(&(first, first_digest)) = firsts.get(&fingerprint) {
+            return if first_digest == digest {
+                Outcome::DuplicateOf { request: first }
+            } else {
+                Outcome::Rejected(IssueError::IdempotencyConflict)
+            };
+        }
+        if let Some(entry) = self.index.get(fingerprint) {
+            return if entry.request_digest == digest {
+                Outcome::Replay {
+                    seq: entry.seq,
+                    identity: entry_identity(entry),
+                }
+            } else {
+                Outcome::Rejected(IssueError::IdempotencyConflict)
+            };
+        }
+        match self.admit(
+            tick,
+            request_index,
+            request,
+            fingerprint,
+            digest,
+            red_claims_fen,
+        ) {
+            Ok(item) => {
+                firsts.insert(fingerprint, (request_index, digest));
+                Outcome::NeedsTaxCode { item }
+            }
+            Err(error) => Outcome::Rejected(error),
+        }
+    }
+
+    /// Checks a new request against the rules and state, then takes its number.
+    fn admit(
+        &mut self,
+        tick: &mut Tick,
+        request_index: u32,
+        request: &IssueRequest,
+        fingerprint: u128,
+        request_digest: u64,
+        red_claims_fen: &mut HashMap<u128, i64>,
+    ) -> Result<u32, IssueError> {
+        check_request(request)?;
+        let pool = *self
+            .sellers
+            .get(&request.seller)
+            .ok_or(IssueError::UnknownSeller)?;
+        let ceiling_fen = self.config.taxpayers[pool as usize].ceiling_fen;
+        // ceiling_fen > 0 (validated config), so the cast is exact.
+        if request.total_fen.unsigned_abs() > ceiling_fen as u64 {
+            return Err(IssueError::CeilingExceeded {
+                total_fen: request.total_fen.saturating_abs(),
+                ceiling_fen,
+            });
+        }
+        let red_original = match &request.kind {
+            InvoiceKind::Blue => None,
+            InvoiceKind::Red(reference) => {
+                let original = key_fingerprint(&request.seller, &reference.original_order_id);
+                let entry = self
+                    .index
+                    .get(original)
+                    .ok_or(IssueError::RedOriginalUnknown)?;
+                if entry.code != reference.original_code.get()
+                    || entry.number != reference.original_number.get()
+                {
+                    return Err(IssueError::RedOriginalMismatch);
+                }
+                if entry.total_fen < 0 {
+                    return Err(IssueError::RedOfRed);
+                }
+                let used_fen = self
+                    .index
+                    .red_total_fen(original)
+                    .saturating_add(red_claims_fen.get(&original).copied().unwrap_or(0));
+                let remaining_fen = entry.total_fen.saturating_sub(used_fen);
+                let red_fen = request.total_fen.saturating_abs();
+                if red_fen > remaining_fen {
+                    return Err(IssueError::RedExceedsOriginal {
+                        red_fen,
+                        remaining_fen,
+                    });
+                }
+                Some((original, red_fen))
+            }
+        };
+        // Every new item becomes an index entry at finish_tick: reserve the room now.
+        if self.index.len() as usize + tick.items.len() >= self.index.capacity() as usize {
+            return Err(IssueError::IndexFull);
+        }
+        let (code, number) = self.pools[pool as usize]
+            .take()
+            .ok_or(IssueError::NoNumbersAvailable)?;
+        if let Some((original, red_fen)) = red_original {
+            *red_claims_fen.entry(original).or_insert(0) += red_fen;
+        }
+        let start = tick.canonical.len();
+        canonical::encode_fields(request, code, number, tick.now_ms, &mut tick.canonical);
+        let item = tick.items.len() as u32;
+        tick.items.push(TickItem {
+            request_index,
+            pool,
+            code,
+            number,
+            fingerprint,
+            request_digest,
+            request: request.clone(),
+            canonical: start..tick.canonical.len(),
+            red_original: red_original.map(|(original, _)| original),
+        });
+        Ok(item)
+    }
+
+    fn check_in_flight(&self, tick: &Tick) -> Result<(), TickError> {
+        if self.tick_in_flight != Some(tick.id) {
+            return Err(TickError::NotInFlight);
+        }
+        Ok(())
+    }
+
+    /// Ends a tick with the tax server's answers (one per item, in item order): appends
+    /// the tick's records to `journal` with consecutive sequence numbers and returns the
+    /// answers. The caller makes `journal` durable before releasing them.
+    pub fn finish_tick(
+        &mut self,
+        tick: Tick,
+        tax_codes: &[TaxCodeResult],
+        journal: &mut Vec<u8>,
+    ) -> Result<Commit, TickError> {
+        self.check_in_flight(&tick)?;
+        if tax_codes.len() != tick.items.len() {
+            let expected = tick.items.len();
+            self.abort_tick(tick)?;
+            return Err(TickError::TaxCodeCountMismatch {
+                expected,
+                got: tax_codes.len(),
+            });
+        }
+        let journal_start = journal.len();
+        let first_seq = self.next_seq;
+        let mut body = Vec::with_capacity(4096);
+        for record in std::mem::take(&mut self.control) {
+            body.clear();
+            record.encode_body(&mut body);
+            encode_record(journal, record.kind() as u8, self.next_seq, &body);
+            match record {
+                Record::UploadedTo { watermark_seq } => self.upload_watermark_seq = watermark_seq,
+                Record::BatchRoot { last_seq, .. } => self.batch_root_last_seq = last_seq,
+                _ => {}
+            }
+            self.next_seq += 1;
+        }
+        let mut answers: Vec<Option<Answer>> = tick
+            .outcomes
+            .iter()
+            .map(|o| match o {
+                Outcome::Replay { seq, identity } => Some(Answer::Replay {
+                    seq: *seq,
+                    identity: *identity,
+                }),
+                Outcome::Rejected(e) => Some(Answer::Rejected(e.clone())),
+                Outcome::NeedsTaxCode { .. } | Outcome::DuplicateOf { .. } => None,
+            })
+            .collect();
+        for (item, result) in tick.items.into_iter().zip(tax_codes) {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            let pool = &mut self.pools[item.pool as usize];
+            let answer = match result {
+                Ok((tax_control_code, check_code)) if is_check_code(check_code) => {
+                    body.clear();
+                    encode_issued(
+                        &tick.canonical[item.canonical.clone()],
+                        tax_control_code,
+                        check_code,
+                        &mut body,
+                    );
+                    encode_record(journal, RecordKind::Issued as u8, seq, &body);
+                    pool.settle_issued();
+                    self.index.insert(IndexEntry {
+                        fingerprint: IndexEntry::split_fingerprint(item.fingerprint),
+                        request_digest: item.request_digest,
+                        seq,
+                        code: item.code.get(),
+                        number: item.number.get(),
+                        issue_time_s: issue_time_s(tick.now_ms),
+                        total_fen: item.request.total_fen,
+                    });
+                    if let Some(original) = item.red_original {
+                        self.index
+                            .add_red_fen(original, item.request.total_fen.saturating_abs());
+                    }
+                    Answer::Issued {
+                        seq,
+                        invoice: Invoice {
+                            request: item.request,
+                            code: item.code,
+                            number: item.number,
+                            issue_time_ms: tick.now_ms,
+                            tax_control_code: *tax_control_code,
+                            check_code: *check_code,
+                        },
+                    }
+                }
+                refused => {
+                    let reason = match refused {
+                        Err(e) => *e,
+                        Ok(_) => ItemError::InvalidCheckCode,
+                    };
+                    let record = Record::NumberSpoiled {
+                        seller: item.request.seller,
+                        identity: InvoiceIdentity {
+                            code: item.code,
+                            number: item.number,
+                        },
+                        reason,
+                    };
+                    body.clear();
+                    record.encode_body(&mut body);
+                    encode_record(journal, RecordKind::NumberSpoiled as u8, seq, &body);
+                    pool.settle_spoiled();
+                    Answer::Rejected(IssueError::TaxCodeRefused(reason))
+                }
+            };
+            answers[item.request_index as usize] = Some(answer);
+        }
+        for (i, outcome) in tick.outcomes.iter().enumerate() {
+            if let Outcome::DuplicateOf { request } = outcome {
+                let answer = match &answers[*request as usize] {
+                    Some(Answer::Issued { seq, invoice }) => Answer::Replay {
+                        seq: *seq,
+                        identity: invoice.identity(),
+                    },
+                    Some(other) => other.clone(),
+                    None => unreachable!("first request of a duplicate has no answer"),
+                };
+                answers[i] = Some(answer);
+            }
+        }
+        for pool in &mut self.pools {
+            pool.compact();
+        }
+        self.tick_in_flight = None;
+        Ok(Commit {
+            answers: answers
+                .into_iter()
+                .map(|a| a.expect("every request answered"))
+                .collect(),
+            seqs: first_seq..self.next_seq,
+            journal_range: journal_start..journal.len(),
+        })
+    }
+
+    /// Abandons a tick (the TaxCodes command failed as a whole): puts every number back
+    /// in its pool in reverse take order. Nothing was journaled and no index entry was
+    /// added, so the issuer is exactly as before `begin_tick` (apart from expiry and
+    /// refill requests already emitted). Queued control records stay queued.
+    pub fn abort_tick(&mut self, tick: Tick) -> Result<(), TickError> {
+        self.check_in_flight(&tick)?;
+        for item in tick.items.iter().rev() {
+            self.pools[item.pool as usize].untake(item.code, item.number);
+        }
+        for pool in &mut self.pools {
+            pool.compact();
+        }
+        self.tick_in_flight = None;
+        Ok(())
+    }
+}
+
+pub(crate) fn entry_identity(entry: &IndexEntry) -> InvoiceIdentity {
+    // Entries are only built from valid codes and numbers.
+    InvoiceIdentity {
+        code: InvoiceCode::new(entry.code).expect("index holds a valid code"),
+        number: InvoiceNumber::new(entry.number).expect("index holds a valid number"),
+    }
+}
