@@ -254,6 +254,9 @@ impl Tick {
 pub type TaxCodeResult = Result<([u8; 32], [u8; 20]), ItemError>;
 
 /// Final answer for one request, to release once the commit is durable.
+// Most answers are `Issued`; boxing the invoice would add an allocation per invoice and
+// save no memory in the common case.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
     /// Newly issued.
@@ -806,5 +809,405 @@ pub(crate) fn entry_identity(entry: &IndexEntry) -> InvoiceIdentity {
     InvoiceIdentity {
         code: InvoiceCode::new(entry.code).expect("index holds a valid code"),
         number: InvoiceNumber::new(entry.number).expect("index holds a valid number"),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::invoice::RedReference;
+    use crate::journal::frame::{scan, RawRecord};
+    use crate::journal::record::decode_issued;
+    use crate::validate::tests::sample_request;
+    use xxhash_rust::xxh3::xxh3_128;
+
+    pub(crate) fn seller() -> TaxpayerId {
+        TaxpayerId::parse("91350100M000100Y43").unwrap()
+    }
+
+    pub(crate) fn config() -> IssuerConfig {
+        IssuerConfig {
+            shard_id: 3,
+            taxpayers: vec![TaxpayerConfig {
+                id: seller(),
+                ceiling_fen: 10_000_000,
+                low_watermark: 2,
+                refill_count: 50,
+            }],
+            retention_ms: 10_000,
+            index_capacity_orders: 64,
+            tick_requests_max: 64,
+        }
+    }
+
+    pub(crate) fn segment(first: u32, count: u32) -> NumberSegment {
+        NumberSegment::new(
+            InvoiceCode::new(144_031_900_111).unwrap(),
+            InvoiceNumber::new(first).unwrap(),
+            count,
+        )
+        .unwrap()
+    }
+
+    /// Fake tax server: tax code = xxh3-128 of the canonical bytes, twice; check code =
+    /// its digits.
+    pub(crate) fn fake_codes(tick: &Tick) -> Vec<TaxCodeResult> {
+        tick.canonical_items()
+            .map(|c| {
+                let h = xxh3_128(c);
+                let mut tax = [0u8; 32];
+                tax[..16].copy_from_slice(&h.to_le_bytes());
+                tax[16..].copy_from_slice(&h.to_be_bytes());
+                let digits = format!("{:020}", h % 10u128.pow(20));
+                Ok((tax, digits.as_bytes().try_into().unwrap()))
+            })
+            .collect()
+    }
+
+    fn run(
+        issuer: &mut Issuer,
+        now_ms: u64,
+        requests: &[IssueRequest],
+        journal: &mut Vec<u8>,
+    ) -> Commit {
+        let tick = issuer.begin_tick(now_ms, requests).unwrap();
+        let codes = fake_codes(&tick);
+        issuer.finish_tick(tick, &codes, journal).unwrap()
+    }
+
+    fn records(journal: &[u8]) -> Vec<RawRecord<'_>> {
+        let mut out = Vec::new();
+        scan::<()>(journal, |r| {
+            out.push(r);
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    fn ready() -> (Issuer, Vec<u8>) {
+        let mut issuer = Issuer::new(config()).unwrap();
+        issuer.add_segment(&seller(), segment(1, 10)).unwrap();
+        (issuer, Vec::new())
+    }
+
+    fn red_of(original: &Invoice, order_id: &str, unit_price_fen: i64) -> IssueRequest {
+        let mut r = sample_request(order_id, unit_price_fen);
+        r.kind = InvoiceKind::Red(RedReference {
+            original_code: original.code,
+            original_number: original.number,
+            original_order_id: original.request.order_id.clone(),
+        });
+        r
+    }
+
+    fn issued(answer: &Answer) -> &Invoice {
+        match answer {
+            Answer::Issued { invoice, .. } => invoice,
+            other => panic!("not issued: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn issues_in_order_and_journals_everything() {
+        let (mut issuer, mut journal) = ready();
+        let requests: Vec<_> = (0..3)
+            .map(|i| sample_request(&format!("o-{i}"), 100 + i))
+            .collect();
+        let commit = run(&mut issuer, 5_000, &requests, &mut journal);
+        assert_eq!(commit.seqs, 1..5);
+        let recs = records(&journal);
+        assert_eq!(recs[0].kind, RecordKind::SegmentReserved as u8);
+        for (i, answer) in commit.answers.iter().enumerate() {
+            let Answer::Issued { seq, invoice } = answer else {
+                panic!("{answer:?}")
+            };
+            assert_eq!(invoice.number.get(), i as u32 + 1);
+            assert_eq!(invoice.request, requests[i]);
+            let rec = &recs[*seq as usize - 1];
+            assert_eq!(rec.seq, *seq);
+            assert_eq!(&decode_issued(rec.body).unwrap(), invoice);
+        }
+        let a = issuer.accounting(&seller()).unwrap();
+        assert_eq!((a.reserved, a.available, a.issued), (10, 7, 3));
+        assert_eq!(issuer.next_seq(), 5);
+    }
+
+    #[test]
+    fn replays_duplicates_and_conflicts() {
+        let (mut issuer, mut journal) = ready();
+        let r = sample_request("o-1", 100);
+        let mut conflicting = r.clone();
+        conflicting.buyer_name = "李四".into();
+        let commit = run(
+            &mut issuer,
+            1_000,
+            &[r.clone(), r.clone(), conflicting.clone()],
+            &mut journal,
+        );
+        let first = issued(&commit.answers[0]).clone();
+        let Answer::Issued { seq, .. } = commit.answers[0] else {
+            unreachable!()
+        };
+        assert_eq!(
+            commit.answers[1],
+            Answer::Replay {
+                seq,
+                identity: first.identity()
+            }
+        );
+        assert_eq!(
+            commit.answers[2],
+            Answer::Rejected(IssueError::IdempotencyConflict)
+        );
+        let commit = run(&mut issuer, 2_000, &[r.clone(), conflicting], &mut journal);
+        assert_eq!(
+            commit.answers[0],
+            Answer::Replay {
+                seq,
+                identity: first.identity()
+            }
+        );
+        assert_eq!(
+            commit.answers[1],
+            Answer::Rejected(IssueError::IdempotencyConflict)
+        );
+        assert_eq!(issuer.accounting(&seller()).unwrap().issued, 1);
+        // After the retention window the order is forgotten and issued anew.
+        let commit = run(&mut issuer, 20_000, &[r], &mut journal);
+        assert_eq!(issued(&commit.answers[0]).number.get(), 2);
+    }
+
+    #[test]
+    fn abort_rolls_back_exactly() {
+        let (mut issuer, mut journal) = ready();
+        let before = issuer.accounting(&seller()).unwrap();
+        let requests: Vec<_> = (0..4)
+            .map(|i| sample_request(&format!("o-{i}"), 100))
+            .collect();
+        let tick = issuer.begin_tick(1_000, &requests).unwrap();
+        assert_eq!(tick.item_count(), 4);
+        assert_eq!(issuer.accounting(&seller()).unwrap().in_flight, 4);
+        assert_eq!(
+            issuer.begin_tick(1_000, &[]).unwrap_err(),
+            TickError::TickInFlight
+        );
+        issuer.abort_tick(tick).unwrap();
+        assert_eq!(issuer.accounting(&seller()).unwrap(), before);
+        assert!(issuer.index().is_empty());
+        let commit = run(&mut issuer, 1_000, &requests, &mut journal);
+        let numbers: Vec<u32> = commit
+            .answers
+            .iter()
+            .map(|a| issued(a).number.get())
+            .collect();
+        assert_eq!(numbers, vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn refused_item_spoils_its_number() {
+        let (mut issuer, mut journal) = ready();
+        let requests: Vec<_> = (0..3)
+            .map(|i| sample_request(&format!("o-{i}"), 100))
+            .collect();
+        let tick = issuer.begin_tick(1_000, &requests).unwrap();
+        let mut codes = fake_codes(&tick);
+        codes[1] = Err(ItemError::NumberNotHeld);
+        if let Ok((_, check)) = &mut codes[2] {
+            check[0] = b'x';
+        }
+        let commit = issuer.finish_tick(tick, &codes, &mut journal).unwrap();
+        assert_eq!(
+            commit.answers[1],
+            Answer::Rejected(IssueError::TaxCodeRefused(ItemError::NumberNotHeld))
+        );
+        assert_eq!(
+            commit.answers[2],
+            Answer::Rejected(IssueError::TaxCodeRefused(ItemError::InvalidCheckCode))
+        );
+        let a = issuer.accounting(&seller()).unwrap();
+        assert_eq!((a.issued, a.spoiled, a.available), (1, 2, 7));
+        let kinds: Vec<u8> = records(&journal).iter().map(|r| r.kind).collect();
+        assert_eq!(kinds, vec![1, 3, 9, 9]);
+        // A retry of the refused order takes a fresh number.
+        let commit = run(&mut issuer, 2_000, &requests[1..2], &mut journal);
+        assert_eq!(issued(&commit.answers[0]).number.get(), 4);
+    }
+
+    #[test]
+    fn tick_protocol_errors() {
+        let (mut issuer, mut journal) = ready();
+        let (mut other, _) = ready();
+        let tick = other.begin_tick(1, &[]).unwrap();
+        assert_eq!(
+            issuer.finish_tick(tick, &[], &mut journal).unwrap_err(),
+            TickError::NotInFlight
+        );
+        let many = vec![sample_request("o", 1); 65];
+        assert!(matches!(
+            issuer.begin_tick(1, &many),
+            Err(TickError::TooManyRequests { count: 65, max: 64 })
+        ));
+        let tick = issuer.begin_tick(1, &many[..2]).unwrap();
+        assert_eq!(
+            issuer.finish_tick(tick, &[], &mut journal).unwrap_err(),
+            TickError::TaxCodeCountMismatch {
+                expected: 1,
+                got: 0
+            }
+        );
+        assert!(journal.is_empty());
+        assert_eq!(issuer.accounting(&seller()).unwrap().available, 10);
+        assert!(!issuer.tick_in_flight());
+    }
+
+    #[test]
+    fn red_rules() {
+        let (mut issuer, mut journal) = ready();
+        let blue = sample_request("blue", 1_000); // total 3,270
+        let commit = run(&mut issuer, 1_000, &[blue], &mut journal);
+        let original = issued(&commit.answers[0]).clone();
+        let mut unknown = red_of(&original, "r0", -100);
+        if let InvoiceKind::Red(r) = &mut unknown.kind {
+            r.original_order_id = "nope".into();
+        }
+        let mut mismatch = red_of(&original, "r1", -100);
+        if let InvoiceKind::Red(r) = &mut mismatch.kind {
+            r.original_number = InvoiceNumber::new(9).unwrap();
+        }
+        let too_much = red_of(&original, "r2", -1_001);
+        let part1 = red_of(&original, "r3", -600); // |total| 1,962
+        let part2 = red_of(&original, "r4", -400); // 1,308: cumulative 3,270 = original
+        let part3 = red_of(&original, "r5", -1);
+        let commit = run(
+            &mut issuer,
+            2_000,
+            &[unknown, mismatch, too_much, part1, part2, part3],
+            &mut journal,
+        );
+        assert_eq!(
+            commit.answers[0],
+            Answer::Rejected(IssueError::RedOriginalUnknown)
+        );
+        assert_eq!(
+            commit.answers[1],
+            Answer::Rejected(IssueError::RedOriginalMismatch)
+        );
+        assert!(matches!(
+            commit.answers[2],
+            Answer::Rejected(IssueError::RedExceedsOriginal { .. })
+        ));
+        let red = issued(&commit.answers[3]).clone();
+        issued(&commit.answers[4]);
+        assert_eq!(
+            commit.answers[5],
+            Answer::Rejected(IssueError::RedExceedsOriginal {
+                red_fen: 3,
+                remaining_fen: 0
+            })
+        );
+        let red_of_red = red_of(&red, "r6", -1);
+        let commit = run(&mut issuer, 3_000, &[red_of_red], &mut journal);
+        assert_eq!(commit.answers[0], Answer::Rejected(IssueError::RedOfRed));
+    }
+
+    #[test]
+    fn ceiling_seller_and_empty_pool() {
+        let mut issuer = Issuer::new(config()).unwrap();
+        let mut journal = Vec::new();
+        let mut stranger = sample_request("o-2", 100);
+        stranger.seller = TaxpayerId::parse("91110000600037341L").unwrap();
+        let requests = [
+            sample_request("o-1", 100),
+            stranger,
+            sample_request("o-3", 5_000_000),
+        ];
+        let tick = issuer.begin_tick(1, &requests).unwrap();
+        assert_eq!(tick.refill_requests().len(), 1);
+        assert_eq!(tick.refill_requests()[0].count, 50);
+        let codes = fake_codes(&tick);
+        let commit = issuer.finish_tick(tick, &codes, &mut journal).unwrap();
+        assert_eq!(
+            commit.answers[0],
+            Answer::Rejected(IssueError::NoNumbersAvailable)
+        );
+        assert_eq!(
+            commit.answers[1],
+            Answer::Rejected(IssueError::UnknownSeller)
+        );
+        assert!(matches!(
+            commit.answers[2],
+            Answer::Rejected(IssueError::CeilingExceeded { .. })
+        ));
+        // The refill is not repeated until a segment arrives.
+        let tick = issuer.begin_tick(2, &[]).unwrap();
+        assert!(tick.refill_requests().is_empty());
+        issuer.abort_tick(tick).unwrap();
+        issuer.add_segment(&seller(), segment(1, 3)).unwrap();
+        let tick = issuer.begin_tick(3, &requests[..1]).unwrap();
+        assert!(
+            tick.refill_requests().is_empty(),
+            "3 - 1 is not below watermark 2"
+        );
+        let codes = fake_codes(&tick);
+        issuer.finish_tick(tick, &codes, &mut journal).unwrap();
+        let tick = issuer.begin_tick(4, &[sample_request("o-4", 100)]).unwrap();
+        assert_eq!(tick.refill_requests().len(), 1, "3 - 2 < watermark 2");
+        issuer.abort_tick(tick).unwrap();
+    }
+
+    #[test]
+    fn index_capacity_is_a_typed_rejection() {
+        let mut cfg = config();
+        cfg.index_capacity_orders = 16;
+        cfg.retention_ms = u64::MAX;
+        let mut issuer = Issuer::new(cfg).unwrap();
+        issuer.add_segment(&seller(), segment(1, 100)).unwrap();
+        let mut journal = Vec::new();
+        let requests: Vec<_> = (0..17)
+            .map(|i| sample_request(&format!("o-{i}"), 100))
+            .collect();
+        let commit = run(&mut issuer, 1, &requests, &mut journal);
+        assert!(matches!(commit.answers[15], Answer::Issued { .. }));
+        assert_eq!(commit.answers[16], Answer::Rejected(IssueError::IndexFull));
+    }
+
+    #[test]
+    fn control_records_and_returns() {
+        let (mut issuer, mut journal) = ready();
+        run(&mut issuer, 1, &[sample_request("o", 1)], &mut journal);
+        issuer.queue_uploaded_to(2).unwrap();
+        assert_eq!(issuer.queue_uploaded_to(9), Err(ControlError::BadSeq));
+        issuer.queue_batch_root(1, 2, [1; 32], [2; 64]).unwrap();
+        assert_eq!(
+            issuer.return_unused(&seller()).unwrap(),
+            vec![segment(2, 9)]
+        );
+        assert_eq!(issuer.pending_control_records(), 3);
+        let commit = run(&mut issuer, 2, &[], &mut journal);
+        assert_eq!(commit.seqs, 3..6);
+        assert_eq!(issuer.upload_watermark_seq(), 2);
+        assert_eq!(issuer.batch_root_last_seq(), 2);
+        let a = issuer.accounting(&seller()).unwrap();
+        assert_eq!((a.issued, a.returned, a.available), (1, 9, 0));
+    }
+
+    #[test]
+    fn config_is_validated() {
+        let mut c = config();
+        c.taxpayers.push(c.taxpayers[0].clone());
+        assert!(matches!(
+            Issuer::new(c),
+            Err(ConfigError::DuplicateTaxpayer(_))
+        ));
+        let mut c = config();
+        c.taxpayers[0].ceiling_fen = 0;
+        assert!(matches!(Issuer::new(c), Err(ConfigError::BadTaxpayer(_))));
+        let mut c = config();
+        c.tick_requests_max = 0;
+        assert!(matches!(Issuer::new(c), Err(ConfigError::TickRequestsMax)));
+        let mut c = config();
+        c.taxpayers.clear();
+        assert!(matches!(Issuer::new(c), Err(ConfigError::TaxpayerCount(0))));
     }
 }

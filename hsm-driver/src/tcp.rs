@@ -1,1 +1,0 @@
-//! (being written; see docs/design/foundation.md)
