@@ -2176,7 +2176,7 @@ mod tests {
         let tp = proptest::array::uniform18(any::<u8>());
         prop_oneof![
             Just(Request::DeviceInfo),
-            (tp.clone(), any::<u32>(), any::<u32>(), any::<u64>()).prop_map(
+            (tp, any::<u32>(), any::<u32>(), any::<u64>()).prop_map(
                 |(taxpayer, count, holder, request_id)| Request::Requisition {
                     taxpayer,
                     count,
@@ -2184,7 +2184,7 @@ mod tests {
                     request_id
                 }
             ),
-            (tp.clone(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(
+            (tp, any::<u64>(), any::<u32>(), any::<u32>()).prop_map(
                 |(taxpayer, code, first, count)| Request::ReturnSegment {
                     taxpayer,
                     segment: Segment { code, first, count }
@@ -2213,7 +2213,7 @@ mod tests {
                 }
                 Request::Upload(b)
             }),
-            (tp.clone(), any::<u64>()).prop_map(|(taxpayer, period_end_ms)| {
+            (tp, any::<u64>()).prop_map(|(taxpayer, period_end_ms)| {
                 Request::ReportAndClear {
                     taxpayer,
                     period_end_ms,
