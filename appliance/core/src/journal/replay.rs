@@ -325,3 +325,228 @@ pub fn recover(
     }
     Ok((recovery.finish(now_ms), end))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::invoice::Invoice;
+    use crate::issuer::tests::{config, fake_codes, segment, seller};
+    use crate::journal::frame::encode_record;
+    use crate::journal::record::RecordKind;
+    use crate::taxpayer::InvoiceNumber;
+    use crate::validate::tests::sample_request;
+
+    fn live_journal() -> (Issuer, Vec<u8>) {
+        let mut issuer = Issuer::new(config()).unwrap();
+        issuer.add_segment(&seller(), segment(1, 20)).unwrap();
+        let mut journal = Vec::new();
+        for t in 0..4u64 {
+            let requests: Vec<_> = (0..3)
+                .map(|i| sample_request(&format!("o-{t}-{i}"), 100 + i))
+                .collect();
+            let tick = issuer.begin_tick(1_000 * t, &requests).unwrap();
+            let mut codes = fake_codes(&tick);
+            if t == 2 {
+                codes[0] = Err(crate::validate::ItemError::MalformedInvoice);
+            }
+            issuer.finish_tick(tick, &codes, &mut journal).unwrap();
+        }
+        (issuer, journal)
+    }
+
+    #[test]
+    fn recovery_rebuilds_the_same_state() {
+        let (live, journal) = live_journal();
+        let (recovered, end) = recover(config(), &journal, 3_000).unwrap();
+        assert_eq!(end, ScanEnd::Clean { end: journal.len() });
+        assert_eq!(recovered.next_seq(), live.next_seq());
+        assert_eq!(recovered.accounting(&seller()), live.accounting(&seller()));
+        assert_eq!(
+            recovered.available_segments(&seller()),
+            live.available_segments(&seller())
+        );
+        let a: Vec<_> = live.index().entries().copied().collect();
+        let b: Vec<_> = recovered.index().entries().copied().collect();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn torn_tail_recovers_the_prefix() {
+        let (_, journal) = live_journal();
+        let cut = journal.len() - 5;
+        let (recovered, end) = recover(config(), &journal[..cut], 0).unwrap();
+        assert!(matches!(end, ScanEnd::TornTail { .. }));
+        assert_eq!(recovered.accounting(&seller()).unwrap().issued, 10);
+    }
+
+    #[test]
+    fn corruption_in_the_middle_is_an_error() {
+        let (_, mut journal) = live_journal();
+        journal[100] ^= 0x40;
+        assert!(matches!(
+            recover(config(), &journal, 0),
+            Err(RecoveryError::Corrupt { .. })
+        ));
+    }
+
+    fn invoice(order: &str, number: u32) -> Invoice {
+        CanonicalInvoice {
+            request: sample_request(order, 100),
+            code: segment(1, 1).code,
+            number: InvoiceNumber::new(number).unwrap(),
+            issue_time_ms: 1_000,
+        }
+        .with_codes([1; 32], *b"12345678901234567890")
+    }
+
+    fn journal_of(records: &[(u64, Record)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (seq, r) in records {
+            let mut body = Vec::new();
+            r.encode_body(&mut body);
+            encode_record(&mut out, r.kind() as u8, *seq, &body);
+        }
+        out
+    }
+
+    fn reserved() -> Record {
+        Record::SegmentReserved {
+            seller: seller(),
+            segment: segment(1, 5),
+        }
+    }
+
+    #[test]
+    fn typed_errors() {
+        let gap = journal_of(&[(1, reserved()), (3, Record::Issued(invoice("a", 1)))]);
+        assert_eq!(
+            recover(config(), &gap, 0).unwrap_err(),
+            RecoveryError::SequenceGap {
+                expected: 2,
+                found: 3
+            }
+        );
+        let outside = journal_of(&[(1, Record::Issued(invoice("a", 1)))]);
+        assert!(matches!(
+            recover(config(), &outside, 0).unwrap_err(),
+            RecoveryError::NumberOutsideReserved { seq: 1, .. }
+        ));
+        let twice = journal_of(&[
+            (1, reserved()),
+            (2, Record::Issued(invoice("a", 1))),
+            (3, Record::Issued(invoice("b", 1))),
+        ]);
+        assert!(matches!(
+            recover(config(), &twice, 0).unwrap_err(),
+            RecoveryError::NumberUsedTwice { seq: 3, .. }
+        ));
+        let skipped = journal_of(&[(1, reserved()), (2, Record::Issued(invoice("a", 2)))]);
+        assert!(matches!(
+            recover(config(), &skipped, 0).unwrap_err(),
+            RecoveryError::NumberSkipped { seq: 2, .. }
+        ));
+        let duplicate = journal_of(&[
+            (1, reserved()),
+            (2, Record::Issued(invoice("a", 1))),
+            (3, Record::Issued(invoice("a", 2))),
+        ]);
+        assert_eq!(
+            recover(config(), &duplicate, 0).unwrap_err(),
+            RecoveryError::DuplicateOrder { seq: 3 }
+        );
+        let overlap = journal_of(&[(1, reserved()), (2, reserved())]);
+        assert!(matches!(
+            recover(config(), &overlap, 0).unwrap_err(),
+            RecoveryError::Segment { seq: 2, .. }
+        ));
+        let mut unknown = Vec::new();
+        encode_record(&mut unknown, 42, 1, &[]);
+        assert_eq!(
+            recover(config(), &unknown, 0).unwrap_err(),
+            RecoveryError::UnknownKind { seq: 1, kind: 42 }
+        );
+        let mut short = Vec::new();
+        encode_record(&mut short, RecordKind::SegmentReserved as u8, 1, &[0; 39]);
+        assert!(matches!(
+            recover(config(), &short, 0).unwrap_err(),
+            RecoveryError::InvalidBody { seq: 1, .. }
+        ));
+        let completed = journal_of(&[(
+            1,
+            Record::Completed {
+                pending_seq: 1,
+                tax_control_code: [0; 32],
+                check_code: [b'0'; 20],
+            },
+        )]);
+        assert_eq!(
+            recover(config(), &completed, 0).unwrap_err(),
+            RecoveryError::BadReference { seq: 1 }
+        );
+        let mut stranger = invoice("a", 1);
+        stranger.request.seller = crate::taxpayer::TaxpayerId::parse("91110000600037341L").unwrap();
+        let unknown_seller = journal_of(&[(1, reserved()), (2, Record::Issued(stranger))]);
+        assert!(matches!(
+            recover(config(), &unknown_seller, 0).unwrap_err(),
+            RecoveryError::UnknownSeller { seq: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn offline_life_cycle_records_replay() {
+        let pending = CanonicalInvoice {
+            request: sample_request("p", 100),
+            code: segment(1, 1).code,
+            number: InvoiceNumber::new(1).unwrap(),
+            issue_time_ms: 1_000,
+        };
+        let journal = journal_of(&[
+            (1, reserved()),
+            (2, Record::Pending(pending)),
+            (
+                3,
+                Record::Completed {
+                    pending_seq: 2,
+                    tax_control_code: [0; 32],
+                    check_code: [b'0'; 20],
+                },
+            ),
+            (4, Record::Issued(invoice("a", 2))),
+            (
+                5,
+                Record::Voided {
+                    issued_seq: 4,
+                    identity: crate::invoice::InvoiceIdentity {
+                        code: segment(1, 1).code,
+                        number: InvoiceNumber::new(2).unwrap(),
+                    },
+                    void_time_ms: 2_000,
+                },
+            ),
+            (6, Record::UploadedTo { watermark_seq: 5 }),
+            (
+                7,
+                Record::BatchRoot {
+                    first_seq: 1,
+                    last_seq: 6,
+                    root: [0; 32],
+                    signature: [0; 64],
+                },
+            ),
+            (
+                8,
+                Record::SegmentReturned {
+                    seller: seller(),
+                    segment: segment(3, 3),
+                },
+            ),
+        ]);
+        let (issuer, _) = recover(config(), &journal, 1_000).unwrap();
+        assert_eq!(issuer.next_seq(), 9);
+        assert_eq!(issuer.upload_watermark_seq(), 5);
+        assert_eq!(issuer.batch_root_last_seq(), 6);
+        let a = issuer.accounting(&seller()).unwrap();
+        assert_eq!((a.issued, a.returned, a.available), (2, 3, 0));
+        assert_eq!(issuer.index().len(), 2);
+    }
+}
