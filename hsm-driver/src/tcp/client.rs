@@ -222,7 +222,9 @@ impl TcpClient {
             // a live connection, whose writer will pick the frame up.
             if st.up {
                 let id = st.table.submit(request)?;
-                if let Some(w) = st.writer_waker.take() {
+                let writer = st.writer_waker.take();
+                drop(st);
+                if let Some(w) = writer {
                     w.wake();
                 }
                 break id;
@@ -328,9 +330,16 @@ impl TcpClient {
         st.backoff.on_success();
         st.stats.connects += 1;
         let generation = st.generation;
+        // glommio runs a spawned task right away, up to its first await: no borrow of
+        // the state may be held across the spawns.
+        drop(st);
         let reader = glommio::spawn_local(read_loop(self.shared.clone(), rd, generation)).detach();
-        st.reader = Some(reader);
         glommio::spawn_local(write_loop(self.shared.clone(), wr, generation)).detach();
+        let mut st = shared.state.borrow_mut();
+        if st.generation == generation && st.up {
+            st.reader = Some(reader);
+        }
+        drop(st);
         tracing::debug!(addr = %shared.addr, generation, "connected to tax server");
         Ok(())
     }
@@ -345,13 +354,15 @@ impl TcpClient {
         st.closed = true;
         st.up = false;
         st.table.fail_all(|| HsmError::Closed);
-        if let Some(reader) = st.reader.take() {
+        let reader = st.reader.take();
+        let writer = st.writer_waker.take();
+        drop(st);
+        if let Some(reader) = reader {
             reader.cancel();
         }
-        if let Some(w) = st.writer_waker.take() {
+        if let Some(w) = writer {
             w.wake();
         }
-        drop(st);
         self.shared.permits.close();
         self.shared.connect_lock.close();
     }
@@ -388,10 +399,11 @@ fn connection_lost(shared: &Shared, generation: u64, from_writer: bool, reason: 
     st.backoff.on_failure(Instant::now());
     let failed = st.table.fail_all(|| HsmError::ConnectionLost);
     let reader = st.reader.take();
-    if let Some(w) = st.writer_waker.take() {
+    let writer = st.writer_waker.take();
+    drop(st);
+    if let Some(w) = writer {
         w.wake();
     }
-    drop(st);
     if from_writer {
         // The reader is parked in a read on a dead socket: stop it so both halves drop
         // and the socket closes. (The reader never cancels itself: it is returning.)
