@@ -1,1 +1,19 @@
-fn main() {}
+//! `hsm-emu`: the tax-server (cipher machine) emulator as its own process.
+//!
+//! Prints exactly one line, `listening <addr>`, on stdout once it accepts connections;
+//! logs go to stderr (`RUST_LOG` filters them). See docs/hsm-emulator.md.
+
+// mimalloc: the workers allocate one response buffer per frame from many threads, where
+// glibc's malloc arenas contend.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> std::process::ExitCode {
+    match hsm_driver::emulator::run_from_args(std::env::args_os()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hsm-emu: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

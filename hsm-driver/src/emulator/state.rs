@@ -1,0 +1,618 @@
+//! Persistent device state that is small and changes rarely: the authority's grants, the
+//! segments carved from them (with holder and request id), returned ranges, and the
+//! per-taxpayer report-and-clear marks.
+//!
+//! It lives in `<data dir>/state.json` and every change is written whole (temporary file,
+//! fsync, rename, fsync of the directory) before the caller answers. A change is first
+//! applied to a copy; the live state is replaced only once the copy is durable, so a
+//! failed write leaves memory and disk agreeing.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::config::{Grant, TAXPAYER_BYTES};
+
+/// File name of the state inside the data dir.
+pub const STATE_FILE: &str = "state.json";
+/// Limit on segments the device remembers; a requisition past it is refused, so the
+/// state file (rewritten on every change) stays a few megabytes at most.
+pub const SEGMENTS_MAX: usize = 65_536;
+/// Limit on returned sub-ranges per segment (returns of tails split nothing, but a
+/// hostile caller could return every other number).
+pub const RETURNS_PER_SEGMENT_MAX: usize = 64;
+/// Largest segment one requisition may ask for.
+pub const REQUISITION_COUNT_MAX: u32 = 10_000_000;
+/// Limit on the state file's size when reading it back.
+const STATE_FILE_BYTES_MAX: u64 = 64 * 1024 * 1024;
+const STATE_VERSION: u32 = 1;
+
+/// Errors of the persistent state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Reading or writing the data dir failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// File or directory.
+        path: PathBuf,
+        /// OS error.
+        source: io::Error,
+    },
+    /// The state file cannot be decoded or breaks an invariant.
+    #[error("{path} is corrupt: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The configured grants contradict the grants recorded in the data dir.
+    #[error("configuration conflicts with recorded state: {0}")]
+    Conflict(String),
+}
+
+/// A device-level refusal of a command, each mapped to a wire status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The taxpayer is not served by this device.
+    #[error("unknown taxpayer")]
+    UnknownTaxpayer,
+    /// The taxpayer's grants are used up.
+    #[error("inventory exhausted")]
+    Exhausted,
+    /// A field is out of range.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// The (holder, request id) pair was used for another requisition.
+    #[error("request id reused for a different requisition")]
+    RequestIdConflict,
+    /// The range is not inside one granted segment of the taxpayer.
+    #[error("range was not granted")]
+    NotGranted,
+    /// The range overlaps a range already returned, or an uploaded invoice.
+    #[error("range conflicts with a return or an upload")]
+    ReturnConflict,
+    /// A device limit was reached.
+    #[error("device limit reached: {0}")]
+    Limit(&'static str),
+    /// The durable write failed; nothing changed.
+    #[error("storage failure: {0}")]
+    Storage(String),
+}
+
+/// One authority grant and how far requisitions have carved it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantState {
+    /// Taxpayer (18 ASCII).
+    pub taxpayer: String,
+    /// Invoice code.
+    pub invoice_code: u64,
+    /// First number of the grant.
+    pub first: u32,
+    /// Numbers in the grant.
+    pub count: u32,
+    /// Numbers already carved into segments.
+    pub carved: u32,
+}
+
+/// A segment granted to a holder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentState {
+    /// Taxpayer (18 ASCII).
+    pub taxpayer: String,
+    /// Invoice code.
+    pub invoice_code: u64,
+    /// First number.
+    pub first: u32,
+    /// Numbers in the segment.
+    pub count: u32,
+    /// Holder (appliance shard id) that requisitioned it.
+    pub holder: u32,
+    /// The holder's request id.
+    pub request_id: u64,
+    /// Returned sub-ranges `(first, count)`, sorted, disjoint.
+    pub returned: Vec<(u32, u32)>,
+}
+
+impl SegmentState {
+    /// Numbers of the segment not returned.
+    pub fn held_count(&self) -> u32 {
+        let returned: u64 = self.returned.iter().map(|r| u64::from(r.1)).sum();
+        self.count
+            .saturating_sub(u32::try_from(returned).unwrap_or(u32::MAX))
+    }
+
+    /// Whether `number` lies in the segment and not in a returned range.
+    pub fn holds(&self, number: u32) -> bool {
+        number >= self.first
+            && u64::from(number) < u64::from(self.first) + u64::from(self.count)
+            && !self
+                .returned
+                .iter()
+                .any(|&(f, c)| number >= f && u64::from(number) < u64::from(f) + u64::from(c))
+    }
+}
+
+/// Report-and-clear mark of one taxpayer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClearMark {
+    /// Uploads with a sequence number at or below this were reported.
+    pub cleared_upload_seq: u64,
+    /// Period end given with the last report, ms since the epoch.
+    pub period_end_ms: u64,
+}
+
+/// The whole small state, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// Layout version.
+    pub version: u32,
+    /// Device identifier, chosen on first start.
+    pub device_id: String,
+    /// Authority grants in configuration order.
+    pub grants: Vec<GrantState>,
+    /// Segments in requisition order.
+    pub segments: Vec<SegmentState>,
+    /// Report marks by taxpayer.
+    pub clears: HashMap<String, ClearMark>,
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `bytes` to `dir/name` atomically and durably.
+pub(crate) fn write_durable(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StateError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io_at(&tmp))?;
+    f.write_all(bytes).map_err(io_at(&tmp))?;
+    f.sync_all().map_err(io_at(&tmp))?;
+    drop(f);
+    fs::rename(&tmp, &path).map_err(io_at(&path))?;
+    // Without the directory fsync the rename itself may be lost in a crash, and the
+    // device would come back with the previous state after answering with the new one.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_at(dir))?;
+    Ok(())
+}
+
+fn ranges_overlap(a_first: u32, a_count: u32, b_first: u32, b_count: u32) -> bool {
+    let a_end = u64::from(a_first) + u64::from(a_count);
+    let b_end = u64::from(b_first) + u64::from(b_count);
+    u64::from(a_first) < b_end && u64::from(b_first) < a_end
+}
+
+impl DeviceState {
+    /// Loads the state of `dir`, or a fresh state if there is none, then merges the
+    /// configured grants: grants already recorded must match exactly, new ones must not
+    /// overlap recorded ones (same code). Writes the result durably if it changed.
+    pub fn open(dir: &Path, grants: &[Grant], device_id: &str) -> Result<Self, StateError> {
+        let path = dir.join(STATE_FILE);
+        let mut state = match File::open(&path) {
+            Ok(f) => {
+                let mut bytes = Vec::new();
+                f.take(STATE_FILE_BYTES_MAX)
+                    .read_to_end(&mut bytes)
+                    .map_err(io_at(&path))?;
+                let state: DeviceState =
+                    serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                state.check().map_err(|reason| StateError::Corrupt {
+                    path: path.clone(),
+                    reason,
+                })?;
+                state
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => DeviceState {
+                version: STATE_VERSION,
+                device_id: device_id.to_string(),
+                grants: Vec::new(),
+                segments: Vec::new(),
+                clears: HashMap::new(),
+            },
+            Err(e) => return Err(io_at(&path)(e)),
+        };
+        let before = state.clone();
+        for g in grants {
+            let taxpayer = String::from_utf8_lossy(&g.taxpayer).into_owned();
+            let existing = state
+                .grants
+                .iter()
+                .find(|s| s.invoice_code == g.invoice_code && s.first == g.first);
+            match existing {
+                Some(s) if s.taxpayer == taxpayer && s.count == g.count => continue,
+                Some(s) => {
+                    return Err(StateError::Conflict(format!(
+                        "grant code {} first {} is recorded for {} count {}, configured for {} count {}",
+                        g.invoice_code, g.first, s.taxpayer, s.count, taxpayer, g.count
+                    )))
+                }
+                None => {}
+            }
+            if let Some(s) = state.grants.iter().find(|s| {
+                s.invoice_code == g.invoice_code
+                    && ranges_overlap(s.first, s.count, g.first, g.count)
+            }) {
+                return Err(StateError::Conflict(format!(
+                    "grant code {} first {} count {} overlaps recorded grant first {} count {}",
+                    g.invoice_code, g.first, g.count, s.first, s.count
+                )));
+            }
+            state.grants.push(GrantState {
+                taxpayer,
+                invoice_code: g.invoice_code,
+                first: g.first,
+                count: g.count,
+                carved: 0,
+            });
+        }
+        if state != before {
+            state.persist(dir)?;
+        }
+        Ok(state)
+    }
+
+    /// Checks the invariants after reading (TigerStyle: assert on both sides of the disk).
+    fn check(&self) -> Result<(), String> {
+        if self.version != STATE_VERSION {
+            return Err(format!("version {} unsupported", self.version));
+        }
+        if self.segments.len() > SEGMENTS_MAX {
+            return Err("too many segments".into());
+        }
+        for g in &self.grants {
+            if g.carved > g.count || g.taxpayer.len() != TAXPAYER_BYTES {
+                return Err(format!("grant {} {} inconsistent", g.invoice_code, g.first));
+            }
+        }
+        for s in &self.segments {
+            let inside = self.grants.iter().any(|g| {
+                g.taxpayer == s.taxpayer
+                    && g.invoice_code == s.invoice_code
+                    && s.first >= g.first
+                    && u64::from(s.first) + u64::from(s.count)
+                        <= u64::from(g.first) + u64::from(g.carved)
+            });
+            if !inside || s.returned.len() > RETURNS_PER_SEGMENT_MAX {
+                return Err(format!(
+                    "segment {} {} not inside a carved grant",
+                    s.invoice_code, s.first
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the state durably.
+    pub fn persist(&self, dir: &Path) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec(self).map_err(|e| StateError::Corrupt {
+            path: dir.join(STATE_FILE),
+            reason: e.to_string(),
+        })?;
+        write_durable(dir, STATE_FILE, &bytes)
+    }
+
+    /// Whether this device serves `taxpayer`.
+    pub fn serves(&self, taxpayer: &str) -> bool {
+        self.grants.iter().any(|g| g.taxpayer == taxpayer)
+    }
+
+    /// Numbers not yet carved for `taxpayer`.
+    pub fn remaining(&self, taxpayer: &str) -> u64 {
+        self.grants
+            .iter()
+            .filter(|g| g.taxpayer == taxpayer)
+            .map(|g| u64::from(g.count - g.carved))
+            .sum()
+    }
+
+    /// Served taxpayers in grant order, without repeats.
+    pub fn taxpayers(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for g in &self.grants {
+            if !out.contains(&g.taxpayer) {
+                out.push(g.taxpayer.clone());
+            }
+        }
+        out
+    }
+
+    /// Plans a requisition on a copy of the state. Returns the segment index and whether
+    /// the state changed (false for an idempotent replay of a known request).
+    pub fn requisition(
+        &mut self,
+        taxpayer: &str,
+        count: u32,
+        holder: u32,
+        request_id: u64,
+    ) -> Result<(usize, bool), Refusal> {
+        if let Some(i) = self
+            .segments
+            .iter()
+            .position(|s| s.holder == holder && s.request_id == request_id)
+        {
+            // A retry after a lost answer: same segment, provided it asks for the same
+            // thing. The count may legitimately exceed what was granted (a grant's tail
+            // can be shorter than asked), so only the taxpayer must match.
+            return if self.segments[i].taxpayer == taxpayer {
+                Ok((i, false))
+            } else {
+                Err(Refusal::RequestIdConflict)
+            };
+        }
+        if !self.serves(taxpayer) {
+            return Err(Refusal::UnknownTaxpayer);
+        }
+        if count == 0 || count > REQUISITION_COUNT_MAX {
+            return Err(Refusal::BadRequest("requisition count out of range"));
+        }
+        if self.segments.len() >= SEGMENTS_MAX {
+            return Err(Refusal::Limit("segments"));
+        }
+        let grant = self
+            .grants
+            .iter_mut()
+            .find(|g| g.taxpayer == taxpayer && g.carved < g.count)
+            .ok_or(Refusal::Exhausted)?;
+        // A segment stays inside one grant (one invoice code, contiguous numbers), so it
+        // may be shorter than asked at the end of a grant.
+        let take = count.min(grant.count - grant.carved);
+        let first = grant.first + grant.carved;
+        grant.carved += take;
+        let segment = SegmentState {
+            taxpayer: taxpayer.to_string(),
+            invoice_code: grant.invoice_code,
+            first,
+            count: take,
+            holder,
+            request_id,
+            returned: Vec::new(),
+        };
+        self.segments.push(segment);
+        Ok((self.segments.len() - 1, true))
+    }
+
+    /// Marks `first..first+count` of `code` returned. Returns whether the state changed
+    /// (false for a retried identical return).
+    pub fn return_range(
+        &mut self,
+        taxpayer: &str,
+        code: u64,
+        first: u32,
+        count: u32,
+    ) -> Result<bool, Refusal> {
+        if !self.serves(taxpayer) {
+            return Err(Refusal::UnknownTaxpayer);
+        }
+        if count == 0 {
+            return Err(Refusal::BadRequest("return count is zero"));
+        }
+        let end = u64::from(first) + u64::from(count);
+        let seg = self
+            .segments
+            .iter_mut()
+            .find(|s| {
+                s.taxpayer == taxpayer
+                    && s.invoice_code == code
+                    && first >= s.first
+                    && end <= u64::from(s.first) + u64::from(s.count)
+            })
+            .ok_or(Refusal::NotGranted)?;
+        if seg.returned.contains(&(first, count)) {
+            return Ok(false);
+        }
+        if seg
+            .returned
+            .iter()
+            .any(|&(f, c)| ranges_overlap(f, c, first, count))
+        {
+            return Err(Refusal::ReturnConflict);
+        }
+        if seg.returned.len() >= RETURNS_PER_SEGMENT_MAX {
+            return Err(Refusal::Limit("returned ranges per segment"));
+        }
+        seg.returned.push((first, count));
+        seg.returned.sort_unstable();
+        Ok(true)
+    }
+}
+
+/// Immutable lookup structure over the segments, rebuilt after every requisition or
+/// return and shared by `Arc`: the tax-code hot path checks numbers against it without
+/// holding any lock.
+#[derive(Debug, Default)]
+pub struct GrantIndex {
+    /// Served taxpayers (index = taxpayer slot used by counters).
+    pub taxpayers: Vec<[u8; TAXPAYER_BYTES]>,
+    // (code, first, end exclusive, taxpayer slot, returned ranges), sorted by (code, first).
+    ranges: Vec<IndexedRange>,
+}
+
+#[derive(Debug)]
+struct IndexedRange {
+    code: u64,
+    first: u32,
+    end: u64,
+    taxpayer: usize,
+    returned: Vec<(u32, u32)>,
+}
+
+/// Outcome of checking one invoice's number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumberCheck {
+    /// Granted to the seller and not returned; carries the seller's slot.
+    Held(usize),
+    /// The seller is not served here.
+    UnknownTaxpayer,
+    /// The number is not in a live segment of this seller.
+    NotGranted,
+}
+
+impl GrantIndex {
+    /// Builds the index of `state`.
+    pub fn build(state: &DeviceState) -> Self {
+        let taxpayers: Vec<[u8; TAXPAYER_BYTES]> = state
+            .taxpayers()
+            .iter()
+            .map(|t| {
+                let mut b = [0u8; TAXPAYER_BYTES];
+                let src = t.as_bytes();
+                let n = src.len().min(TAXPAYER_BYTES);
+                b[..n].copy_from_slice(&src[..n]);
+                b
+            })
+            .collect();
+        let mut ranges: Vec<IndexedRange> = state
+            .segments
+            .iter()
+            .map(|s| IndexedRange {
+                code: s.invoice_code,
+                first: s.first,
+                end: u64::from(s.first) + u64::from(s.count),
+                taxpayer: taxpayers
+                    .iter()
+                    .position(|t| t == s.taxpayer.as_bytes())
+                    .unwrap_or(usize::MAX),
+                returned: s.returned.clone(),
+            })
+            .collect();
+        ranges.sort_unstable_by_key(|r| (r.code, r.first));
+        Self { taxpayers, ranges }
+    }
+
+    /// Slot of a served taxpayer.
+    pub fn taxpayer_slot(&self, taxpayer: &[u8; TAXPAYER_BYTES]) -> Option<usize> {
+        // Few taxpayers per device: a linear scan beats hashing here.
+        self.taxpayers.iter().position(|t| t == taxpayer)
+    }
+
+    /// Checks that `number` of `code` is held for `seller`.
+    pub fn check(&self, seller: &[u8; TAXPAYER_BYTES], code: u64, number: u32) -> NumberCheck {
+        let Some(slot) = self.taxpayer_slot(seller) else {
+            return NumberCheck::UnknownTaxpayer;
+        };
+        // Segments never overlap, so the candidate is the last one starting at or
+        // before (code, number).
+        let idx = self
+            .ranges
+            .partition_point(|r| (r.code, r.first) <= (code, number));
+        if idx == 0 {
+            return NumberCheck::NotGranted;
+        }
+        let r = &self.ranges[idx - 1];
+        let inside = r.code == code && u64::from(number) < r.end && r.taxpayer == slot;
+        let returned = r
+            .returned
+            .iter()
+            .any(|&(f, c)| number >= f && u64::from(number) < u64::from(f) + u64::from(c));
+        if inside && !returned {
+            NumberCheck::Held(slot)
+        } else {
+            NumberCheck::NotGranted
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(s: &str) -> [u8; TAXPAYER_BYTES] {
+        s.as_bytes().try_into().unwrap()
+    }
+
+    const A: &str = "91110000100000000A";
+
+    fn grants() -> Vec<Grant> {
+        vec![
+            Grant {
+                taxpayer: tp(A),
+                invoice_code: 11001,
+                first: 1,
+                count: 100,
+            },
+            Grant {
+                taxpayer: tp(A),
+                invoice_code: 11002,
+                first: 500,
+                count: 10,
+            },
+        ]
+    }
+
+    #[test]
+    fn requisitions_carve_in_order_and_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = DeviceState::open(dir.path(), &grants(), "dev").unwrap();
+        let (i, changed) = s.requisition(A, 60, 0, 1).unwrap();
+        assert!(changed);
+        assert_eq!((s.segments[i].first, s.segments[i].count), (1, 60));
+        let (j, _) = s.requisition(A, 60, 0, 2).unwrap();
+        assert_eq!((s.segments[j].first, s.segments[j].count), (61, 40));
+        let (k, _) = s.requisition(A, 60, 1, 2).unwrap();
+        assert_eq!(
+            (
+                s.segments[k].invoice_code,
+                s.segments[k].first,
+                s.segments[k].count
+            ),
+            (11002, 500, 10)
+        );
+        assert_eq!(s.requisition(A, 1, 1, 3), Err(Refusal::Exhausted));
+        assert_eq!(s.requisition(A, 60, 0, 1), Ok((i, false)));
+        s.persist(dir.path()).unwrap();
+        let again = DeviceState::open(dir.path(), &grants(), "other").unwrap();
+        assert_eq!(again, s);
+    }
+
+    #[test]
+    fn returns_and_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = DeviceState::open(dir.path(), &grants(), "dev").unwrap();
+        s.requisition(A, 50, 0, 1).unwrap();
+        assert_eq!(s.return_range(A, 11001, 40, 11), Ok(true));
+        assert_eq!(s.return_range(A, 11001, 40, 11), Ok(false));
+        assert_eq!(
+            s.return_range(A, 11001, 45, 2),
+            Err(Refusal::ReturnConflict)
+        );
+        assert_eq!(s.return_range(A, 11001, 51, 2), Err(Refusal::NotGranted));
+        let idx = GrantIndex::build(&s);
+        assert_eq!(idx.check(&tp(A), 11001, 1), NumberCheck::Held(0));
+        assert_eq!(idx.check(&tp(A), 11001, 39), NumberCheck::Held(0));
+        assert_eq!(idx.check(&tp(A), 11001, 40), NumberCheck::NotGranted);
+        assert_eq!(idx.check(&tp(A), 11001, 51), NumberCheck::NotGranted);
+        assert_eq!(idx.check(&tp(A), 11002, 500), NumberCheck::NotGranted);
+        assert_eq!(
+            idx.check(&tp("91110000100000001X"), 11001, 1),
+            NumberCheck::UnknownTaxpayer
+        );
+    }
+
+    #[test]
+    fn conflicting_config_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        DeviceState::open(dir.path(), &grants(), "dev").unwrap();
+        let mut g = grants();
+        g[0].count = 99;
+        assert!(matches!(
+            DeviceState::open(dir.path(), &g, "dev"),
+            Err(StateError::Conflict(_))
+        ));
+    }
+}
