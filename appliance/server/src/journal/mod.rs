@@ -1,0 +1,756 @@
+//! The journal files of one shard: append-only segment files written with O_DIRECT, one
+//! aligned write and one fdatasync per commit (group commit), recovery on open, and reads
+//! of single records for idempotent replays.
+//!
+//! This module knows the framing (`appliance_core::journal::frame`) but not what record
+//! bodies mean: the core encodes a tick's records into a buffer padded with
+//! `frame::pad_to_block(.., 4096)`, [`Journal::commit`] makes it durable, and on start-up
+//! [`Journal::open`] hands every record back to the core's recovery. docs/journal.md
+//! describes the on-disk format and the rules.
+//!
+//! Layout: a directory per shard; segment files named by the sequence number of their
+//! first record (`00000000000000000001.journal`, 20 digits so that names sort like
+//! numbers), each preallocated to `segment_bytes_max` and written front to back at
+//! block-aligned offsets. A commit never straddles two files: when it does not fit in the
+//! rest of the current file, the journal rotates to a new one first.
+
+mod config;
+mod error;
+mod scan;
+
+use std::cell::RefCell;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use appliance_core::journal::frame::{
+    decode_record_at, pad_to_block, record_bytes, RawRecord, KIND_PADDING,
+};
+use glommio::io::{Directory, DmaFile, OpenOptions};
+
+pub use config::{
+    JournalConfig, COMMIT_BYTES_MAX_DEFAULT, RECOVERY_CHUNK_BYTES_DEFAULT,
+    RECOVERY_CHUNK_BYTES_MIN, SEGMENT_BYTES_MAX_DEFAULT,
+};
+pub use error::{CommitRejection, JournalError, OpenError};
+
+use error::io_err;
+use scan::{scan_segment, SegmentEnd};
+
+/// The journal's block: every commit starts at a multiple of it in its file and is a
+/// multiple of it long, which is what O_DIRECT needs (devices with a larger logical block
+/// are refused at open) and what `frame::pad_to_block(.., 4096)` produces.
+pub const BLOCK_BYTES: usize = 4096;
+
+/// File name suffix of segment files.
+pub const SEGMENT_SUFFIX: &str = ".journal";
+
+/// Digits of the sequence number in a segment file name: enough for any `u64`, and fixed
+/// so that the lexical order of names is the numeric order.
+const SEGMENT_NAME_DIGITS: usize = 20;
+
+/// The file name of the segment whose first record has sequence number `first_seq`.
+pub fn segment_file_name(first_seq: u64) -> String {
+    format!("{first_seq:0SEGMENT_NAME_DIGITS$}{SEGMENT_SUFFIX}")
+}
+
+/// Where a durable commit landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitPosition {
+    /// Sequence number of the commit's first record.
+    pub first_seq: u64,
+    /// Sequence number of its last record.
+    pub last_seq: u64,
+    /// The segment holding it, by the sequence number in the segment's name.
+    pub segment_first_seq: u64,
+    /// Byte offset of the commit in the segment (a multiple of [`BLOCK_BYTES`]).
+    pub offset: u64,
+    /// Bytes of the commit (a multiple of [`BLOCK_BYTES`]).
+    pub len: u64,
+}
+
+/// A segment file of this journal.
+#[derive(Debug)]
+struct Segment {
+    /// Sequence number in the name (that of its first record).
+    first_seq: u64,
+    path: PathBuf,
+}
+
+/// One entry per commit: where the records from `first_seq` up to the next entry's
+/// `first_seq` lie. Recovery cannot see commit boundaries (the framing does not mark
+/// them), so it starts an entry at every record that starts on a block boundary: every
+/// commit start is one, and the few extra entries (records that happen to end exactly on a
+/// block inside a commit) only make entries finer. 32 bytes, at most one per 4 KiB of
+/// journal.
+#[derive(Debug, Clone, Copy)]
+struct IndexEntry {
+    first_seq: u64,
+    /// Offset in the segment, a multiple of [`BLOCK_BYTES`].
+    offset: u64,
+    /// Bytes from `offset` to the end of the last record of the entry.
+    len: u64,
+    /// Index into `Journal::segments`.
+    segment: u32,
+}
+
+/// The journal of one shard. Not `Send`: it lives on its shard's glommio executor.
+#[derive(Debug)]
+pub struct Journal {
+    config: JournalConfig,
+    /// Open for the directory fsync at rotation; also holds the exclusive `flock` that
+    /// keeps a second instance out of this directory for as long as the journal lives.
+    dir: Directory,
+    segments: Vec<Segment>,
+    /// The last segment, open for writing; `None` only while the journal has no segment.
+    current: Option<DmaFile>,
+    /// Next write offset in the current segment; a multiple of [`BLOCK_BYTES`].
+    tail: u64,
+    /// Sequence number the next record must carry.
+    next_seq: u64,
+    index: Vec<IndexEntry>,
+    /// Set by the first failed write, fdatasync or rotation: see [`JournalError::Poisoned`].
+    poisoned: Option<String>,
+    /// The last older (non-current) segment read by `read_record`, kept open because
+    /// replays tend to cluster.
+    old_segment: RefCell<Option<(u32, Rc<DmaFile>)>>,
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal in `config.dir` and recovers it.
+    ///
+    /// Every segment is scanned in sequence order and every non-padding record is handed
+    /// to `on_record` in order, with `offset` set to its offset in its segment file. The
+    /// checks, each failing with an error that names file and offset:
+    /// - sequence numbers are consecutive across records and files, and each file's first
+    ///   record carries the number in the file's name (the first file may start anywhere);
+    /// - an invalid record followed by a valid later one is corruption
+    ///   ([`JournalError::Corrupt`]), never skipped;
+    /// - a torn tail is accepted only in the last file ([`JournalError::TornTailNotLast`]).
+    ///
+    /// A torn tail of the last file is cut off: the block holding the end of the last
+    /// whole record is rewritten with a padding record up to the block boundary, the file
+    /// is truncated there and preallocated again (so everything after reads as zeros), and
+    /// synced. The journal is then positioned after the last record.
+    pub async fn open<E>(
+        config: JournalConfig,
+        mut on_record: impl FnMut(RawRecord<'_>) -> Result<(), E>,
+    ) -> Result<Journal, OpenError<E>> {
+        config.validate()?;
+        let dir = open_dir(&config.dir).await?;
+        let segments = list_segments(&config.dir)?;
+
+        let mut index: Vec<IndexEntry> = Vec::new();
+        let mut expected: Option<u64> = None;
+        let mut current = None;
+        let mut tail = 0u64;
+        for (i, segment) in segments.iter().enumerate() {
+            let is_last = i + 1 == segments.len();
+            let path = &segment.path;
+            let file = if is_last {
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .dma_open(path)
+                    .await
+            } else {
+                DmaFile::open(path).await
+            }
+            .map_err(|e| io_err("open", path, 0)(e.into()))?;
+            check_alignment(&file, path)?;
+            let file_len = file
+                .file_size()
+                .await
+                .map_err(|e| io_err("stat", path, 0)(e.into()))?;
+
+            let mut first_in_file: Option<u64> = None;
+            // Start of the block-aligned run of records being indexed, and whether an
+            // index entry has been opened for it.
+            let mut run_start = 0u64;
+            let mut run_indexed = false;
+            let end = scan_segment(
+                &file,
+                path,
+                file_len,
+                config.recovery_chunk_bytes,
+                |record: RawRecord<'_>| -> Result<(), OpenError<E>> {
+                    let offset = record.offset as u64;
+                    let record_end = offset + record_bytes(record.body.len()) as u64;
+                    if offset % BLOCK_BYTES as u64 == 0 {
+                        run_start = offset;
+                        run_indexed = false;
+                    }
+                    if record.kind == KIND_PADDING {
+                        if run_indexed {
+                            index.last_mut().expect("run is indexed").len = record_end - run_start;
+                        }
+                        return Ok(());
+                    }
+                    if let Some(expected) = expected {
+                        if record.seq != expected {
+                            return Err(JournalError::SequenceGap {
+                                path: path.clone(),
+                                offset,
+                                expected,
+                                found: record.seq,
+                            }
+                            .into());
+                        }
+                    }
+                    if first_in_file.is_none() {
+                        if record.seq != segment.first_seq {
+                            return Err(JournalError::SegmentNameMismatch {
+                                path: path.clone(),
+                                name_seq: segment.first_seq,
+                                first_seq: record.seq,
+                            }
+                            .into());
+                        }
+                        first_in_file = Some(record.seq);
+                    }
+                    // The name check of the first file and continuity make every sequence
+                    // number >= 1 and strictly increasing; `+ 1` cannot overflow before
+                    // 2^64 records.
+                    expected = Some(record.seq + 1);
+                    if !run_indexed {
+                        index.push(IndexEntry {
+                            first_seq: record.seq,
+                            offset: run_start,
+                            len: 0,
+                            segment: i as u32,
+                        });
+                        run_indexed = true;
+                    }
+                    index.last_mut().expect("run is indexed").len = record_end - run_start;
+                    on_record(record).map_err(|source| OpenError::Replay {
+                        path: path.clone(),
+                        offset,
+                        seq: record.seq,
+                        source,
+                    })
+                },
+            )
+            .await?;
+
+            if first_in_file.is_none() {
+                if !is_last {
+                    return Err(JournalError::EmptySegment { path: path.clone() }.into());
+                }
+                // An empty last file: created by a rotation that crashed before its first
+                // write. Its name must still continue the sequence.
+                if let Some(expected) = expected {
+                    if segment.first_seq != expected {
+                        return Err(JournalError::SequenceGap {
+                            path: path.clone(),
+                            offset: 0,
+                            expected,
+                            found: segment.first_seq,
+                        }
+                        .into());
+                    }
+                }
+                expected = Some(segment.first_seq);
+            }
+
+            match end {
+                SegmentEnd::Corrupt { offset, error } => {
+                    return Err(JournalError::Corrupt {
+                        path: path.clone(),
+                        offset,
+                        error,
+                    }
+                    .into());
+                }
+                SegmentEnd::TornTail { end, error } if !is_last => {
+                    return Err(JournalError::TornTailNotLast {
+                        path: path.clone(),
+                        offset: end,
+                        error,
+                    }
+                    .into());
+                }
+                SegmentEnd::Clean { .. } if !is_last => {
+                    // Closing explicitly releases the descriptor now rather than at the
+                    // next reactor turn.
+                    file.close()
+                        .await
+                        .map_err(|e| io_err("close", path, 0)(e.into()))?;
+                }
+                SegmentEnd::Clean { end } => {
+                    tail = repair_last(&file, path, file_len, end, false, &config).await?;
+                    current = Some(file);
+                }
+                SegmentEnd::TornTail { end, .. } => {
+                    tail = repair_last(&file, path, file_len, end, true, &config).await?;
+                    current = Some(file);
+                }
+            }
+        }
+        let next_seq = expected.unwrap_or(1);
+        assert!(next_seq >= 1);
+        assert!(tail % BLOCK_BYTES as u64 == 0);
+        Ok(Journal {
+            config,
+            dir,
+            segments,
+            current,
+            tail,
+            next_seq,
+            index,
+            poisoned: None,
+            old_segment: RefCell::new(None),
+        })
+    }
+
+    /// Makes one commit durable: one aligned O_DIRECT write at the current segment's tail
+    /// (after rotating to a new segment if it does not fit) and one fdatasync. Returns
+    /// only when the commit is on disk, so the caller may release the answers of every
+    /// record in it ("nothing acknowledged is lost").
+    ///
+    /// `bytes` is what the core encoded and padded with `frame::pad_to_block(.., 4096)`:
+    /// it is checked before writing (whole records, consecutive sequence numbers starting
+    /// at [`Journal::next_seq`], a multiple of the block) and refused with
+    /// [`JournalError::InvalidCommit`] otherwise; nothing is written then and the journal
+    /// stays usable.
+    ///
+    /// Any I/O failure poisons the journal: this and every later call fail (see
+    /// [`JournalError::Poisoned`]); the shard must stop and recover after a restart.
+    pub async fn commit(&mut self, bytes: &[u8]) -> Result<CommitPosition, JournalError> {
+        self.check_poisoned()?;
+        let (first_seq, last_seq) = self.verify_commit(bytes)?;
+        let result = self.write_commit(first_seq, bytes).await;
+        let (segment, offset) = match result {
+            Ok(at) => at,
+            Err(error) => {
+                self.poisoned = Some(error.to_string());
+                return Err(error);
+            }
+        };
+        let len = bytes.len() as u64;
+        self.index.push(IndexEntry {
+            first_seq,
+            offset,
+            len,
+            segment,
+        });
+        self.tail = offset + len;
+        self.next_seq = last_seq + 1;
+        debug_assert!(self.tail <= self.config.segment_bytes_max);
+        Ok(CommitPosition {
+            first_seq,
+            last_seq,
+            segment_first_seq: self.segments[segment as usize].first_seq,
+            offset,
+            len,
+        })
+    }
+
+    /// Reads back the record with sequence number `seq` from a durable commit, for
+    /// answering a replayed request: its kind and body. The commit's bytes are read from
+    /// disk and the record's CRC32C is verified again.
+    pub async fn read_record(&self, seq: u64) -> Result<(u8, Vec<u8>), JournalError> {
+        let first_seq = self.index.first().map_or(self.next_seq, |e| e.first_seq);
+        if seq < first_seq || seq >= self.next_seq {
+            return Err(JournalError::SeqNotFound {
+                seq,
+                first_seq,
+                next_seq: self.next_seq,
+            });
+        }
+        let at = self.index.partition_point(|e| e.first_seq <= seq);
+        assert!(at >= 1, "seq {seq} >= first indexed seq {first_seq}");
+        let entry = self.index[at - 1];
+        let path = &self.segments[entry.segment as usize].path;
+        let read_len = entry.len.div_ceil(BLOCK_BYTES as u64) * BLOCK_BYTES as u64;
+        let is_current = entry.segment as usize + 1 == self.segments.len();
+        let read = if is_current {
+            let file = self.current.as_ref().expect("the last segment is open");
+            file.read_at_aligned(entry.offset, read_len as usize).await
+        } else {
+            let file = self.old_segment_file(entry.segment).await?;
+            file.read_at_aligned(entry.offset, read_len as usize).await
+        }
+        .map_err(|e| io_err("read", path, entry.offset)(e.into()))?;
+        let mismatch = |detail: String| JournalError::ReadMismatch {
+            path: path.clone(),
+            offset: entry.offset,
+            seq,
+            detail,
+        };
+        if (read.len() as u64) < entry.len {
+            return Err(mismatch(format!(
+                "short read: {} of {} bytes",
+                read.len(),
+                entry.len
+            )));
+        }
+        let bytes = &read[..entry.len as usize];
+        let mut offset = 0usize;
+        // Each step consumes at least one record header, so the walk ends.
+        while offset < bytes.len() {
+            let (record, next) = decode_record_at(bytes, offset)
+                .map_err(|e| mismatch(format!("{e} at entry offset {offset}")))?;
+            if record.kind != KIND_PADDING {
+                if record.seq == seq {
+                    return Ok((record.kind, record.body.to_vec()));
+                }
+                if record.seq > seq {
+                    break;
+                }
+            }
+            offset = next;
+        }
+        Err(mismatch("record not found where the index points".into()))
+    }
+
+    /// The sequence number the next commit's first record must carry.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Sequence number of the last durable record, if any.
+    pub fn last_seq(&self) -> Option<u64> {
+        (!self.index.is_empty()).then(|| self.next_seq - 1)
+    }
+
+    /// Sequence numbers in the segments' names, oldest first.
+    pub fn segment_first_seqs(&self) -> Vec<u64> {
+        self.segments.iter().map(|s| s.first_seq).collect()
+    }
+
+    /// Whether an I/O failure has stopped the journal.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.is_some()
+    }
+
+    /// The configuration the journal was opened with.
+    pub fn config(&self) -> &JournalConfig {
+        &self.config
+    }
+
+    /// Closes the files and releases the directory lock.
+    pub async fn close(self) -> Result<(), JournalError> {
+        if let Some((_, file)) = self.old_segment.into_inner() {
+            // Still shared only if a read is in flight, which `self` by value excludes.
+            if let Ok(file) = Rc::try_unwrap(file) {
+                file.close()
+                    .await
+                    .map_err(|e| io_err("close", &self.config.dir, 0)(e.into()))?;
+            }
+        }
+        if let Some(file) = self.current {
+            file.close()
+                .await
+                .map_err(|e| io_err("close", &self.config.dir, 0)(e.into()))?;
+        }
+        self.dir
+            .close()
+            .await
+            .map_err(|e| io_err("close", &self.config.dir, 0)(e.into()))
+    }
+
+    fn check_poisoned(&self) -> Result<(), JournalError> {
+        match &self.poisoned {
+            Some(first_error) => Err(JournalError::Poisoned {
+                first_error: first_error.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The checks before the disk boundary: returns the first and last sequence numbers.
+    fn verify_commit(&self, bytes: &[u8]) -> Result<(u64, u64), CommitRejection> {
+        let len = bytes.len();
+        if len == 0 {
+            return Err(CommitRejection::Empty);
+        }
+        if len % BLOCK_BYTES != 0 {
+            return Err(CommitRejection::Unaligned { len });
+        }
+        if len > self.config.commit_bytes_max {
+            return Err(CommitRejection::TooLarge {
+                len,
+                max: self.config.commit_bytes_max,
+            });
+        }
+        let mut offset = 0usize;
+        let mut expected = self.next_seq;
+        // Each step consumes at least one record header, so the walk ends.
+        while offset < len {
+            let (record, next) = decode_record_at(bytes, offset)
+                .map_err(|error| CommitRejection::BadRecord { offset, error })?;
+            if record.kind != KIND_PADDING {
+                if record.seq != expected {
+                    return Err(CommitRejection::Sequence {
+                        offset,
+                        expected,
+                        found: record.seq,
+                    });
+                }
+                expected += 1;
+            }
+            offset = next;
+        }
+        assert_eq!(offset, len, "records end exactly at the buffer's end");
+        if expected == self.next_seq {
+            return Err(CommitRejection::NoRecords);
+        }
+        Ok((self.next_seq, expected - 1))
+    }
+
+    /// Rotates if needed, writes and syncs. Returns the segment index and offset.
+    async fn write_commit(
+        &mut self,
+        first_seq: u64,
+        bytes: &[u8],
+    ) -> Result<(u32, u64), JournalError> {
+        let len = bytes.len() as u64;
+        if self.current.is_none() || self.tail + len > self.config.segment_bytes_max {
+            self.rotate(first_seq).await?;
+        }
+        assert!(self.tail + len <= self.config.segment_bytes_max);
+        assert!(self.tail % BLOCK_BYTES as u64 == 0);
+        let segment = (self.segments.len() - 1) as u32;
+        let path = &self.segments[segment as usize].path;
+        let file = self.current.as_ref().expect("rotate opened a segment");
+        write_all(file, path, self.tail, bytes).await?;
+        file.fdatasync()
+            .await
+            .map_err(|e| io_err("fdatasync", path, self.tail)(e.into()))?;
+        Ok((segment, self.tail))
+    }
+
+    /// Closes the current segment and starts a new one named `first_seq`: create,
+    /// preallocate, and fsync the directory so that the new name survives a crash before
+    /// the first commit in it is acknowledged.
+    async fn rotate(&mut self, first_seq: u64) -> Result<(), JournalError> {
+        let path = self.config.dir.join(segment_file_name(first_seq));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .dma_open(&path)
+            .await
+            .map_err(|e| io_err("create", &path, 0)(e.into()))?;
+        check_alignment(&file, &path)?;
+        // Preallocating keeps block allocation out of the commit path (an allocating
+        // O_DIRECT write is slower and may block) and reserves the space up front.
+        file.pre_allocate(self.config.segment_bytes_max, false)
+            .await
+            .map_err(|e| io_err("fallocate", &path, 0)(e.into()))?;
+        self.dir
+            .sync()
+            .await
+            .map_err(|e| io_err("fsync directory", &self.config.dir, 0)(e.into()))?;
+        if let Some(old) = self.current.take() {
+            let old_path = &self.segments.last().expect("current has a segment").path;
+            old.close()
+                .await
+                .map_err(|e| io_err("close", old_path, 0)(e.into()))?;
+        }
+        self.segments.push(Segment { first_seq, path });
+        self.current = Some(file);
+        self.tail = 0;
+        Ok(())
+    }
+
+    /// An older segment opened read-only, from the one-entry cache.
+    async fn old_segment_file(&self, segment: u32) -> Result<Rc<DmaFile>, JournalError> {
+        if let Some((cached, file)) = &*self.old_segment.borrow() {
+            if *cached == segment {
+                return Ok(file.clone());
+            }
+        }
+        let path = &self.segments[segment as usize].path;
+        let file = Rc::new(
+            DmaFile::open(path)
+                .await
+                .map_err(|e| io_err("open", path, 0)(e.into()))?,
+        );
+        // Dropping the previous entry closes its descriptor at the next reactor turn.
+        *self.old_segment.borrow_mut() = Some((segment, file.clone()));
+        Ok(file)
+    }
+}
+
+/// Creates the directory if needed (and makes its name durable), opens it and takes the
+/// exclusive lock.
+async fn open_dir(dir: &Path) -> Result<Directory, JournalError> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(io_err("create directory", dir, 0))?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::File::open(parent)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("fsync directory", parent, 0))?;
+        }
+    }
+    let directory = Directory::open(dir)
+        .await
+        .map_err(|e| io_err("open directory", dir, 0)(e.into()))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(directory.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(JournalError::Locked {
+                path: dir.to_path_buf(),
+            });
+        }
+        return Err(io_err("lock directory", dir, 0)(error));
+    }
+    prime_iopoll_probe(dir).await?;
+    Ok(directory)
+}
+
+/// Name of the one non-segment file of the journal directory; see [`prime_iopoll_probe`].
+pub const IOPOLL_PROBE_FILE: &str = "iopoll-probe";
+
+/// Makes glommio decide correctly whether this device supports polled I/O.
+///
+/// glommio 0.9 decides it once per device and thread, at the first `DmaFile` open on the
+/// device, by reading the file's first bytes through the poll ring. If that file is empty
+/// (a freshly created segment), the read ends at end-of-file without reaching the device,
+/// "succeeds", and every later read on the device fails with EOPNOTSUPP when the device
+/// cannot poll (virtio disks, for one). Opening a file that holds a block of data first
+/// makes the probe a real read. This must run before any other `DmaFile` is opened on the
+/// device by this thread; the journal opens its files only after it.
+async fn prime_iopoll_probe(dir: &Path) -> Result<(), JournalError> {
+    let path = dir.join(IOPOLL_PROBE_FILE);
+    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    if len < BLOCK_BYTES as u64 {
+        std::fs::write(&path, [0xA5u8; BLOCK_BYTES]).map_err(io_err("write", &path, 0))?;
+    }
+    let file = DmaFile::open(&path)
+        .await
+        .map_err(|e| io_err("open", &path, 0)(e.into()))?;
+    file.close()
+        .await
+        .map_err(|e| io_err("close", &path, 0)(e.into()))
+}
+
+/// The segment files of `dir`, by first sequence number. Files not ending in
+/// [`SEGMENT_SUFFIX`] are not the journal's and are left alone.
+fn list_segments(dir: &Path) -> Result<Vec<Segment>, JournalError> {
+    let mut segments = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err("list directory", dir, 0))? {
+        let entry = entry.map_err(io_err("list directory", dir, 0))?;
+        let path = entry.path();
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let Some(stem) = name.strip_suffix(SEGMENT_SUFFIX) else {
+            continue;
+        };
+        let first_seq = (stem.len() == SEGMENT_NAME_DIGITS
+            && stem.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| stem.parse::<u64>().ok())
+        .flatten()
+        .filter(|&seq| seq >= 1)
+        .ok_or_else(|| JournalError::BadSegmentName { path: path.clone() })?;
+        segments.push(Segment { first_seq, path });
+    }
+    segments.sort_by_key(|s| s.first_seq);
+    Ok(segments)
+}
+
+fn check_alignment(file: &DmaFile, path: &Path) -> Result<(), JournalError> {
+    if file.alignment() > BLOCK_BYTES as u64 {
+        return Err(JournalError::Alignment {
+            path: path.to_path_buf(),
+            alignment: file.alignment(),
+        });
+    }
+    Ok(())
+}
+
+/// Writes `bytes` at `pos` with O_DIRECT from a DMA buffer. A short write is continued
+/// from where it stopped if it stopped on a block boundary; anything else is an error.
+async fn write_all(
+    file: &DmaFile,
+    path: &Path,
+    pos: u64,
+    bytes: &[u8],
+) -> Result<(), JournalError> {
+    assert!(pos % BLOCK_BYTES as u64 == 0 && bytes.len() % BLOCK_BYTES == 0);
+    let mut done = 0usize;
+    // Each round writes at least one block or fails, so at most len / 4096 rounds.
+    while done < bytes.len() {
+        let mut buf = file.alloc_dma_buffer(bytes.len() - done);
+        buf.as_bytes_mut().copy_from_slice(&bytes[done..]);
+        let at = pos + done as u64;
+        let written = file
+            .write_at(buf, at)
+            .await
+            .map_err(|e| io_err("write", path, at)(e.into()))?;
+        if written == 0 || written % BLOCK_BYTES != 0 {
+            return Err(io_err("write", path, at)(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                format!("short write of {written} bytes"),
+            )));
+        }
+        done += written;
+    }
+    Ok(())
+}
+
+/// Makes the last segment ready for appending after its scan ended at `end` (just past
+/// the last whole record). Returns the new tail, a multiple of the block.
+///
+/// If `end` is inside a block, the block's bytes before `end` are written again followed
+/// by a padding record up to the block boundary (as `frame::pad_to_block` does for a
+/// commit): leaving zeros there instead would make the next scan stop at `end` and, with
+/// records after it, report corruption. If the tail was torn, the file is truncated to the
+/// new tail and preallocated again, so the torn bytes read as zeros from then on. The file
+/// is preallocated to the segment size if it is shorter (a rotation that crashed before
+/// its fallocate) and synced.
+async fn repair_last(
+    file: &DmaFile,
+    path: &Path,
+    file_len: u64,
+    end: u64,
+    torn: bool,
+    config: &JournalConfig,
+) -> Result<u64, JournalError> {
+    let block = BLOCK_BYTES as u64;
+    let block_start = end / block * block;
+    let mut tail = end;
+    if end % block != 0 {
+        let read = file
+            .read_at_aligned(block_start, BLOCK_BYTES)
+            .await
+            .map_err(|e| io_err("read", path, block_start)(e.into()))?;
+        let keep = (end - block_start) as usize;
+        if read.len() < keep {
+            return Err(io_err("read", path, block_start)(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "short read of the tail block",
+            )));
+        }
+        let mut bytes = read[..keep].to_vec();
+        pad_to_block(&mut bytes, BLOCK_BYTES);
+        // The rewritten block must still scan as the same records plus padding.
+        debug_assert!(decode_record_at(&bytes, keep).is_ok());
+        write_all(file, path, block_start, &bytes).await?;
+        tail = block_start + bytes.len() as u64;
+    }
+    let allocate_to = file_len.max(config.segment_bytes_max);
+    if torn {
+        file.truncate(tail)
+            .await
+            .map_err(|e| io_err("truncate", path, tail)(e.into()))?;
+    }
+    if torn || file_len < allocate_to {
+        file.pre_allocate(allocate_to, false)
+            .await
+            .map_err(|e| io_err("fallocate", path, 0)(e.into()))?;
+    }
+    if torn || end != tail || file_len < allocate_to {
+        // fsync rather than fdatasync: the size and the block map changed, and recovery
+        // must not run on a repair that a crash could half undo. Start-up only, so the
+        // blocking call is acceptable.
+        std::fs::File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err("fsync", path, 0))?;
+    }
+    Ok(tail)
+}

@@ -1,0 +1,396 @@
+//! Journal recovery: torn tails at every offset, mid-file corruption, sequence gaps, and
+//! agreement with `frame::scan` on randomly damaged files.
+
+mod journal_support;
+
+use std::path::Path;
+
+use appliance_core::journal::frame::{self, ScanEnd};
+use appliance_server::journal::{JournalError, OpenError};
+use journal_support::*;
+use rand::{Rng, SeedableRng};
+
+/// The journal error of a failed open.
+fn journal_error(result: Result<(), OpenError<std::convert::Infallible>>) -> JournalError {
+    match result {
+        Err(OpenError::Journal(error)) => error,
+        other => panic!("expected a journal error, got {other:?}"),
+    }
+}
+
+/// Builds a pristine journal of two segments in `dir`; returns (next seq, the last
+/// segment's first seq, offset and length of the last record of the last commit).
+fn build_pristine(dir: &Path) -> (u64, u64, usize, usize) {
+    run(async {
+        let (mut journal, _) = open_collect(config(dir)).await.unwrap();
+        // 13 commits of 25 records fill more than one 64 KiB segment.
+        let next = write_commits(&mut journal, 1, &[25; 13]).await;
+        assert!(journal.segment_first_seqs().len() >= 2);
+        // The last commit: three records, the last one with a 100-byte body.
+        let last_first = journal.next_seq();
+        let mut bytes = Vec::new();
+        frame::encode_record(&mut bytes, KIND, last_first, &body(last_first));
+        frame::encode_record(&mut bytes, KIND, last_first + 1, &body(last_first + 1));
+        let last_offset_in_commit = bytes.len();
+        frame::encode_record(&mut bytes, KIND, last_first + 2, &[0x3c; 100]);
+        let last_len = bytes.len() - last_offset_in_commit;
+        frame::pad_to_block(&mut bytes, 4096);
+        let position = journal.commit(&bytes).await.unwrap();
+        assert_eq!(next, last_first);
+        let segment = *journal.segment_first_seqs().last().unwrap();
+        journal.close().await.unwrap();
+        (
+            last_first + 3,
+            segment,
+            position.offset as usize + last_offset_in_commit,
+            last_len,
+        )
+    })
+}
+
+/// Copies the files of `from` into a fresh directory, with the segment named for
+/// `segment` replaced by `last`.
+fn copy_with(from: &Path, segment: u64, last: &[u8]) -> tempfile::TempDir {
+    let to = temp_dir();
+    for file in segment_files(from) {
+        let target = to.path().join(file.file_name().unwrap());
+        if file == segment_path(from, segment) {
+            std::fs::write(&target, last).unwrap();
+        } else {
+            std::fs::copy(&file, &target).unwrap();
+        }
+    }
+    to
+}
+
+#[test]
+fn torn_tail_at_every_offset_of_the_last_record_recovers_and_appends() {
+    let pristine = temp_dir();
+    let (next, segment, last_offset, last_len) = build_pristine(pristine.path());
+    let last_seq = next - 1;
+    let original = std::fs::read(segment_path(pristine.path(), segment)).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    for cut in last_offset..last_offset + last_len {
+        // Three shapes of the same tear: the file cut short; the file at full size with
+        // zeros after the cut (the write never reached the rest); garbage after the cut.
+        let truncated = original[..cut].to_vec();
+        let mut zeroed = original.clone();
+        zeroed[cut..last_offset + last_len].fill(0);
+        let mut garbage = original.clone();
+        let garbage_end = (cut + rng.random_range(1..9000)).min(garbage.len());
+        rng.fill(&mut garbage[cut..garbage_end]);
+        garbage[cut] |= 1; // not accidentally zero at the cut
+                           // Zeroing only the record's alignment padding (already zero) damages nothing.
+        let zeroed_is_whole = cut >= last_offset + frame::RECORD_HEADER_BYTES + 100;
+        for (shape, bytes, survivor) in [
+            ("truncated", truncated, last_seq - 1),
+            (
+                "zeroed",
+                zeroed,
+                if zeroed_is_whole {
+                    last_seq
+                } else {
+                    last_seq - 1
+                },
+            ),
+            ("garbage", garbage, last_seq - 1),
+        ] {
+            let dir = copy_with(pristine.path(), segment, &bytes);
+            run(async {
+                let context = format!("cut at {cut}, {shape}");
+                let (mut journal, seen) = open_collect(config(dir.path()))
+                    .await
+                    .unwrap_or_else(|e| panic!("{context}: {e}"));
+                let last_seen = seen.last().map(|s| s.seq);
+                assert_eq!(last_seen, Some(survivor), "{context}");
+                assert_records(
+                    &seen[..seen.len().min(last_seq as usize - 1)],
+                    1,
+                    last_seq - 1,
+                );
+                assert_eq!(journal.next_seq(), survivor + 1, "{context}");
+                // Appending continues right after the last whole record...
+                let next = survivor + 1;
+                let position = journal.commit(&commit_bytes(next, 3)).await.unwrap();
+                assert_eq!(position.first_seq, next, "{context}");
+                assert_eq!(position.offset % 4096, 0, "{context}");
+                let (kind, got) = journal.read_record(next + 1).await.unwrap();
+                assert_eq!((kind, got), (KIND, body(next + 1)), "{context}");
+                journal.close().await.unwrap();
+                // ...and the result is a clean journal.
+                let (journal, seen) = open_collect(config(dir.path())).await.unwrap();
+                let seqs: Vec<u64> = seen.iter().map(|s| s.seq).collect();
+                assert_eq!(seqs, (1..=next + 2).collect::<Vec<_>>(), "{context}");
+                assert_eq!(journal.next_seq(), next + 3, "{context}");
+                assert_eq!(
+                    journal.read_record(next + 2).await.unwrap().1,
+                    body(next + 2)
+                );
+                journal.close().await.unwrap();
+            });
+        }
+    }
+}
+
+#[test]
+fn torn_first_commit_of_a_fresh_segment_leaves_it_empty_and_writable() {
+    let pristine = temp_dir();
+    let (next, _, _, _) = build_pristine(pristine.path());
+    // A rotation whose first write was torn: a new, full-size segment whose first block
+    // holds a fragment of a record.
+    let dir = copy_with(pristine.path(), u64::MAX, &[]);
+    let mut fragment = commit_bytes(next, 5);
+    fragment.truncate(100);
+    fragment.resize(SEGMENT_BYTES as usize, 0);
+    std::fs::write(segment_path(dir.path(), next), &fragment).unwrap();
+    run(async {
+        let (mut journal, seen) = open_collect(config(dir.path())).await.unwrap();
+        assert_seqs(&seen, 1, next - 1);
+        assert_eq!(journal.next_seq(), next);
+        let position = journal.commit(&commit_bytes(next, 2)).await.unwrap();
+        assert_eq!((position.segment_first_seq, position.offset), (next, 0));
+        journal.close().await.unwrap();
+        let (_, seen) = open_collect(config(dir.path())).await.unwrap();
+        assert_seqs(&seen, 1, next + 1);
+    });
+}
+
+#[test]
+fn torn_tail_in_a_segment_that_is_not_the_last_is_an_error() {
+    let pristine = temp_dir();
+    build_pristine(pristine.path());
+    let first = segment_path(pristine.path(), 1);
+    let mut bytes = std::fs::read(&first).unwrap();
+    // Cut the first segment inside its last record: find the data end by scanning.
+    let ScanEnd::Clean { end } = frame::scan::<()>(&bytes, |_| Ok(())).unwrap() else {
+        panic!("pristine segment is clean");
+    };
+    let cut = end - 4096 + 200;
+    bytes[cut..].fill(0);
+    bytes[cut] = 0x55;
+    let dir = copy_with(pristine.path(), 1, &bytes);
+    run(async {
+        let error = journal_error(open_collect(config(dir.path())).await.map(|_| ()));
+        match &error {
+            JournalError::TornTailNotLast { path, offset, .. } => {
+                assert_eq!(*path, segment_path(dir.path(), 1));
+                assert!(*offset as usize <= cut, "{error}");
+            }
+            other => panic!("expected TornTailNotLast, got {other}"),
+        }
+    });
+}
+
+#[test]
+fn flipped_bit_mid_file_fails_naming_file_and_offset() {
+    let pristine = temp_dir();
+    build_pristine(pristine.path());
+    let path = segment_path(pristine.path(), 1);
+    let original = std::fs::read(&path).unwrap();
+    // Offsets of the records of the first segment.
+    let mut offsets = Vec::new();
+    frame::scan::<()>(&original, |r| {
+        if r.kind != frame::KIND_PADDING {
+            offsets.push(r.offset);
+        }
+        Ok(())
+    })
+    .unwrap();
+    let victim = offsets[offsets.len() / 2];
+    let victim_end = offsets[offsets.len() / 2 + 1];
+    // One flipped bit in every byte of the victim record, in turn.
+    for byte in victim..victim_end {
+        let mut bytes = original.clone();
+        bytes[byte] ^= 1 << (byte % 8);
+        let dir = copy_with(pristine.path(), 1, &bytes);
+        run(async {
+            let error = journal_error(open_collect(config(dir.path())).await.map(|_| ()));
+            match &error {
+                JournalError::Corrupt { path, offset, .. } => {
+                    assert_eq!(*path, segment_path(dir.path(), 1), "byte {byte}");
+                    assert_eq!(*offset as usize, victim, "byte {byte}");
+                }
+                other => panic!("byte {byte}: expected Corrupt, got {other}"),
+            }
+            let text = error.to_string();
+            assert!(text.contains(&segment_path(dir.path(), 1).display().to_string()));
+            assert!(text.contains(&format!("offset {victim}")), "{text}");
+        });
+    }
+}
+
+/// Writes segment files by hand: (file name seq, record seqs).
+fn handmade(files: &[(u64, std::ops::RangeInclusive<u64>)]) -> tempfile::TempDir {
+    let dir = temp_dir();
+    for (name, seqs) in files {
+        let mut bytes = Vec::new();
+        for seq in seqs.clone() {
+            frame::encode_record(&mut bytes, KIND, seq, &body(seq));
+        }
+        frame::pad_to_block(&mut bytes, 4096);
+        bytes.resize(SEGMENT_BYTES as usize, 0);
+        std::fs::write(segment_path(dir.path(), *name), bytes).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn sequence_gap_across_files_is_an_error() {
+    let dir = handmade(&[(1, 1..=5), (7, 7..=9)]);
+    run(async {
+        match journal_error(open_collect(config(dir.path())).await.map(|_| ())) {
+            JournalError::SequenceGap {
+                path,
+                offset,
+                expected,
+                found,
+            } => {
+                assert_eq!(path, segment_path(dir.path(), 7));
+                assert_eq!((offset, expected, found), (0, 6, 7));
+            }
+            other => panic!("expected SequenceGap, got {other}"),
+        }
+    });
+    // The first file may start anywhere, and a well-formed handmade journal opens.
+    let dir = handmade(&[(40, 40..=45), (46, 46..=50)]);
+    run(async {
+        let (journal, seen) = open_collect(config(dir.path())).await.unwrap();
+        assert_records(&seen, 40, 50);
+        assert_eq!(journal.next_seq(), 51);
+        assert_eq!(journal.read_record(42).await.unwrap().1, body(42));
+    });
+}
+
+#[test]
+fn sequence_gap_inside_a_file_and_misnamed_files_are_errors() {
+    let dir = temp_dir();
+    let mut bytes = Vec::new();
+    for seq in [1, 2, 4] {
+        frame::encode_record(&mut bytes, KIND, seq, &body(seq));
+    }
+    frame::pad_to_block(&mut bytes, 4096);
+    std::fs::write(segment_path(dir.path(), 1), &bytes).unwrap();
+    run(async {
+        assert!(matches!(
+            journal_error(open_collect(config(dir.path())).await.map(|_| ())),
+            JournalError::SequenceGap {
+                expected: 3,
+                found: 4,
+                ..
+            }
+        ));
+    });
+    let dir = handmade(&[(1, 3..=5)]);
+    run(async {
+        assert!(matches!(
+            journal_error(open_collect(config(dir.path())).await.map(|_| ())),
+            JournalError::SegmentNameMismatch {
+                name_seq: 1,
+                first_seq: 3,
+                ..
+            }
+        ));
+    });
+    let dir = handmade(&[(1, 1..=5)]);
+    std::fs::write(dir.path().join("12.journal"), b"").unwrap();
+    run(async {
+        assert!(matches!(
+            journal_error(open_collect(config(dir.path())).await.map(|_| ())),
+            JournalError::BadSegmentName { .. }
+        ));
+    });
+    // An empty segment before the last one means lost records.
+    let dir = handmade(&[(1, 1..=5), (6, 6..=8)]);
+    std::fs::write(segment_path(dir.path(), 6), vec![0u8; 8192]).unwrap();
+    let mut last = Vec::new();
+    frame::encode_record(&mut last, KIND, 9, &body(9));
+    frame::pad_to_block(&mut last, 4096);
+    std::fs::write(segment_path(dir.path(), 9), &last).unwrap();
+    run(async {
+        assert!(matches!(
+            journal_error(open_collect(config(dir.path())).await.map(|_| ())),
+            JournalError::EmptySegment { .. }
+        ));
+    });
+}
+
+/// What `frame::scan` says a single-segment journal should recover to.
+enum Expect {
+    Records(u64),
+    Corrupt(usize),
+}
+
+#[test]
+fn recovery_agrees_with_frame_scan_on_random_damage() {
+    // One segment of ~300 KiB: several recovery chunks (68 KiB each), so that records and
+    // the tail classification cross chunk boundaries.
+    let pristine = temp_dir();
+    let mut cfg = config(pristine.path());
+    cfg.segment_bytes_max = 512 * 1024;
+    let last_seq = run(async {
+        let (mut journal, _) = open_collect(cfg.clone()).await.unwrap();
+        let next = write_commits(&mut journal, 1, &[40; 50]).await;
+        assert_eq!(journal.segment_first_seqs(), vec![1]);
+        journal.close().await.unwrap();
+        next - 1
+    });
+    let original = std::fs::read(segment_path(pristine.path(), 1)).unwrap();
+    let ScanEnd::Clean { end: data_end } = frame::scan::<()>(&original, |_| Ok(())).unwrap() else {
+        panic!("pristine segment is clean");
+    };
+    assert!(data_end > 4 * appliance_server::journal::RECOVERY_CHUNK_BYTES_MIN);
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0xdead_beef);
+    for round in 0..60 {
+        let mut bytes = original.clone();
+        let at = rng.random_range(0..data_end);
+        match round % 4 {
+            0 => bytes[at] ^= 1 << rng.random_range(0..8),
+            1 => bytes.truncate(at),
+            2 => bytes[at..data_end].fill(0),
+            _ => {
+                let end = (at + rng.random_range(1..5000)).min(bytes.len());
+                rng.fill(&mut bytes[at..end]);
+            }
+        }
+        let mut seqs = Vec::new();
+        let expect = match frame::scan::<()>(&bytes, |r| {
+            if r.kind != frame::KIND_PADDING {
+                seqs.push(r.seq);
+            }
+            Ok(())
+        })
+        .unwrap()
+        {
+            ScanEnd::Clean { .. } | ScanEnd::TornTail { .. } => {
+                Expect::Records(seqs.last().copied().unwrap_or(0))
+            }
+            ScanEnd::Corrupt { offset, .. } => Expect::Corrupt(offset),
+        };
+        let dir = copy_with(pristine.path(), 1, &bytes);
+        let mut cfg = cfg.clone();
+        cfg.dir = dir.path().to_path_buf();
+        run(async {
+            let context = format!("round {round}, damage at {at}");
+            match (expect, open_collect(cfg.clone()).await) {
+                (Expect::Records(last), Ok((mut journal, seen))) => {
+                    assert_records(&seen, 1, last);
+                    assert_eq!(journal.next_seq(), last + 1, "{context}");
+                    write_commits(&mut journal, last + 1, &[2]).await;
+                    journal.close().await.unwrap();
+                    let (_, seen) = open_collect(cfg.clone()).await.unwrap();
+                    assert_records(&seen, 1, last + 2);
+                }
+                (
+                    Expect::Corrupt(offset),
+                    Err(OpenError::Journal(JournalError::Corrupt { offset: got, .. })),
+                ) => assert_eq!(got as usize, offset, "{context}"),
+                (_, other) => panic!(
+                    "{context}: disagrees with frame::scan: {:?}",
+                    other.map(|_| ())
+                ),
+            }
+        });
+        assert!(last_seq >= 1);
+    }
+}
