@@ -377,6 +377,15 @@ impl Issuer {
         Some(self.pools[i as usize].available_segments())
     }
 
+    /// Every segment this shard ever reserved for `seller` (journaled or queued for the
+    /// next commit), exhausted and returned ones included; empty for an unknown seller.
+    pub fn reserved_segments(&self, seller: &TaxpayerId) -> Vec<NumberSegment> {
+        self.sellers
+            .get(seller)
+            .map(|&i| self.pools[i as usize].reserved_segments().to_vec())
+            .unwrap_or_default()
+    }
+
     fn pool_mut(&mut self, seller: &TaxpayerId) -> Result<&mut Pool, ControlError> {
         let i = *self
             .sellers

@@ -14,6 +14,10 @@ use crate::taxpayer::{InvoiceCode, InvoiceNumber, NumberSegment, TaxpayerId};
 /// Segments a pool holds at once. Requisitions are of thousands of numbers, so a
 /// handful of segments per seller is normal; the bound stops a misbehaving refill loop.
 pub const POOL_SEGMENTS_MAX: usize = 1024;
+/// Segments a pool remembers having reserved, exhausted ones included (16 B each): with
+/// the smallest sensible segment (1,000 numbers) that covers 65 million numbers of a
+/// seller per shard journal.
+pub const RESERVED_SEGMENTS_MAX: usize = 65_536;
 
 /// Ask the tax server for more numbers: emitted once when a pool falls below its low
 /// watermark, and not again until a segment arrives (or [`Pool::refill_failed`]).
@@ -48,8 +52,8 @@ pub struct NumberAccounting {
 /// Why a segment or a replayed number does not fit the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PoolError {
-    /// The segment overlaps one the pool holds.
-    #[error("segment overlaps a held segment")]
+    /// The segment overlaps one the pool reserved before (held, exhausted or returned).
+    #[error("segment overlaps a segment reserved before")]
     Overlap,
     /// [`POOL_SEGMENTS_MAX`] reached.
     #[error("too many segments")]
@@ -89,6 +93,11 @@ pub struct Pool {
     refill_count: u32,
     shard_id: u32,
     cursors: VecDeque<Cursor>,
+    /// Every segment ever added, exhausted and returned ones included: a new segment
+    /// overlapping any of them would hand out a number a second time, and the shell
+    /// needs the list to tell segments the tax server granted but the journal never
+    /// recorded.
+    reserved: Vec<NumberSegment>,
     refill_outstanding: bool,
     counts: NumberAccounting,
 }
@@ -102,6 +111,7 @@ impl Pool {
             refill_count,
             shard_id,
             cursors: VecDeque::new(),
+            reserved: Vec::new(),
             refill_outstanding: false,
             counts: NumberAccounting::default(),
         }
@@ -146,13 +156,11 @@ impl Pool {
 
     /// Adds a granted segment; clears the outstanding refill flag.
     pub fn add_segment(&mut self, segment: NumberSegment) -> Result<(), PoolError> {
-        if self.cursors.len() >= POOL_SEGMENTS_MAX {
+        if self.cursors.len() >= POOL_SEGMENTS_MAX || self.reserved.len() >= RESERVED_SEGMENTS_MAX {
             return Err(PoolError::TooManySegments);
         }
-        let overlaps = self.cursors.iter().any(|k| {
-            k.segment.code == segment.code
-                && k.segment.first.get() < segment.end()
-                && segment.first.get() < k.segment.end()
+        let overlaps = self.reserved.iter().any(|r| {
+            r.code == segment.code && r.first.get() < segment.end() && segment.first.get() < r.end()
         });
         if overlaps {
             return Err(PoolError::Overlap);
@@ -161,11 +169,18 @@ impl Pool {
             segment,
             next: segment.first.get(),
         });
+        self.reserved.push(segment);
         self.counts.reserved += u64::from(segment.count);
         self.counts.available += u64::from(segment.count);
         self.refill_outstanding = false;
         self.accounting();
         Ok(())
+    }
+
+    /// Every segment ever reserved by this pool (journaled), exhausted and returned ones
+    /// included, in the order they were added.
+    pub fn reserved_segments(&self) -> &[NumberSegment] {
+        &self.reserved
     }
 
     /// Takes the next number (now in flight), or `None` when the pool is empty.
