@@ -18,6 +18,11 @@ fn journal_error(result: Result<(), OpenError<std::convert::Infallible>>) -> Jou
     }
 }
 
+/// Body bytes of the last record of the pristine journal: the torn-tail test cuts at each
+/// of its offsets. 44 bytes + 24 header = 68, padded to 72: a tear inside every header
+/// field, the body and the alignment padding.
+const LAST_BODY_BYTES: usize = 44;
+
 /// Builds a pristine journal of two segments in `dir`; returns (next seq, the last
 /// segment's first seq, offset and length of the last record of the last commit).
 fn build_pristine(dir: &Path) -> (u64, u64, usize, usize) {
@@ -26,13 +31,13 @@ fn build_pristine(dir: &Path) -> (u64, u64, usize, usize) {
         // 13 commits of 25 records fill more than one 64 KiB segment.
         let next = write_commits(&mut journal, 1, &[25; 13]).await;
         assert!(journal.segment_first_seqs().len() >= 2);
-        // The last commit: three records, the last one with a 100-byte body.
+        // The last commit: three records, the last one with a LAST_BODY_BYTES body.
         let last_first = journal.next_seq();
         let mut bytes = Vec::new();
         frame::encode_record(&mut bytes, KIND, last_first, &body(last_first));
         frame::encode_record(&mut bytes, KIND, last_first + 1, &body(last_first + 1));
         let last_offset_in_commit = bytes.len();
-        frame::encode_record(&mut bytes, KIND, last_first + 2, &[0x3c; 100]);
+        frame::encode_record(&mut bytes, KIND, last_first + 2, &[0x3c; LAST_BODY_BYTES]);
         let last_len = bytes.len() - last_offset_in_commit;
         frame::pad_to_block(&mut bytes, 4096);
         let position = journal.commit(&bytes).await.unwrap();
@@ -81,7 +86,7 @@ fn torn_tail_at_every_offset_of_the_last_record_recovers_and_appends() {
         rng.fill(&mut garbage[cut..garbage_end]);
         garbage[cut] |= 1; // not accidentally zero at the cut
                            // Zeroing only the record's alignment padding (already zero) damages nothing.
-        let zeroed_is_whole = cut >= last_offset + frame::RECORD_HEADER_BYTES + 100;
+        let zeroed_is_whole = cut >= last_offset + frame::RECORD_HEADER_BYTES + LAST_BODY_BYTES;
         for (shape, bytes, survivor) in [
             ("truncated", truncated, last_seq - 1),
             (
