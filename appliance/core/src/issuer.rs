@@ -208,6 +208,7 @@ struct TickItem {
 /// A tick in flight: created by `begin_tick`, consumed by `finish_tick` or `abort_tick`.
 #[derive(Debug)]
 pub struct Tick {
+    shard_id: u32,
     id: u64,
     now_ms: u64,
     outcomes: Vec<Outcome>,
@@ -502,6 +503,7 @@ impl Issuer {
         self.index.expire(now_ms);
         self.ticks_started += 1;
         let mut tick = Tick {
+            shard_id: self.config.shard_id,
             id: self.ticks_started,
             now_ms,
             outcomes: Vec::with_capacity(requests.len()),
@@ -657,7 +659,7 @@ impl Issuer {
     }
 
     fn check_in_flight(&self, tick: &Tick) -> Result<(), TickError> {
-        if self.tick_in_flight != Some(tick.id) {
+        if tick.shard_id != self.config.shard_id || self.tick_in_flight != Some(tick.id) {
             return Err(TickError::NotInFlight);
         }
         Ok(())

@@ -1,6 +1,39 @@
 //! Sans-IO issuance core of the invoice appliance: validation, number pools, idempotency,
 //! journal records and canonical invoice bytes. No I/O, no clock, no threads: time and
 //! randomness come in as arguments, so that every behaviour can be simulated.
+//!
+//! # Modules (one job each)
+//! * [`taxpayer`]: unified social credit codes (GB 32100-2015), invoice codes, numbers,
+//!   segments.
+//! * [`money`]: legal tax rates and the exact tax formula in integer fen.
+//! * [`invoice`]: the request and the issued invoice.
+//! * [`validate`]: stateless checks and [`IssueError`], every reason to refuse.
+//! * [`canonical`]: the canonical bytes the tax code is computed over; strict decode.
+//! * [`pool`]: a seller's number segments, cursors, refill requests, accounting.
+//! * [`idempotency`]: the bounded (seller, order id) index, 64 B per order.
+//! * [`issuer`]: the tick state machine (`begin_tick` / `finish_tick` / `abort_tick`).
+//! * [`journal`]: record framing, record bodies of every kind, recovery.
+//!
+//! # How a shell drives it
+//! ```text
+//! let tick = issuer.begin_tick(now_ms, &requests)?;   // send tick.refill_requests()
+//! // one TaxCodes command with tick.canonical_items(); per item Ok((tax, check)) or Err
+//! match hsm result {
+//!     Ok(codes) => { let commit = issuer.finish_tick(tick, &codes, &mut buf)?;
+//!                    // pad, write, fdatasync buf; then release commit.answers }
+//!     Err(_)    => issuer.abort_tick(tick)?,
+//! }
+//! // restart: journal::replay::Recovery::apply per record, then finish(now_ms)
+//! ```
+//!
+//! # Where this crate refines docs/design/foundation.md
+//! * Red invoices carry the original's order id in the canonical body (after
+//!   `issuer_ref`), so that a red invoice decodes back completely from its bytes.
+//! * Idempotency entries are added at `finish_tick` (when records get sequence numbers);
+//!   in-tick duplicates are found through a tick-local map. Abort has nothing to undo in
+//!   the index.
+//! * A number whose item the tax server refuses is journaled as `NumberSpoiled` and never
+//!   reused; pool accounting has a `spoiled` state next to available, issued, returned.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -16,8 +49,11 @@ pub mod validate;
 
 pub use invoice::{Invoice, InvoiceIdentity, InvoiceKind, IssueRequest, LineItem, RedReference};
 pub use issuer::{
-    Answer, Commit, Issuer, IssuerConfig, Outcome, TaxCodeResult, TaxpayerConfig, Tick,
+    Answer, Commit, ControlError, Issuer, IssuerConfig, Outcome, TaxCodeResult, TaxpayerConfig,
+    Tick, TickError,
 };
+pub use journal::replay::{recover, Recovery, RecoveryError};
 pub use money::TaxRate;
+pub use pool::{NumberAccounting, RefillRequest};
 pub use taxpayer::{InvoiceCode, InvoiceNumber, NumberSegment, TaxpayerId};
 pub use validate::{IssueError, ItemError};

@@ -337,10 +337,14 @@ mod tests {
     use crate::validate::tests::sample_request;
 
     fn live_journal() -> (Issuer, Vec<u8>) {
+        live_journal_ticks(4)
+    }
+
+    fn live_journal_ticks(ticks: u64) -> (Issuer, Vec<u8>) {
         let mut issuer = Issuer::new(config()).unwrap();
         issuer.add_segment(&seller(), segment(1, 20)).unwrap();
         let mut journal = Vec::new();
-        for t in 0..4u64 {
+        for t in 0..ticks {
             let requests: Vec<_> = (0..3)
                 .map(|i| sample_request(&format!("o-{t}-{i}"), 100 + i))
                 .collect();
@@ -377,6 +381,31 @@ mod tests {
         let (recovered, end) = recover(config(), &journal[..cut], 0).unwrap();
         assert!(matches!(end, ScanEnd::TornTail { .. }));
         assert_eq!(recovered.accounting(&seller()).unwrap().issued, 10);
+    }
+
+    #[test]
+    fn a_cut_at_every_byte_of_the_last_tick_recovers_a_prefix() {
+        let (live, journal) = live_journal();
+        let (_, before) = live_journal_ticks(3);
+        let last_start = before.len();
+        assert!(journal.starts_with(&before));
+        for cut in last_start..=journal.len() {
+            let (recovered, end) = recover(config(), &journal[..cut], 0).unwrap();
+            let end = match end {
+                ScanEnd::Clean { end } | ScanEnd::TornTail { end, .. } => end,
+                ScanEnd::Corrupt { .. } => panic!("cut {cut} reported as corruption"),
+            };
+            // Whole records before the cut survive, nothing else.
+            let whole = scan::<()>(&journal[..end], |_| Ok(())).unwrap();
+            assert_eq!(whole, ScanEnd::Clean { end });
+            let a = recovered.accounting(&seller()).unwrap();
+            assert_eq!(a.in_flight, 0);
+            assert!(a.issued + a.spoiled <= 12);
+            assert_eq!(recovered.index().len() as u64, a.issued);
+            if cut == journal.len() {
+                assert_eq!(recovered.next_seq(), live.next_seq());
+            }
+        }
     }
 
     #[test]
