@@ -443,9 +443,12 @@ mod p11 {
             path: module.to_path_buf(),
             reason: e.to_string(),
         })?;
-        ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
-            .map_err(map)?;
-        Ok(ctx)
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            // Another context of this process initialised the module and has not
+            // finalised it yet: the module is usable as it is.
+            Ok(()) | Err(Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(ctx),
+            Err(e) => Err(map(e)),
+        }
     }
 
     pub(super) fn find_token(ctx: &Pkcs11, label: &str) -> Result<Slot, KeyError> {
@@ -474,13 +477,23 @@ impl KeyBackend for Pkcs11Backend {
     }
 
     fn open(&self) -> Result<DeviceKeys, KeyError> {
+        let ctx = p11::load(&self.settings.module_path)?;
+        let result = self.open_in(&ctx);
+        // cryptoki does not finalise on drop; without this a later open in the same
+        // process would find the module still initialised. Sessions are closed by now.
+        let _ = ctx.finalize();
+        result
+    }
+}
+
+impl Pkcs11Backend {
+    fn open_in(&self, ctx: &cryptoki::context::Pkcs11) -> Result<DeviceKeys, KeyError> {
         use cryptoki::mechanism::aead::GcmParams;
         use cryptoki::mechanism::Mechanism;
         use cryptoki::object::{Attribute, KeyType, ObjectClass};
 
-        let ctx = p11::load(&self.settings.module_path)?;
-        let slot = p11::find_token(&ctx, &self.settings.token_label)?;
-        let session = p11::login(&ctx, slot, &self.settings.user_pin)?;
+        let slot = p11::find_token(ctx, &self.settings.token_label)?;
+        let session = p11::login(ctx, slot, &self.settings.user_pin)?;
         let label = self.settings.wrap_key_label.as_bytes().to_vec();
         let template = [
             Attribute::Class(ObjectClass::SECRET_KEY),
@@ -584,9 +597,20 @@ pub fn pkcs11_init_token(
     so_pin: &str,
     user_pin: &str,
 ) -> Result<(), KeyError> {
+    let ctx = p11::load(module)?;
+    let result = init_token_in(&ctx, label, so_pin, user_pin);
+    let _ = ctx.finalize();
+    result
+}
+
+fn init_token_in(
+    ctx: &cryptoki::context::Pkcs11,
+    label: &str,
+    so_pin: &str,
+    user_pin: &str,
+) -> Result<(), KeyError> {
     use cryptoki::session::UserType;
     use cryptoki::types::AuthPin;
-    let ctx = p11::load(module)?;
     let slots = ctx.get_all_slots().map_err(p11::map)?;
     let mut free = None;
     for slot in slots.into_iter().take(SLOTS_MAX) {
@@ -601,7 +625,7 @@ pub fn pkcs11_init_token(
     let so = AuthPin::from(so_pin.to_string());
     ctx.init_token(slot, &so, label).map_err(p11::map)?;
     // SoftHSM2 moves an initialised token to a new slot id: look it up again by label.
-    let slot = p11::find_token(&ctx, label)?;
+    let slot = p11::find_token(ctx, label)?;
     let session = ctx.open_rw_session(slot).map_err(p11::map)?;
     session.login(UserType::So, Some(&so)).map_err(p11::map)?;
     session

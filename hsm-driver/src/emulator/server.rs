@@ -395,11 +395,12 @@ fn worker(shared: &Shared, rx: &Receiver<Job>) {
         let control = job.opcode == Opcode::SetFaults.request_byte();
         out.clear();
         if !control {
+            // Re-read the switch every slice: a SetFaults may end the stall early.
             while let Some(left) = faults.stall_remaining() {
                 if shared.shutdown.load(Ordering::Acquire) {
                     return;
                 }
-                sleep_while(shared, left);
+                thread::sleep(left.min(Duration::from_millis(SLEEP_SLICE_MS)));
             }
             sleep_while(shared, faults.latency());
         }
