@@ -128,7 +128,7 @@ pub fn issue_time_s(now_ms: u64) -> u32 {
 }
 
 /// Bounded idempotency index (see the module docs for layout and memory).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct IdempotencyIndex {
     ring: Vec<IndexEntry>,
     /// Absolute insertion number of the oldest live entry.
@@ -137,6 +137,18 @@ pub struct IdempotencyIndex {
     table: Vec<u32>,
     retention_s: u64,
     red_totals_fen: HashMap<u128, i64>,
+}
+
+// Summarised: a derived Debug would print millions of entries into a log line.
+impl core::fmt::Debug for IdempotencyIndex {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("IdempotencyIndex")
+            .field("len", &self.len)
+            .field("capacity", &self.capacity())
+            .field("retention_s", &self.retention_s)
+            .field("originals_with_reds", &self.red_totals_fen.len())
+            .finish()
+    }
 }
 
 impl IdempotencyIndex {

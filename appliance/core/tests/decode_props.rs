@@ -301,3 +301,84 @@ proptest! {
         let _ = recover(config(), &journal, 0);
     }
 }
+
+/// Requests with every field unconstrained (lengths past the bounds, any prices, any
+/// declared amounts), to show that the issuer refuses bad input with typed errors and
+/// never panics.
+fn wild_request() -> impl Strategy<Value = IssueRequest> {
+    (
+        request(),
+        prop::collection::vec((text(0, 120), any::<u32>(), any::<i64>()), 0..20),
+        text(0, 80),
+        text(0, 40),
+        any::<(i64, i64, i64)>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(mut r, lines, order_id, issuer_ref, declared, keep_declared)| {
+                r.seller = TaxpayerId::parse("91350100M000100Y43").unwrap();
+                r.lines = lines
+                    .into_iter()
+                    .map(|(name, quantity, unit_price_fen)| LineItem {
+                        name,
+                        quantity,
+                        unit_price_fen,
+                    })
+                    .collect();
+                r.order_id = order_id;
+                r.issuer_ref = issuer_ref;
+                if keep_declared {
+                    // Consistent declarations where they do not overflow, to get past the
+                    // amount checks sometimes.
+                    let amount = r.lines.iter().try_fold(0i64, |acc, l| {
+                        i64::from(l.quantity)
+                            .checked_mul(l.unit_price_fen)
+                            .and_then(|a| acc.checked_add(a))
+                    });
+                    if let Some(amount) = amount {
+                        let tax = tax_fen(amount, r.tax_rate);
+                        r.amount_fen = amount;
+                        r.tax_fen = tax;
+                        r.total_fen = amount.wrapping_add(tax);
+                    }
+                } else {
+                    (r.amount_fen, r.tax_fen, r.total_fen) = declared;
+                }
+                r
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn issuer_never_panics_on_wild_requests(requests in prop::collection::vec(wild_request(), 0..8)) {
+        let mut issuer = appliance_core::Issuer::new(config()).unwrap();
+        let seller = config().taxpayers[0].id;
+        issuer
+            .add_segment(
+                &seller,
+                NumberSegment::new(
+                    InvoiceCode::new(1).unwrap(),
+                    InvoiceNumber::new(1).unwrap(),
+                    100,
+                )
+                .unwrap(),
+            )
+            .unwrap();
+        let tick = issuer.begin_tick(1_000, &requests).unwrap();
+        // Whatever was admitted is a valid canonical invoice.
+        for item in tick.canonical_items() {
+            prop_assert!(canonical::decode(item).is_ok());
+        }
+        let codes: Vec<_> = (0..tick.item_count())
+            .map(|_| Ok(([0u8; 32], [b'0'; 20])))
+            .collect();
+        let mut journal = Vec::new();
+        let commit = issuer.finish_tick(tick, &codes, &mut journal).unwrap();
+        prop_assert_eq!(commit.answers.len(), requests.len());
+        let (recovered, _) = recover(config(), &journal, 1_000).unwrap();
+        prop_assert_eq!(recovered.next_seq(), issuer.next_seq());
+    }
+}
