@@ -1,1 +1,208 @@
-fn main() {}
+//! `appliance`: the issuing appliance binary.
+//!
+//! - `appliance` or `appliance demo`: the bulk demo (tax-server emulator as a child
+//!   process, shards on every core, throughput and per-shard latency).
+//! - `appliance hsm-emu ...`: the tax-server emulator (same flags as `hsm-emu`), so that
+//!   one binary can start its own tax server as a separate process.
+//! - `appliance issue-loop ...`: issues synthetic orders on one shard and prints each
+//!   acknowledged invoice; the crash test kills it at random moments.
+
+use appliance_core::issuer::RETENTION_MS_DEFAULT;
+use appliance_core::{IssuerConfig, TaxpayerConfig};
+use appliance_server::demo::{self, DemoOptions};
+use appliance_server::journal::JournalConfig;
+use appliance_server::shard::{ShardConfig, ShardHandle};
+use appliance_server::workload::{seller, ticket_request};
+use clap::{Parser, Subcommand};
+use hsm_driver::tcp::TcpClientConfig;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "appliance",
+    about = "Railway e-invoice issuing appliance",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Bulk demo on the embedded default: emulator child process, one shard per core.
+    Demo(DemoArgs),
+    /// Run the tax-server emulator (see `appliance hsm-emu --help`).
+    #[command(disable_help_flag = true)]
+    HsmEmu {
+        /// Emulator flags.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Issue synthetic orders `from..to` on one shard, printing `ACK <order> <code>
+    /// <number> <check code>` per acknowledged invoice (used by the crash test).
+    #[command(hide = true)]
+    IssueLoop(IssueLoopArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Invoices to issue.
+    #[arg(long, default_value_t = 1_000_000)]
+    invoices: u64,
+    /// Shards (default: one per CPU).
+    #[arg(long)]
+    shards: Option<u32>,
+    /// Requests per batch.
+    #[arg(long, default_value_t = 1_000)]
+    batch: usize,
+    /// Batches in flight per shard.
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    /// Seller taxpayers.
+    #[arg(long, default_value_t = 4)]
+    sellers: u32,
+    /// Do not pin shards to CPUs.
+    #[arg(long)]
+    no_pin: bool,
+    /// Data directory (default: a fresh one under /var/tmp, removed afterwards).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Keep the data directory.
+    #[arg(long)]
+    keep_data: bool,
+}
+
+#[derive(clap::Args)]
+struct IssueLoopArgs {
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long)]
+    hsm: SocketAddr,
+    #[arg(long, default_value_t = 2)]
+    sellers: u32,
+    #[arg(long, default_value = "C")]
+    prefix: String,
+    #[arg(long)]
+    from: u64,
+    #[arg(long)]
+    to: u64,
+    #[arg(long, default_value_t = 50)]
+    batch: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Cmd::HsmEmu { args }) = &cli.command {
+        let argv = std::iter::once("hsm-emu".to_string()).chain(args.iter().cloned());
+        return match hsm_driver::emulator::run_from_args(argv) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hsm-emu: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .try_init();
+    let result = match cli.command {
+        None => demo::run(&DemoOptions::default())
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Some(Cmd::Demo(args)) => {
+            let defaults = DemoOptions::default();
+            let options = DemoOptions {
+                invoices: args.invoices,
+                shards: args.shards.unwrap_or(defaults.shards),
+                pin: !args.no_pin,
+                batch_requests: args.batch,
+                window_batches: args.window,
+                sellers: args.sellers,
+                data_dir: args.data_dir,
+                keep_data: args.keep_data,
+                ..defaults
+            };
+            demo::run(&options).map(|_| ()).map_err(|e| e.to_string())
+        }
+        Some(Cmd::IssueLoop(args)) => issue_loop(args),
+        Some(Cmd::HsmEmu { .. }) => unreachable!("handled above"),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("appliance: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn issue_loop(args: IssueLoopArgs) -> Result<(), String> {
+    let sellers: Vec<_> = (0..args.sellers).map(seller).collect();
+    let config = ShardConfig {
+        issuer: IssuerConfig {
+            shard_id: 0,
+            taxpayers: sellers
+                .iter()
+                .map(|s| TaxpayerConfig {
+                    id: *s,
+                    ceiling_fen: 10_000_000,
+                    low_watermark: 300,
+                    refill_count: 1_000,
+                })
+                .collect(),
+            retention_ms: RETENTION_MS_DEFAULT,
+            index_capacity_orders: 1 << 16,
+            tick_requests_max: 1_024,
+        },
+        journal: JournalConfig::new(&args.data_dir),
+        cpu: None,
+        hsm_addr: args.hsm,
+        hsm: TcpClientConfig::default(),
+    };
+    let shard = ShardHandle::spawn(config).map_err(|e| e.to_string())?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "ready").map_err(|e| e.to_string())?;
+    stdout.flush().map_err(|e| e.to_string())?;
+    let mut n = args.from;
+    while n < args.to {
+        let end = (n + args.batch as u64).min(args.to);
+        let requests: Vec<_> = (n..end)
+            .map(|i| {
+                ticket_request(
+                    sellers[(i % u64::from(args.sellers)) as usize],
+                    &args.prefix,
+                    i,
+                )
+            })
+            .collect();
+        let results = shard.issue(requests).map_err(|e| e.to_string())?;
+        for result in results {
+            match result {
+                Ok(invoice) => writeln!(
+                    stdout,
+                    "ACK {} {} {} {}",
+                    invoice.request.order_id,
+                    invoice.code.get(),
+                    invoice.number.get(),
+                    String::from_utf8_lossy(&invoice.check_code)
+                ),
+                Err(e) => writeln!(stdout, "ERR {e}"),
+            }
+            .map_err(|e| e.to_string())?;
+        }
+        stdout.flush().map_err(|e| e.to_string())?;
+        n = end;
+    }
+    shard.shutdown().map_err(|e| e.to_string())
+}
