@@ -304,7 +304,7 @@ fn tax_codes_statuses_and_values() {
     assert_eq!(items[2].tax_code, [0; 32]);
     // Same invoice, same code (deterministic MAC).
     assert_eq!(
-        tax_codes(&mut c, &[good.clone()])[0].tax_code,
+        tax_codes(&mut c, std::slice::from_ref(&good))[0].tax_code,
         items[0].tax_code
     );
     // An empty batch is fine.
@@ -330,7 +330,7 @@ fn upload_statuses_and_report() {
     let items = tax_codes(&mut c, &[inv1.clone(), inv2.clone(), red3.clone()]);
     let (k1, k2, k3) = (items[0].tax_code, items[1].tax_code, items[2].tax_code);
     let other_bytes_same_number = invoice(&a, CODE_A, 1, false, 99);
-    let other_code = tax_codes(&mut c, &[other_bytes_same_number.clone()])[0].tax_code;
+    let other_code = tax_codes(&mut c, std::slice::from_ref(&other_bytes_same_number))[0].tax_code;
     let mut forged = k2;
     forged[0] ^= 1;
     let not_granted = invoice(&a, CODE_A, 700, false, 4);

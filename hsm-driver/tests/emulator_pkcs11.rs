@@ -132,7 +132,7 @@ fn pkcs11_backend_with_softhsm2() {
         assert_eq!(&info.sm2_public_key, k1.public_key(), "round {round}");
         assert!(info.firmware.ends_with("pkcs11"));
         requisition(&mut c, &seller_a(), 10, 0, 1);
-        let items = tax_codes(&mut c, &[inv.clone()]);
+        let items = tax_codes(&mut c, std::slice::from_ref(&inv));
         assert_eq!(items[0].tax_code, crypto::tax_code(&key, &inv));
         emu.kill();
     }

@@ -172,7 +172,10 @@ fn uploads_keys_and_returns_survive_restart() {
         panic!()
     };
     assert_eq!(info.sm2_public_key, public_key, "same keys after restart");
-    assert_eq!(tax_codes(&mut c, &[inv1.clone()])[0].tax_code, code1);
+    assert_eq!(
+        tax_codes(&mut c, std::slice::from_ref(&inv1))[0].tax_code,
+        code1
+    );
     assert_eq!(
         upload(&mut c, &[(inv1.clone(), code1), (inv1_other, code1_other)]),
         vec![UploadStatus::Duplicate, UploadStatus::Conflict]

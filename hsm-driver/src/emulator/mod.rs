@@ -424,9 +424,7 @@ impl Emulator {
                 Ok(Response::TaxCodes(items))
             }
             Request::Sign { digest } => Ok(Response::Sign(self.signer.sign(&digest))),
-            Request::Upload(batch) => self
-                .upload(batch.iter().map(|(c, code)| (c, code)))
-                .map(Response::Upload),
+            Request::Upload(batch) => self.upload(batch.iter()).map(Response::Upload),
             Request::ReportAndClear {
                 taxpayer,
                 period_end_ms,
