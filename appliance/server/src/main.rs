@@ -157,8 +157,8 @@ fn issue_loop(args: IssueLoopArgs) -> Result<(), String> {
                 .map(|s| TaxpayerConfig {
                     id: *s,
                     ceiling_fen: 10_000_000,
-                    low_watermark: 300,
-                    refill_count: 1_000,
+                    low_watermark: 2_000,
+                    refill_count: 5_000,
                 })
                 .collect(),
             retention_ms: RETENTION_MS_DEFAULT,

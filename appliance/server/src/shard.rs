@@ -24,8 +24,9 @@ use appliance_core::pool::RefillRequest;
 use appliance_core::taxpayer::IdentityError;
 use appliance_core::{
     Answer, Invoice, InvoiceCode, InvoiceNumber, IssueError, IssueRequest, Issuer, IssuerConfig,
-    ItemError, NumberSegment, TaxCodeResult, TaxpayerId,
+    ItemError, NumberSegment, Outcome, TaxCodeResult, TaxpayerId, Tick,
 };
+use glommio::channels::local_channel::{LocalReceiver, LocalSender};
 use glommio::{LocalExecutorBuilder, Placement};
 use hsm_driver::proto::{
     InventoryScope, InvoiceBatch, Request, Response, Segment, TaxCodeItem, TaxCodeStatus,
@@ -306,15 +307,37 @@ struct RefillDone {
     result: Result<NumberSegment, String>,
 }
 
+/// Requests of one submitted batch within a tick: how many, where to answer, and when
+/// they arrived.
+struct BatchSlot {
+    len: usize,
+    reply: flume::Sender<Vec<IssueResult>>,
+    enqueued: Instant,
+}
+
+/// A finished tick on its way to the disk: its records (padded to the block size), its
+/// answers, and where they go once the records are durable.
+struct CommitJob {
+    bytes: Vec<u8>,
+    answers: Vec<Answer>,
+    slots: Vec<BatchSlot>,
+}
+
+/// How long a tick whose pool ran dry waits for a refill in flight before refusing.
+const REFILL_WAIT: Duration = Duration::from_secs(2);
+/// Finished ticks queued for the committer: one being written plus one ready behind it
+/// lets the next tick's tax codes overlap the current tick's fdatasync.
+const COMMIT_QUEUE_TICKS: usize = 1;
+
 struct Shard {
     id: u32,
     issuer: Issuer,
-    journal: Journal,
     hsm: Rc<TcpClient>,
     clock: ShardClock,
-    metrics: ShardMetrics,
-    refills: Rc<RefCell<Vec<RefillDone>>>,
-    journal_buf: Vec<u8>,
+    metrics: Rc<RefCell<ShardMetrics>>,
+    refills_tx: flume::Sender<RefillDone>,
+    refills_rx: flume::Receiver<RefillDone>,
+    refills_in_flight: usize,
 }
 
 async fn run(
@@ -322,19 +345,31 @@ async fn run(
     rx: flume::Receiver<Message>,
     ready: flume::Sender<()>,
 ) -> Result<(), ShardError> {
-    let mut shard = start(&config).await?;
+    let (mut shard, journal) = start(&config).await?;
     let _ = ready.send(());
     drop(ready);
-    shard.serve(&config, rx).await
+    // The committer owns the journal from here on: it writes tick N while this task
+    // already gets the tax codes of tick N+1.
+    let (commit_tx, commit_rx) = glommio::channels::local_channel::new_bounded(COMMIT_QUEUE_TICKS);
+    let committer = glommio::spawn_local(commit_loop(
+        shard.id,
+        journal,
+        commit_rx,
+        Rc::clone(&shard.metrics),
+    ));
+    let served = shard.serve(&config, rx, &commit_tx).await;
+    drop(commit_tx);
+    let committed = committer.await;
+    served.and(committed)
 }
 
-async fn start(config: &ShardConfig) -> Result<Shard, ShardError> {
+async fn start(config: &ShardConfig) -> Result<(Shard, Journal), ShardError> {
     let id = config.issuer.shard_id;
     let mut recovery = Recovery::new(config.issuer.clone()).map_err(|e| ShardError::Config {
         shard: id,
         message: e.to_string(),
     })?;
-    let journal = Journal::open(config.journal.clone(), |record| recovery.apply(&record))
+    let mut journal = Journal::open(config.journal.clone(), |record| recovery.apply(&record))
         .await
         .map_err(|e: OpenError<RecoveryError>| ShardError::Journal {
             shard: id,
@@ -354,27 +389,34 @@ async fn start(config: &ShardConfig) -> Result<Shard, ShardError> {
     }
     let hsm = TcpClient::connect(config.hsm_addr, config.hsm)
         .await
-        .map_err(|e| ShardError::TaxServer {
-            shard: id,
-            message: e.to_string(),
-        })?;
+        .map_err(|e| tax_server_error(id, e))?;
+    let (refills_tx, refills_rx) = flume::unbounded();
     let mut shard = Shard {
         id,
         issuer,
-        journal,
         hsm: Rc::new(hsm),
         clock,
-        metrics: ShardMetrics::new(id),
-        refills: Rc::new(RefCell::new(Vec::new())),
-        journal_buf: Vec::with_capacity(1 << 20),
+        metrics: Rc::new(RefCell::new(ShardMetrics::new(id))),
+        refills_tx,
+        refills_rx,
+        refills_in_flight: 0,
     };
     shard.adopt_granted_segments(config).await?;
+    shard.commit_control_records(&mut journal).await?;
     shard.fill_pools(config).await?;
-    Ok(shard)
+    shard.commit_control_records(&mut journal).await?;
+    Ok((shard, journal))
 }
 
 fn tax_server_error(shard: u32, e: impl std::fmt::Display) -> ShardError {
     ShardError::TaxServer {
+        shard,
+        message: e.to_string(),
+    }
+}
+
+fn internal(shard: u32, e: impl std::fmt::Display) -> ShardError {
+    ShardError::Config {
         shard,
         message: e.to_string(),
     }
@@ -426,7 +468,7 @@ impl Shard {
                 }
             }
         }
-        self.commit_control_records().await
+        Ok(())
     }
 
     /// Requisitions synchronously until every seller's pool is above its low watermark,
@@ -448,32 +490,17 @@ impl Shard {
                     .map_err(|e| tax_server_error(self.id, e))?;
             }
         }
-        self.commit_control_records().await
+        Ok(())
     }
 
-    /// Makes queued control records (segment reservations) durable with an empty tick.
-    async fn commit_control_records(&mut self) -> Result<(), ShardError> {
-        if self.issuer.pending_control_records() == 0 {
+    /// Start-up only: makes queued control records (segment reservations) durable with
+    /// an empty tick, before the committer owns the journal.
+    async fn commit_control_records(&mut self, journal: &mut Journal) -> Result<(), ShardError> {
+        let Some(job) = self.empty_tick()? else {
             return Ok(());
-        }
-        let now = self.clock.now_ms();
-        let tick = self
-            .issuer
-            .begin_tick(now, &[])
-            .map_err(|e| ShardError::Config {
-                shard: self.id,
-                message: e.to_string(),
-            })?;
-        self.journal_buf.clear();
-        self.issuer
-            .finish_tick(tick, &[], &mut self.journal_buf)
-            .map_err(|e| ShardError::Config {
-                shard: self.id,
-                message: e.to_string(),
-            })?;
-        pad_to_block(&mut self.journal_buf, JOURNAL_BLOCK_BYTES);
-        self.journal
-            .commit(&self.journal_buf)
+        };
+        journal
+            .commit(&job.bytes)
             .await
             .map_err(|e| ShardError::Journal {
                 shard: self.id,
@@ -482,10 +509,34 @@ impl Shard {
         Ok(())
     }
 
+    /// An empty tick carrying the queued control records, if any.
+    fn empty_tick(&mut self) -> Result<Option<CommitJob>, ShardError> {
+        if self.issuer.pending_control_records() == 0 {
+            return Ok(None);
+        }
+        let now = self.clock.now_ms();
+        let tick = self
+            .issuer
+            .begin_tick(now, &[])
+            .map_err(|e| internal(self.id, e))?;
+        let mut bytes = Vec::with_capacity(JOURNAL_BLOCK_BYTES);
+        let commit = self
+            .issuer
+            .finish_tick(tick, &[], &mut bytes)
+            .map_err(|e| internal(self.id, e))?;
+        pad_to_block(&mut bytes, JOURNAL_BLOCK_BYTES);
+        Ok(Some(CommitJob {
+            bytes,
+            answers: commit.answers,
+            slots: Vec::new(),
+        }))
+    }
+
     async fn serve(
         &mut self,
         config: &ShardConfig,
         rx: flume::Receiver<Message>,
+        commit_tx: &LocalSender<CommitJob>,
     ) -> Result<(), ShardError> {
         let tick_max = config.issuer.tick_requests_max as usize;
         let mut carry: Option<Message> = None;
@@ -498,14 +549,13 @@ impl Shard {
                 },
             };
             // Gather every batch already waiting, up to the tick bound.
-            let mut batches: Vec<(Vec<IssueRequest>, flume::Sender<Vec<IssueResult>>, Instant)> =
-                Vec::new();
+            let mut batches: Vec<(Vec<IssueRequest>, BatchSlot)> = Vec::new();
             let mut count = 0usize;
             let mut next = Some(first);
             while let Some(message) = next.take() {
                 match message {
                     Message::Metrics { reply } => {
-                        let _ = reply.send(self.metrics.clone());
+                        let _ = reply.send(self.metrics.borrow().clone());
                     }
                     Message::Issue {
                         requests,
@@ -522,204 +572,205 @@ impl Shard {
                                 enqueued,
                             });
                             break;
-                        } else {
-                            count += requests.len();
-                            batches.push((requests, reply, enqueued));
                         }
+                        count += requests.len();
+                        let len = requests.len();
+                        batches.push((
+                            requests,
+                            BatchSlot {
+                                len,
+                                reply,
+                                enqueued,
+                            },
+                        ));
                     }
                 }
                 next = rx.try_recv().ok();
             }
             self.apply_refills()?;
-            if batches.is_empty() {
-                self.commit_control_records().await?;
-                continue;
+            let job = if batches.is_empty() {
+                self.empty_tick()?
+            } else {
+                self.tick(batches, count).await?
+            };
+            if let Some(job) = job {
+                if let Err(e) = commit_tx.send(job).await {
+                    // The committer stopped after a journal failure; it answered its
+                    // own jobs, this one is answered here.
+                    if let glommio::GlommioError::Closed(glommio::ResourceType::Channel(job)) = e {
+                        answer_all(
+                            job.slots,
+                            IssueFailure::ShardStopped("journal failed".into()),
+                        );
+                    }
+                    return Err(ShardError::Journal {
+                        shard: self.id,
+                        message: "the journal committer stopped".into(),
+                    });
+                }
             }
-            self.tick(batches, count).await?;
         }
     }
 
     fn apply_refills(&mut self) -> Result<(), ShardError> {
-        let done: Vec<RefillDone> = std::mem::take(&mut *self.refills.borrow_mut());
-        for refill in done {
-            match refill.result {
-                Ok(segment) => {
-                    if let Err(e) = self.issuer.add_segment(&refill.seller, segment) {
-                        tracing::error!(shard = self.id, seller = %refill.seller, error = %e, "granted segment refused by the pool");
-                        return Err(ShardError::Config {
-                            shard: self.id,
-                            message: e.to_string(),
-                        });
-                    }
-                }
-                Err(message) => {
-                    tracing::warn!(shard = self.id, seller = %refill.seller, %message, "requisition failed; will retry");
-                    let _ = self.issuer.refill_failed(&refill.seller);
-                }
-            }
+        while let Ok(refill) = self.refills_rx.try_recv() {
+            self.apply_refill(refill)?;
         }
         Ok(())
     }
 
-    fn spawn_refills(&self, requests: &[RefillRequest]) {
+    fn apply_refill(&mut self, refill: RefillDone) -> Result<(), ShardError> {
+        self.refills_in_flight -= 1;
+        match refill.result {
+            Ok(segment) => self.issuer.add_segment(&refill.seller, segment).map_err(|e| {
+                tracing::error!(shard = self.id, seller = %refill.seller, error = %e, "granted segment refused by the pool");
+                internal(self.id, e)
+            }),
+            Err(message) => {
+                tracing::warn!(shard = self.id, seller = %refill.seller, %message, "requisition failed; will retry");
+                self.issuer
+                    .refill_failed(&refill.seller)
+                    .map_err(|e| internal(self.id, e))
+            }
+        }
+    }
+
+    fn spawn_refills(&mut self, requests: &[RefillRequest]) {
         for request in requests {
             let hsm = Rc::clone(&self.hsm);
-            let done = Rc::clone(&self.refills);
+            let done = self.refills_tx.clone();
             let shard = self.id;
             let seller = request.seller;
             let count = request.count;
+            self.refills_in_flight += 1;
             glommio::spawn_local(async move {
                 let result = requisition(&hsm, shard, &seller, count)
                     .await
                     .map_err(|e| e.to_string());
-                done.borrow_mut().push(RefillDone { seller, result });
+                let _ = done.send(RefillDone { seller, result });
             })
             .detach();
         }
     }
 
+    /// Waits for one refill in flight to finish and applies it; false if none is in
+    /// flight or none finished within [`REFILL_WAIT`].
+    async fn wait_for_refill(&mut self) -> Result<bool, ShardError> {
+        if self.refills_in_flight == 0 {
+            return Ok(false);
+        }
+        let rx = self.refills_rx.clone();
+        let waited =
+            glommio::timer::timeout(REFILL_WAIT, async move { Ok(rx.recv_async().await.ok()) })
+                .await;
+        match waited {
+            Ok(Some(refill)) => {
+                self.apply_refill(refill)?;
+                self.apply_refills()?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Runs one tick up to its journal bytes; the committer makes them durable and
+    /// answers.
     async fn tick(
         &mut self,
-        batches: Vec<(Vec<IssueRequest>, flume::Sender<Vec<IssueResult>>, Instant)>,
+        batches: Vec<(Vec<IssueRequest>, BatchSlot)>,
         count: usize,
-    ) -> Result<(), ShardError> {
+    ) -> Result<Option<CommitJob>, ShardError> {
         let tick_start = Instant::now();
         let mut requests = Vec::with_capacity(count);
-        let mut shape = Vec::with_capacity(batches.len());
-        for (batch, reply, enqueued) in batches {
-            shape.push((batch.len(), reply, enqueued));
-            requests.extend(batch);
+        let mut slots = Vec::with_capacity(batches.len());
+        {
+            let mut metrics = self.metrics.borrow_mut();
+            for (batch, slot) in batches {
+                metrics.record(
+                    Stage::QueueWait,
+                    micros(tick_start - slot.enqueued),
+                    slot.len as u64,
+                );
+                requests.extend(batch);
+                slots.push(slot);
+            }
         }
-        for (len, _, enqueued) in &shape {
-            self.metrics.record(
-                Stage::QueueWait,
-                micros(tick_start - *enqueued),
-                *len as u64,
-            );
-        }
-        let now = self.clock.now_ms();
-        let tick = self
+        let mut tick = self
             .issuer
-            .begin_tick(now, &requests)
-            .map_err(|e| ShardError::Config {
-                shard: self.id,
-                message: e.to_string(),
-            })?;
+            .begin_tick(self.clock.now_ms(), &requests)
+            .map_err(|e| internal(self.id, e))?;
         self.spawn_refills(tick.refill_requests());
+        // A pool that ran dry while its refill is on the way: wait for the segment
+        // rather than refuse requests the next tick could serve.
+        let starved = |tick: &Tick| {
+            tick.outcomes()
+                .iter()
+                .any(|o| matches!(o, Outcome::Rejected(IssueError::NoNumbersAvailable)))
+        };
+        if starved(&tick) && self.refills_in_flight > 0 {
+            self.issuer
+                .abort_tick(tick)
+                .map_err(|e| internal(self.id, e))?;
+            while self.wait_for_refill().await? {
+                if self.refills_in_flight == 0 {
+                    break;
+                }
+            }
+            tick = self
+                .issuer
+                .begin_tick(self.clock.now_ms(), &requests)
+                .map_err(|e| internal(self.id, e))?;
+            self.spawn_refills(tick.refill_requests());
+        }
 
         let codes = if tick.item_count() == 0 {
             Vec::new()
         } else {
             let hsm_start = Instant::now();
             let result = self.tax_codes(&tick).await;
-            self.metrics
-                .record(Stage::TaxCode, micros(hsm_start.elapsed()), count as u64);
+            self.metrics.borrow_mut().record(
+                Stage::TaxCode,
+                micros(hsm_start.elapsed()),
+                count as u64,
+            );
             match result {
                 Ok(codes) => codes,
                 Err(message) => {
+                    tracing::warn!(shard = self.id, %message, "tax codes failed; tick aborted");
                     self.issuer
                         .abort_tick(tick)
-                        .map_err(|e| ShardError::Config {
-                            shard: self.id,
-                            message: e.to_string(),
-                        })?;
-                    let failure = IssueFailure::TaxServer(message);
-                    for (len, reply, _) in shape {
-                        let _ = reply.send(vec![Err(failure.clone()); len]);
-                    }
-                    self.metrics.rejected_requests += count as u64;
-                    return Ok(());
+                        .map_err(|e| internal(self.id, e))?;
+                    self.metrics.borrow_mut().rejected_requests += count as u64;
+                    answer_all(slots, IssueFailure::TaxServer(message));
+                    return Ok(None);
                 }
             }
         };
 
-        self.journal_buf.clear();
+        let mut bytes =
+            Vec::with_capacity(tick.canonical_bytes() + count * 128 + JOURNAL_BLOCK_BYTES);
         let commit = self
             .issuer
-            .finish_tick(tick, &codes, &mut self.journal_buf)
-            .map_err(|e| ShardError::Config {
-                shard: self.id,
-                message: e.to_string(),
-            })?;
-        if !self.journal_buf.is_empty() {
-            pad_to_block(&mut self.journal_buf, JOURNAL_BLOCK_BYTES);
-            let journal_start = Instant::now();
-            if let Err(e) = self.journal.commit(&self.journal_buf).await {
-                let failure = IssueFailure::ShardStopped(e.to_string());
-                for (len, reply, _) in shape {
-                    let _ = reply.send(vec![Err(failure.clone()); len]);
-                }
-                tracing::error!(shard = self.id, error = %e, "journal commit failed; stopping the shard");
-                return Err(ShardError::Journal {
-                    shard: self.id,
-                    message: e.to_string(),
-                });
-            }
-            self.metrics.record(
-                Stage::JournalCommit,
-                micros(journal_start.elapsed()),
-                count as u64,
-            );
+            .finish_tick(tick, &codes, &mut bytes)
+            .map_err(|e| internal(self.id, e))?;
+        if !bytes.is_empty() {
+            pad_to_block(&mut bytes, JOURNAL_BLOCK_BYTES);
         }
-
-        self.metrics.ticks += 1;
-        self.metrics.tick_invoices_max = self.metrics.tick_invoices_max.max(count as u64);
-        let mut answers = commit.answers.into_iter();
-        for (len, reply, enqueued) in shape {
-            let mut results = Vec::with_capacity(len);
-            for answer in answers.by_ref().take(len) {
-                results.push(self.answer(answer).await?);
-            }
-            self.metrics
-                .record(Stage::Total, micros(enqueued.elapsed()), len as u64);
-            let _ = reply.send(results);
+        {
+            let mut metrics = self.metrics.borrow_mut();
+            metrics.ticks += 1;
+            metrics.tick_invoices_max = metrics.tick_invoices_max.max(count as u64);
         }
-        Ok(())
-    }
-
-    async fn answer(&mut self, answer: Answer) -> Result<IssueResult, ShardError> {
-        Ok(match answer {
-            Answer::Issued { invoice, .. } => {
-                self.metrics.issued_invoices += 1;
-                Ok(invoice)
-            }
-            Answer::Replay { seq, identity } => {
-                let invoice = self.read_issued(seq).await?;
-                if invoice.identity() != identity {
-                    return Err(ShardError::Journal {
-                        shard: self.id,
-                        message: format!(
-                            "record {seq} holds {:?}, the index says {identity:?}",
-                            invoice.identity()
-                        ),
-                    });
-                }
-                self.metrics.replayed_invoices += 1;
-                Ok(invoice)
-            }
-            Answer::Rejected(error) => {
-                self.metrics.rejected_requests += 1;
-                Err(IssueFailure::Rejected(error))
-            }
-        })
-    }
-
-    async fn read_issued(&self, seq: u64) -> Result<Invoice, ShardError> {
-        let journal_error = |e: String| ShardError::Journal {
-            shard: self.id,
-            message: format!("record {seq}: {e}"),
-        };
-        let (_kind, body) = self
-            .journal
-            .read_record(seq)
-            .await
-            .map_err(|e: JournalError| journal_error(e.to_string()))?;
-        decode_issued(&body).map_err(|e: RecordError| journal_error(e.to_string()))
+        Ok(Some(CommitJob {
+            bytes,
+            answers: commit.answers,
+            slots,
+        }))
     }
 
     /// One TaxCodes command for the whole tick. Returns the per-item results, or why the
     /// command as a whole failed.
-    async fn tax_codes(&self, tick: &appliance_core::Tick) -> Result<Vec<TaxCodeResult>, String> {
+    async fn tax_codes(&self, tick: &Tick) -> Result<Vec<TaxCodeResult>, String> {
         let mut batch = InvoiceBatch::with_capacity(tick.item_count(), tick.canonical_bytes());
         for item in tick.canonical_items() {
             batch.push(item).map_err(|e| e.to_string())?;
@@ -741,6 +792,102 @@ impl Shard {
         }
         Ok(items.iter().map(item_result).collect())
     }
+}
+
+fn answer_all(slots: Vec<BatchSlot>, failure: IssueFailure) {
+    for slot in slots {
+        let _ = slot.reply.send(vec![Err(failure.clone()); slot.len]);
+    }
+}
+
+/// Writes each finished tick (one O_DIRECT write + one fdatasync), then answers its
+/// requests. After a journal failure it answers everything queued with
+/// [`IssueFailure::ShardStopped`] and stops: the shard is fail-stop.
+async fn commit_loop(
+    shard: u32,
+    mut journal: Journal,
+    jobs: LocalReceiver<CommitJob>,
+    metrics: Rc<RefCell<ShardMetrics>>,
+) -> Result<(), ShardError> {
+    while let Some(job) = jobs.recv().await {
+        let count: usize = job.slots.iter().map(|s| s.len).sum();
+        if !job.bytes.is_empty() {
+            let start = Instant::now();
+            if let Err(e) = journal.commit(&job.bytes).await {
+                tracing::error!(shard, error = %e, "journal commit failed; stopping the shard");
+                let failure = IssueFailure::ShardStopped(e.to_string());
+                answer_all(job.slots, failure);
+                // Returning drops the receiver: a job queued behind this one is dropped
+                // with its reply senders, so its callers see the shard as stopped, and
+                // the tick loop's next send fails and stops it too.
+                return Err(ShardError::Journal {
+                    shard,
+                    message: e.to_string(),
+                });
+            }
+            metrics.borrow_mut().record(
+                Stage::JournalCommit,
+                micros(start.elapsed()),
+                count as u64,
+            );
+        }
+        let mut answers = job.answers.into_iter();
+        for slot in job.slots {
+            let mut results = Vec::with_capacity(slot.len);
+            for answer in answers.by_ref().take(slot.len) {
+                results.push(answer_one(shard, &journal, &metrics, answer).await?);
+            }
+            metrics.borrow_mut().record(
+                Stage::Total,
+                micros(slot.enqueued.elapsed()),
+                slot.len as u64,
+            );
+            let _ = slot.reply.send(results);
+        }
+    }
+    journal.close().await.map_err(|e| ShardError::Journal {
+        shard,
+        message: e.to_string(),
+    })
+}
+
+async fn answer_one(
+    shard: u32,
+    journal: &Journal,
+    metrics: &RefCell<ShardMetrics>,
+    answer: Answer,
+) -> Result<IssueResult, ShardError> {
+    Ok(match answer {
+        Answer::Issued { invoice, .. } => {
+            metrics.borrow_mut().issued_invoices += 1;
+            Ok(invoice)
+        }
+        Answer::Replay { seq, identity } => {
+            let journal_error = |e: String| ShardError::Journal {
+                shard,
+                message: format!("record {seq}: {e}"),
+            };
+            let (_kind, body) = journal
+                .read_record(seq)
+                .await
+                .map_err(|e: JournalError| journal_error(e.to_string()))?;
+            let invoice =
+                decode_issued(&body).map_err(|e: RecordError| journal_error(e.to_string()))?;
+            // Assert on both sides of the disk boundary: the index and the record agree.
+            if invoice.identity() != identity {
+                return Err(journal_error(format!(
+                    "holds {:?}, the index says {identity:?}",
+                    invoice.identity()
+                )));
+            }
+            metrics.borrow_mut().replayed_invoices += 1;
+            Ok(invoice)
+        }
+        Answer::Rejected(error) => {
+            metrics.borrow_mut().rejected_requests += 1;
+            Err(IssueFailure::Rejected(error))
+        }
+    })
 }
 
 fn item_result(item: &TaxCodeItem) -> TaxCodeResult {
@@ -765,9 +912,9 @@ async fn requisition(
     seller: &TaxpayerId,
     count: u32,
 ) -> Result<NumberSegment, String> {
-    // A fresh id per requisition: a retry of the same call after a lost connection reuses
-    // it (the device answers with the same segment); a crash loses it, and the segment
-    // is adopted from the inventory at restart.
+    // One id for this requisition and all its retries: a retry after a lost connection
+    // gets the same segment from the device. If the appliance crashes instead, the
+    // segment is adopted from the device's inventory at restart.
     let request_id: u64 = rand::random();
     let request = Request::Requisition {
         taxpayer: *seller.as_bytes(),

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 const SELLERS: u32 = 2;
 const CYCLES: usize = 24;
-const ORDERS_PER_CYCLE: u64 = 3_000;
+const ORDERS_PER_CYCLE: u64 = 1_000_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Ack {
