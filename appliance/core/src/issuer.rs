@@ -34,7 +34,7 @@ use std::ops::Range;
 
 use crate::canonical;
 use crate::idempotency::{
-    issue_time_s, key_fingerprint, request_digest, IdempotencyIndex, IndexEntry,
+    issue_time_s, key_fingerprint, request_digest, FingerprintMap, IdempotencyIndex, IndexEntry,
 };
 use crate::invoice::{Invoice, InvoiceIdentity, InvoiceKind, IssueRequest};
 use crate::journal::frame::encode_record;
@@ -507,13 +507,15 @@ impl Issuer {
             id: self.ticks_started,
             now_ms,
             outcomes: Vec::with_capacity(requests.len()),
-            items: Vec::new(),
-            canonical: Vec::new(),
+            items: Vec::with_capacity(requests.len()),
+            // ~300 B is a typical canonical invoice; one allocation for most ticks.
+            canonical: Vec::with_capacity(requests.len() * 320),
             refills: Vec::new(),
         };
         // Tick-local state: first new request per key, and red totals claimed in this tick.
-        let mut firsts: HashMap<u128, (u32, u64)> = HashMap::new();
-        let mut red_claims_fen: HashMap<u128, i64> = HashMap::new();
+        let mut firsts: FingerprintMap<(u32, u64)> = FingerprintMap::default();
+        firsts.reserve(requests.len());
+        let mut red_claims_fen: FingerprintMap<i64> = FingerprintMap::default();
         for (i, request) in requests.iter().enumerate() {
             let outcome = self.classify(
                 &mut tick,
@@ -539,8 +541,8 @@ impl Issuer {
         tick: &mut Tick,
         request_index: u32,
         request: &IssueRequest,
-        firsts: &mut HashMap<u128, (u32, u64)>,
-        red_claims_fen: &mut HashMap<u128, i64>,
+        firsts: &mut FingerprintMap<(u32, u64)>,
+        red_claims_fen: &mut FingerprintMap<i64>,
     ) -> Outcome {
         let fingerprint = key_fingerprint(&request.seller, &request.order_id);
         let digest = request_digest(request, &mut self.scratch);
@@ -585,7 +587,7 @@ impl Issuer {
         request: &IssueRequest,
         fingerprint: u128,
         request_digest: u64,
-        red_claims_fen: &mut HashMap<u128, i64>,
+        red_claims_fen: &mut FingerprintMap<i64>,
     ) -> Result<u32, IssueError> {
         check_request(request)?;
         let pool = *self
