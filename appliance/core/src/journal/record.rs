@@ -16,6 +16,29 @@
 //! | 7    | UploadedTo       | watermark seq u64 (8): every record up to it is uploaded              |
 //! | 8    | BatchRoot        | first seq u64 · last seq u64 · Merkle root 32 · SM2 signature 64 (112) |
 //! | 9    | NumberSpoiled    | seller 18 · reason u8 · device status u8 · reserved 4 · code u64 · number u32 · reserved 4 (40) |
+//!
+//! Who writes what, and what recovery (`replay`) does with it:
+//! * SegmentReserved: written first in the commit after `Issuer::add_segment`. Recovery
+//!   adds the segment to the seller's pool (overlap with any earlier segment is an error).
+//! * SegmentReturned: written after `Issuer::return_unused`; the range is exactly the
+//!   unused rest of a segment. Recovery moves those numbers to "returned".
+//! * Issued: one per invoice that got its tax code, in take order, with the very bytes the
+//!   tax server coded. Recovery requires its number to be the next of its segment (else
+//!   used twice / skipped / outside), remembers the order with this record's sequence
+//!   number (answers to retries are read back from it with [`decode_issued`]), and adds a
+//!   red invoice's |total| to its original.
+//! * NumberSpoiled: one per item the tax server refused; the number is used, never
+//!   reissued. Recovery applies the same next-number rule.
+//! * Pending / Completed (offline issuing, not written by this build's issuer): Pending is
+//!   replayed like Issued; Completed must name an uncompleted Pending.
+//! * Voided (not written yet): must name an earlier record, at most once.
+//! * UploadedTo (`Issuer::queue_uploaded_to`): the watermark never goes back and never
+//!   reaches its own record.
+//! * BatchRoot (`Issuer::queue_batch_root`): ranges follow each other and end before the
+//!   root's own record.
+//!
+//! Reason bytes of NumberSpoiled: 1 malformed invoice, 2 number not held, 3 unknown
+//! taxpayer, 4 other device status (in `device_status`), 5 check code not 20 digits.
 
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
