@@ -301,6 +301,10 @@ pub struct Issuer {
     pub(crate) next_seq: u64,
     pub(crate) upload_watermark_seq: u64,
     pub(crate) batch_root_last_seq: u64,
+    /// Latest watermark / batch-root end, queued ones included: new control records are
+    /// checked against these, so that two queued records can never go backwards.
+    pub(crate) queued_upload_watermark_seq: u64,
+    pub(crate) queued_batch_root_last_seq: u64,
     control: Vec<Record>,
     tick_in_flight: Option<u64>,
     ticks_started: u64,
@@ -331,6 +335,8 @@ impl Issuer {
             next_seq: 1,
             upload_watermark_seq: 0,
             batch_root_last_seq: 0,
+            queued_upload_watermark_seq: 0,
+            queued_batch_root_last_seq: 0,
             control: Vec::new(),
             tick_in_flight: None,
             ticks_started: 0,
@@ -455,10 +461,12 @@ impl Issuer {
     /// Queues an upload watermark: every record up to `watermark_seq` was accepted by the
     /// authority.
     pub fn queue_uploaded_to(&mut self, watermark_seq: u64) -> Result<(), ControlError> {
-        if watermark_seq < self.upload_watermark_seq || watermark_seq >= self.next_seq {
+        if watermark_seq < self.queued_upload_watermark_seq || watermark_seq >= self.next_seq {
             return Err(ControlError::BadSeq);
         }
-        self.queue(Record::UploadedTo { watermark_seq })
+        self.queue(Record::UploadedTo { watermark_seq })?;
+        self.queued_upload_watermark_seq = watermark_seq;
+        Ok(())
     }
 
     /// Queues a signed Merkle root over records `first_seq..=last_seq` (already
@@ -470,7 +478,7 @@ impl Issuer {
         root: [u8; 32],
         signature: [u8; 64],
     ) -> Result<(), ControlError> {
-        if first_seq <= self.batch_root_last_seq
+        if first_seq <= self.queued_batch_root_last_seq
             || first_seq > last_seq
             || last_seq >= self.next_seq
         {
@@ -481,7 +489,9 @@ impl Issuer {
             last_seq,
             root,
             signature,
-        })
+        })?;
+        self.queued_batch_root_last_seq = last_seq;
+        Ok(())
     }
 
     /// Starts a tick: validates every request, answers replays and duplicates, takes a
@@ -1191,7 +1201,16 @@ pub(crate) mod tests {
         run(&mut issuer, 1, &[sample_request("o", 1)], &mut journal);
         issuer.queue_uploaded_to(2).unwrap();
         assert_eq!(issuer.queue_uploaded_to(9), Err(ControlError::BadSeq));
+        assert_eq!(
+            issuer.queue_uploaded_to(1),
+            Err(ControlError::BadSeq),
+            "a queued watermark is not overtaken backwards"
+        );
         issuer.queue_batch_root(1, 2, [1; 32], [2; 64]).unwrap();
+        assert_eq!(
+            issuer.queue_batch_root(2, 2, [1; 32], [2; 64]),
+            Err(ControlError::BadSeq)
+        );
         assert_eq!(
             issuer.return_unused(&seller()).unwrap(),
             vec![segment(2, 9)]
@@ -1203,6 +1222,19 @@ pub(crate) mod tests {
         assert_eq!(issuer.batch_root_last_seq(), 2);
         let a = issuer.accounting(&seller()).unwrap();
         assert_eq!((a.issued, a.returned, a.available), (1, 9, 0));
+        let (mut recovered, _) = crate::journal::replay::recover(config(), &journal, 2).unwrap();
+        assert_eq!(recovered.upload_watermark_seq(), 2);
+        assert_eq!(recovered.batch_root_last_seq(), 2);
+        assert_eq!(
+            recovered.accounting(&seller()),
+            issuer.accounting(&seller())
+        );
+        assert_eq!(recovered.queue_uploaded_to(1), Err(ControlError::BadSeq));
+        assert_eq!(
+            recovered.queue_batch_root(1, 3, [0; 32], [0; 64]),
+            Err(ControlError::BadSeq)
+        );
+        recovered.queue_batch_root(3, 5, [0; 32], [0; 64]).unwrap();
     }
 
     #[test]

@@ -301,6 +301,8 @@ impl Recovery {
     /// Ends recovery: expires orders older than the retention window before `now_ms`,
     /// drops exhausted segments and returns the issuer, ready for `begin_tick`.
     pub fn finish(mut self, now_ms: u64) -> Issuer {
+        self.issuer.queued_upload_watermark_seq = self.issuer.upload_watermark_seq;
+        self.issuer.queued_batch_root_last_seq = self.issuer.batch_root_last_seq;
         self.issuer.index.expire(now_ms);
         for pool in &mut self.issuer.pools {
             pool.compact();
