@@ -25,6 +25,12 @@
 //!   claim it. The request is answered `TaxCodeRefused`; a retry takes a fresh number.
 //! * A check code that is not 20 ASCII digits is treated like a refused item, because an
 //!   invoice carrying it could not be verified.
+//! * Time never goes backwards inside a shard: a tick's time is the larger of its
+//!   `now_ms` and every earlier tick's time (a wall clock stepped back by NTP gives the
+//!   next invoices the last time seen). Issue times are therefore non-decreasing in
+//!   journal order, which is what lets recovery expire the idempotency index exactly as
+//!   the live issuer did (an empty tick that expired orders is followed only by records
+//!   at least as late).
 //! * Control records (segment reserved/returned, upload watermark, batch root) queue up
 //!   and are written first in the next commit, so a segment's `SegmentReserved` always
 //!   precedes the first Issued record of its numbers. They survive an aborted tick.
@@ -218,7 +224,8 @@ pub struct Tick {
 }
 
 impl Tick {
-    /// The tick's time (issue time of its invoices).
+    /// The tick's time (issue time of its invoices): the `now_ms` given to `begin_tick`,
+    /// or the last tick's time if the clock went backwards.
     pub fn now_ms(&self) -> u64 {
         self.now_ms
     }
@@ -308,6 +315,8 @@ pub struct Issuer {
     control: Vec<Record>,
     tick_in_flight: Option<u64>,
     ticks_started: u64,
+    /// Largest tick time so far (ms since the epoch); see the module docs.
+    pub(crate) clock_ms: u64,
     scratch: Vec<u8>,
 }
 
@@ -340,6 +349,7 @@ impl Issuer {
             control: Vec::new(),
             tick_in_flight: None,
             ticks_started: 0,
+            clock_ms: 0,
             scratch: Vec::with_capacity(1024),
         })
     }
@@ -347,6 +357,10 @@ impl Issuer {
     /// The configuration.
     pub fn config(&self) -> &IssuerConfig {
         &self.config
+    }
+    /// Largest tick time so far, ms since the epoch (0 before the first tick).
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms
     }
     /// Sequence number the next record will get.
     pub fn next_seq(&self) -> u64 {
@@ -510,6 +524,8 @@ impl Issuer {
                 max: self.config.tick_requests_max,
             });
         }
+        let now_ms = now_ms.max(self.clock_ms);
+        self.clock_ms = now_ms;
         self.index.expire(now_ms);
         self.ticks_started += 1;
         let mut tick = Tick {
@@ -999,6 +1015,26 @@ pub(crate) mod tests {
         // After the retention window the order is forgotten and issued anew.
         let commit = run(&mut issuer, 20_000, &[r], &mut journal);
         assert_eq!(issued(&commit.answers[0]).number.get(), 2);
+    }
+
+    #[test]
+    fn clock_going_backwards_keeps_issue_times_monotonic() {
+        let (mut issuer, mut journal) = ready();
+        let r = sample_request("o-1", 100);
+        let first = run(&mut issuer, 1_000, std::slice::from_ref(&r), &mut journal);
+        assert_eq!(issued(&first.answers[0]).issue_time_ms, 1_000);
+        // An empty tick at 20 s expires the order (retention 10 s)...
+        run(&mut issuer, 20_000, &[], &mut journal);
+        assert!(issuer.index().is_empty());
+        // ...and the clock steps back to 15 s: the new invoice is timed 20 s.
+        let again = run(&mut issuer, 15_000, &[r], &mut journal);
+        assert_eq!(issued(&again.answers[0]).issue_time_ms, 20_000);
+        assert_eq!(issuer.clock_ms(), 20_000);
+        let (recovered, _) = crate::journal::replay::recover(config(), &journal, 15_000).unwrap();
+        let live: Vec<_> = issuer.index().entries().copied().collect();
+        let back: Vec<_> = recovered.index().entries().copied().collect();
+        assert_eq!(live, back);
+        assert_eq!(recovered.clock_ms(), 20_000);
     }
 
     #[test]

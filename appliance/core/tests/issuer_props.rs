@@ -95,7 +95,8 @@ enum Op {
     Tick {
         requests: Vec<ReqSpec>,
         fault: TickFault,
-        dt_ms: u64,
+        /// Wall-clock step before the tick; negative steps model NTP stepping back.
+        dt_ms: i64,
     },
     Refill {
         seller: usize,
@@ -145,7 +146,7 @@ fn op() -> impl Strategy<Value = Op> {
                 2 => any::<u16>().prop_map(TickFault::Refuse),
                 1 => Just(TickFault::WrongCount),
             ],
-            0u64..5_000,
+            prop_oneof![6 => 0i64..5_000, 1 => -3_000i64..0],
         )
             .prop_map(|(requests, fault, dt_ms)| Op::Tick {
                 requests,
@@ -564,6 +565,9 @@ struct Harness {
     issuer: Issuer,
     journal: Vec<u8>,
     oracle: Oracle,
+    /// The wall clock handed to the issuer (may step back).
+    wall_ms: u64,
+    /// The issuer's tick time: the largest wall time so far.
     now_ms: u64,
     next_code: u64,
     /// Journal bytes of the last commit, which a crash may tear.
@@ -579,7 +583,9 @@ impl Harness {
             issuer: Issuer::new(config(retention_ms)).unwrap(),
             journal: Vec::new(),
             oracle: Oracle::from_journal(&[], retention_ms),
-            now_ms: 1_700_000_000_000,
+            wall_ms: 1_700_000_000_000,
+            // Like a new issuer's clock: no tick yet.
+            now_ms: 0,
             next_code: 100_000_000_000,
             last_commit: None,
             unjournaled: Vec::new(),
@@ -593,7 +599,13 @@ impl Harness {
             .map(|s| self.issuer.accounting(s).unwrap())
             .collect();
         let before_seq = self.issuer.next_seq();
-        let tick = self.issuer.begin_tick(self.now_ms, requests).unwrap();
+        self.now_ms = self.now_ms.max(self.wall_ms);
+        let tick = self.issuer.begin_tick(self.wall_ms, requests).unwrap();
+        assert_eq!(
+            tick.now_ms(),
+            self.now_ms,
+            "tick time is the largest wall time"
+        );
         let mut codes = fake_codes(&tick);
         let aborted = match fault {
             TickFault::Abort => {
@@ -658,12 +670,17 @@ impl Harness {
                 let keep = range.start + usize::from(cut) % (range.len() + 1);
                 self.journal.truncate(keep);
                 let (issuer, end) =
-                    recover(config(self.retention_ms), &self.journal, self.now_ms).unwrap();
+                    recover(config(self.retention_ms), &self.journal, self.wall_ms).unwrap();
                 let end = match end {
                     ScanEnd::Clean { end } | ScanEnd::TornTail { end, .. } => end,
                     ScanEnd::Corrupt { .. } => unreachable!(),
                 };
                 self.journal.truncate(end);
+                // The recovered clock is the latest journaled issue time or the wall clock;
+                // ticks that journaled nothing before the crash are forgotten, which only
+                // delays expiry.
+                assert!(issuer.clock_ms() <= self.now_ms);
+                self.now_ms = issuer.clock_ms();
                 self.issuer = issuer;
                 // Segments not journaled before the crash are lost to this shard (the
                 // server adopts them back through the tax server's Inventory).
@@ -673,8 +690,10 @@ impl Harness {
                 // Clean shutdown: flush queued control records, then the recovered
                 // issuer must equal the live one.
                 self.commit(&[], &TickFault::None);
+                // Restart "now" is the live clock, so that both expire the same orders.
                 let (issuer, end) =
                     recover(config(self.retention_ms), &self.journal, self.now_ms).unwrap();
+                assert_eq!(issuer.clock_ms(), self.issuer.clock_ms());
                 assert_eq!(
                     end,
                     ScanEnd::Clean {
@@ -708,7 +727,7 @@ impl Harness {
                 fault,
                 dt_ms,
             } => {
-                self.now_ms += dt_ms;
+                self.wall_ms = self.wall_ms.saturating_add_signed(*dt_ms);
                 let built: Vec<_> = requests
                     .iter()
                     .map(|s| build_request(s, &self.oracle))

@@ -9,8 +9,8 @@
 //!
 //! The index is rebuilt with the same expiry as the live issuer: before an order is
 //! inserted, orders older than the retention window before its issue time are dropped
-//! (the live issuer expired them at the `begin_tick` that issued it). This assumes the
-//! shard's clock does not run backwards across ticks.
+//! (the live issuer expired them at the `begin_tick` that issued it, and tick times never
+//! go backwards, see `issuer`).
 
 use std::collections::HashSet;
 
@@ -269,8 +269,11 @@ impl Recovery {
         self.issuer.pools[p]
             .replay_use(content.code, content.number, false)
             .map_err(|e| number_error(seq, e))?;
+        // Issue times are non-decreasing in a journal written by this issuer; the max keeps
+        // expiry monotonic even for one that is not.
+        self.issuer.clock_ms = self.issuer.clock_ms.max(content.issue_time_ms);
         let index = &mut self.issuer.index;
-        index.expire(content.issue_time_ms);
+        index.expire(self.issuer.clock_ms);
         let fingerprint = key_fingerprint(&request.seller, &request.order_id);
         if index.get(fingerprint).is_some() {
             return Err(RecoveryError::DuplicateOrder { seq });
@@ -303,7 +306,8 @@ impl Recovery {
     pub fn finish(mut self, now_ms: u64) -> Issuer {
         self.issuer.queued_upload_watermark_seq = self.issuer.upload_watermark_seq;
         self.issuer.queued_batch_root_last_seq = self.issuer.batch_root_last_seq;
-        self.issuer.index.expire(now_ms);
+        self.issuer.clock_ms = self.issuer.clock_ms.max(now_ms);
+        self.issuer.index.expire(self.issuer.clock_ms);
         for pool in &mut self.issuer.pools {
             pool.compact();
         }
