@@ -477,3 +477,63 @@ fn malformed_frames_get_typed_errors() {
     let (id, r) = raw.recv_response(Opcode::Nop).unwrap();
     assert_eq!((id, r), (3, Ok(Response::Nop(vec![1]))));
 }
+
+#[test]
+fn config_file_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let conf = tmp.path().join("emu.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"
+data_dir = "{}"
+listen = "127.0.0.1:0"
+threads = 3
+device_id = "EMU-CONF-1"
+
+[key_backend]
+kind = "software"
+
+[[taxpayer]]
+id = "{}"
+invoice_code = {CODE_B}
+first = 10
+count = 20
+
+[faults]
+latency_us = 1000
+"#,
+            data.display(),
+            seller_b()
+        ),
+    )
+    .unwrap();
+    let conf_s = conf.to_string_lossy().into_owned();
+    let emu = Emu::try_start_exact(&data, &["--config", &conf_s], &[]).expect("starts");
+    let mut c = emu.client();
+    let Response::DeviceInfo(info) = ok(&mut c, Request::DeviceInfo) else {
+        panic!()
+    };
+    assert_eq!(info.device_id, "EMU-CONF-1");
+    assert_eq!(info.taxpayers, vec![tp(&seller_b())]);
+    assert_eq!(
+        requisition(&mut c, &seller_b(), 100, 0, 1),
+        Segment {
+            code: CODE_B,
+            first: 10,
+            count: 20
+        }
+    );
+    // Bad config values stop start-up with a message.
+    std::fs::write(&conf, "data_dir = \"/tmp/x\"\nthreads = 0\n").unwrap();
+    let err = Emu::try_start_exact(&data, &["--config", &conf_s], &[])
+        .err()
+        .expect("refused");
+    assert!(err.contains("threads"), "{err}");
+    std::fs::write(&conf, "no_such_key = 1\n").unwrap();
+    let err = Emu::try_start_exact(&data, &["--config", &conf_s], &[])
+        .err()
+        .expect("refused");
+    assert!(err.contains("no_such_key"), "{err}");
+}

@@ -276,7 +276,13 @@ impl DeviceState {
             return Err("too many segments".into());
         }
         for g in &self.grants {
-            if g.carved > g.count || g.taxpayer.len() != TAXPAYER_BYTES {
+            // A hand-edited file must not make `first + carved` overflow later.
+            let end = u64::from(g.first) + u64::from(g.count);
+            if g.carved > g.count
+                || g.taxpayer.len() != TAXPAYER_BYTES
+                || g.first == 0
+                || end > u64::from(super::config::INVOICE_NUMBER_MAX) + 1
+            {
                 return Err(format!("grant {} {} inconsistent", g.invoice_code, g.first));
             }
         }

@@ -107,6 +107,20 @@ impl Emu {
 
     /// Starts the emulator; `Err` with its stderr if it exits before listening.
     pub fn try_start(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<Emu, String> {
+        let dir = data_dir.to_string_lossy().into_owned();
+        let mut full = vec!["--data-dir", dir.as_str(), "--listen", "127.0.0.1:0"];
+        full.extend_from_slice(args);
+        Self::try_start_exact(data_dir, &full, env)
+    }
+
+    /// Starts the emulator with exactly `args` (no implied data dir or listen flag);
+    /// `log_near` names where its stderr log goes.
+    pub fn try_start_exact(
+        log_near: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Emu, String> {
+        let data_dir = log_near;
         let log_path = data_dir.with_extension(format!(
             "log{}",
             std::time::SystemTime::now()
@@ -116,11 +130,7 @@ impl Emu {
         ));
         let log = std::fs::File::create(&log_path).expect("log file");
         let mut cmd = Command::new(emu_bin());
-        cmd.arg("--data-dir")
-            .arg(data_dir)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .args(args)
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
