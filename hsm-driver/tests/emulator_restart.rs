@@ -69,9 +69,15 @@ fn sigkill_mid_load_never_grants_twice() {
             .collect();
         // Kill at a different load point each round; never a timed wait.
         let target = 20 + round * 37;
-        while count.load(Ordering::SeqCst) < target {
+        // Bounded by the workers: if they all stopped (the emulator died on its own),
+        // stop waiting and let the assertion below fail instead of hanging.
+        while count.load(Ordering::SeqCst) < target && !workers.iter().all(|w| w.is_finished()) {
             thread::yield_now();
         }
+        assert!(
+            count.load(Ordering::SeqCst) >= target,
+            "emulator stopped answering"
+        );
         emu.kill();
         for w in workers {
             w.join().unwrap();

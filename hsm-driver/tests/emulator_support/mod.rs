@@ -17,6 +17,9 @@ use hsm_driver::tcp::{HsmError, TcpClientConfig};
 use zerocopy::little_endian::{I64, U16, U32, U64};
 use zerocopy::IntoBytes;
 
+/// Bound on waiting for the `listening` line.
+const STARTUP_TIMEOUT_S: u64 = 60;
+
 const USCC: &[u8; 31] = b"0123456789ABCDEFGHJKLMNPQRTUWXY";
 
 /// A valid unified social credit code from 17 characters.
@@ -139,8 +142,22 @@ impl Emu {
         }
         let mut child = cmd.spawn().expect("spawn hsm-emu");
         let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        let n = BufReader::new(stdout).read_line(&mut line).unwrap_or(0);
+        // Read the line on a helper thread so a hung start-up fails the test after a
+        // bound instead of hanging the suite.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let n = BufReader::new(stdout).read_line(&mut line).unwrap_or(0);
+            let _ = tx.send((n, line));
+        });
+        let Ok((n, line)) = rx.recv_timeout(Duration::from_secs(STARTUP_TIMEOUT_S)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            return Err(format!(
+                "no `listening` line within {STARTUP_TIMEOUT_S} s; stderr: {log}"
+            ));
+        };
         if n == 0 {
             let _ = child.wait();
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
