@@ -120,6 +120,9 @@ struct Shared {
     connections_max: usize,
     shutdown: AtomicBool,
     next_conn_id: AtomicU64,
+    // Reader threads, joined at shutdown so the device is released deterministically.
+    // Finished ones are pruned on every accept, so at most `connections_max` live here.
+    readers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Shared {
@@ -178,7 +181,14 @@ impl Server {
         for c in conns {
             c.kill(false);
         }
+        let shared = Arc::clone(&self.shared);
         self.join();
+        // The accept thread has exited, so no reader is added any more; each one ends
+        // on its closed socket or on the closed job queue.
+        let readers: Vec<JoinHandle<()>> = lock(&shared.readers).drain(..).collect();
+        for r in readers {
+            let _ = r.join();
+        }
     }
 }
 
@@ -204,6 +214,7 @@ pub fn serve_emulator(emulator: Arc<Emulator>, config: &Config) -> Result<Server
         connections_max: config.connections_max,
         shutdown: AtomicBool::new(false),
         next_conn_id: AtomicU64::new(1),
+        readers: Mutex::new(Vec::new()),
     });
     let (tx, rx) = bounded::<Job>(config.threads * JOBS_PER_THREAD);
     let mut threads = Vec::with_capacity(config.threads + 1);
@@ -287,10 +298,17 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, tx: &Sender<Job>) {
                 conn.kill(false);
                 lock(&shared2.conns).remove(&conn.id);
             });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot spawn connection thread");
-            if let Some(c) = lock(&shared.conns).remove(&id) {
-                c.kill(false);
+        match spawned {
+            Ok(handle) => {
+                let mut readers = lock(&shared.readers);
+                readers.retain(|h| !h.is_finished());
+                readers.push(handle);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot spawn connection thread");
+                if let Some(c) = lock(&shared.conns).remove(&id) {
+                    c.kill(false);
+                }
             }
         }
     }

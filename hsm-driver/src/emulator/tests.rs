@@ -144,3 +144,23 @@ fn reopen_keeps_grants_and_uploads() {
         Err(EmulatorError::Locked(_))
     ));
 }
+
+#[test]
+fn in_process_server_serves_and_shuts_down() {
+    use crate::tcp::blocking::Client;
+    use crate::tcp::TcpClientConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let grants = vec![Grant::new(SELLER, CODE, 1, 10).unwrap()];
+    let server = serve(&Config::new(dir.path(), grants)).unwrap();
+    let mut c = Client::connect(server.local_addr(), TcpClientConfig::default()).unwrap();
+    assert_eq!(
+        c.call(&Request::Nop(vec![1, 2])).unwrap(),
+        Response::Nop(vec![1, 2])
+    );
+    assert_eq!(server.emulator().device_id().len(), 12);
+    server.shutdown();
+    // The data dir lock is released once the last reference to the device is gone.
+    let grants = vec![Grant::new(SELLER, CODE, 1, 10).unwrap()];
+    let again = Emulator::open(&Config::new(dir.path(), grants));
+    assert!(again.is_ok(), "{again:?}");
+}
