@@ -448,6 +448,11 @@ impl Emulator {
         }
     }
 
+    /// Whether SetFaults is served (`--allow-fault-injection`).
+    pub fn allows_fault_injection(&self) -> bool {
+        self.allow_fault_injection
+    }
+
     /// DeviceInfo.
     pub fn device_info(&self) -> DeviceInfo {
         let index = self.index();

@@ -383,6 +383,13 @@ fn reader(
     }
 }
 
+fn resets_connections(body: &[u8]) -> bool {
+    matches!(
+        proto::Request::decode(Opcode::SetFaults.request_byte(), body),
+        Ok(proto::Request::SetFaults(f)) if f.reset_connections != 0
+    )
+}
+
 fn sleep_while(shared: &Shared, mut remaining: Duration) {
     while !remaining.is_zero() && !shared.shutdown.load(Ordering::Acquire) {
         let slice = remaining.min(Duration::from_millis(SLEEP_SLICE_MS));
@@ -432,6 +439,12 @@ fn worker(shared: &Shared, rx: &Receiver<Job>) {
             );
             job.conn.send(&out);
             continue;
+        }
+        // A SetFaults that resets connections resets them before its switches change:
+        // otherwise a command of a connection being reset, already past its dead check,
+        // could be answered under the new switches in between.
+        if control && shared.emulator.allows_fault_injection() && resets_connections(&job.body) {
+            shared.reset_all_except(job.conn.id);
         }
         let effects =
             shared
