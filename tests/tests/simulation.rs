@@ -3,8 +3,10 @@
 //! The sans-IO issuer is driven tick by tick, from a seeded random generator, against the
 //! emulator's command handling in-process (`Emulator::execute`, with its persistent data
 //! dir), over a simulated disk that keeps exactly the bytes of completed commits. Faults:
-//! the process crashes in the middle of a commit (the write is torn at a random byte; its
-//! answers were never released) or between ticks, and restarts from the durable bytes;
+//! the process crashes in the middle of a commit (its answers were never released: the
+//! write is torn at a random byte, or, as a power loss may leave it, a random subset of its
+//! 4 KiB blocks persisted out of order with zeros elsewhere; recovery must drop the whole
+//! commit) or between ticks, and restarts from the durable bytes;
 //! the tax server fails a whole command (the tick is aborted), refuses a requisition, or
 //! restarts from its data dir; a requisition is granted but the crash comes before the
 //! reservation reaches the journal (the restarted shard adopts it from the inventory).
@@ -15,7 +17,7 @@
 //! invoices are unique, every acknowledged order re-sent after crashes got the same
 //! invoice, and the numbers the device granted to the shard are all accounted for.
 
-use appliance_core::journal::frame::{pad_to_block, scan, ScanEnd, KIND_PADDING};
+use appliance_core::journal::frame::{begin_commit, scan, seal_commit, ScanEnd, KIND_PADDING};
 use appliance_core::journal::record::decode_issued;
 use appliance_core::journal::replay::recover;
 use appliance_core::money::tax_fen;
@@ -97,6 +99,10 @@ struct World {
     issuer: Issuer,
     /// Bytes of every completed commit: what the disk holds.
     durable: Vec<u8>,
+    /// Where the commit torn by the last crash starts: recovery must cut exactly there.
+    torn_from: Option<usize>,
+    /// Crashes that persisted a commit's blocks out of order (multi-block commits only).
+    out_of_order: u32,
     acked: HashMap<String, Invoice>,
     sent_orders: u64,
     now_ms: u64,
@@ -129,6 +135,8 @@ impl World {
             hsm: Some(hsm),
             issuer: Issuer::new(issuer_config()).unwrap(),
             durable: Vec::new(),
+            torn_from: None,
+            out_of_order: 0,
             acked: HashMap::new(),
             sent_orders: 0,
             now_ms: 1_790_000_000_000,
@@ -145,7 +153,13 @@ impl World {
     fn restart(&mut self) {
         let (issuer, end) = recover(issuer_config(), &self.durable, self.now_ms).expect("recovery");
         match end {
-            ScanEnd::Clean { end } | ScanEnd::TornTail { end, .. } => self.durable.truncate(end),
+            ScanEnd::Clean { end } | ScanEnd::TornTail { end, .. } => {
+                // All or nothing: a torn commit is cut at its start, whatever persisted.
+                if let Some(start) = self.torn_from.take() {
+                    assert_eq!(end, start, "torn commit not cut at its start");
+                }
+                self.durable.truncate(end)
+            }
             ScanEnd::Corrupt { offset, error } => panic!("corrupt journal at {offset}: {error}"),
         }
         self.issuer = issuer;
@@ -186,9 +200,17 @@ impl World {
         let tick = self.issuer.begin_tick(self.now_ms, &[]).unwrap();
         let refills = tick.refill_requests().to_vec();
         let mut bytes = Vec::new();
-        self.issuer.finish_tick(tick, &[], &mut bytes).unwrap();
-        if !bytes.is_empty() {
-            pad_to_block(&mut bytes, 4096);
+        let start = begin_commit(&mut bytes);
+        let commit = self.issuer.finish_tick(tick, &[], &mut bytes).unwrap();
+        if !commit.seqs.is_empty() {
+            seal_commit(
+                &mut bytes,
+                start,
+                4096,
+                commit.seqs.start,
+                commit.seqs.end - 1,
+            )
+            .unwrap();
             self.durable.extend_from_slice(&bytes);
         }
         self.refill(&refills);
@@ -312,14 +334,48 @@ impl World {
                 .collect()
         };
         let mut bytes = Vec::new();
+        let start = begin_commit(&mut bytes);
         let commit = self.issuer.finish_tick(tick, &codes, &mut bytes).unwrap();
-        if !bytes.is_empty() {
-            pad_to_block(&mut bytes, 4096);
+        if commit.seqs.is_empty() {
+            bytes.clear(); // no empty commits
+        } else {
+            seal_commit(
+                &mut bytes,
+                start,
+                4096,
+                commit.seqs.start,
+                commit.seqs.end - 1,
+            )
+            .unwrap();
         }
         if !bytes.is_empty() && self.rng.random_bool(0.05) {
-            // Crash mid-write: a random prefix reaches the disk, nothing is answered.
-            let cut = self.rng.random_range(0..bytes.len());
-            self.durable.extend_from_slice(&bytes[..cut]);
+            self.torn_from = Some(self.durable.len());
+            // The first commit of the journal is always torn as a prefix: until a commit
+            // header has been seen, recovery must read the stream by the bare rules,
+            // under which a lost first block followed by valid records is corruption
+            // (docs/journal.md, "Known limits").
+            if self.durable.is_empty() || self.rng.random_bool(0.5) {
+                // Crash mid-write: a random prefix reaches the disk, nothing is answered.
+                let cut = self.rng.random_range(0..bytes.len());
+                self.durable.extend_from_slice(&bytes[..cut]);
+            } else {
+                // Power loss mid-write: a random strict subset of the blocks persisted,
+                // in any order; the others read as zeros (the preallocated file).
+                let blocks = bytes.len() / 4096;
+                self.out_of_order += u32::from(blocks > 1);
+                let mut persisted: Vec<bool> =
+                    (0..blocks).map(|_| self.rng.random_bool(0.5)).collect();
+                if persisted.iter().all(|&p| p) {
+                    let lost = self.rng.random_range(0..blocks);
+                    persisted[lost] = false;
+                }
+                for (block, persisted) in bytes.chunks_mut(4096).zip(persisted) {
+                    if !persisted {
+                        block.fill(0);
+                    }
+                }
+                self.durable.extend_from_slice(&bytes);
+            }
             self.crash();
             return;
         }
@@ -420,9 +476,10 @@ fn run(seed: u64) {
     }
     assert!(!world.acked.is_empty());
     eprintln!(
-        "seed {seed}: {} invoices acknowledged, {} crashes, {} tax-server restarts, {} segments adopted",
+        "seed {seed}: {} invoices acknowledged, {} crashes ({} with multi-block commits persisted out of order), {} tax-server restarts, {} segments adopted",
         world.acked.len(),
         world.crashes,
+        world.out_of_order,
         world.hsm_restarts,
         world.adopted
     );

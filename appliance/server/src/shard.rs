@@ -17,7 +17,7 @@
 
 use crate::journal::{Journal, JournalConfig, JournalError, OpenError};
 use crate::metrics::{ShardMetrics, Stage};
-use appliance_core::journal::frame::pad_to_block;
+use appliance_core::journal::frame::{begin_commit, seal_commit};
 use appliance_core::journal::record::{decode_issued, RecordError};
 use appliance_core::journal::replay::{Recovery, RecoveryError};
 use appliance_core::pool::RefillRequest;
@@ -415,6 +415,22 @@ fn tax_server_error(shard: u32, e: impl std::fmt::Display) -> ShardError {
     }
 }
 
+/// Seals the tick's journal bytes begun at `start` as one commit (header with length,
+/// sequence range and payload CRC, padding to the block), or empties them if the tick
+/// wrote no record: an empty commit is never written (the commit loop skips empty
+/// buffers).
+fn seal_tick(
+    bytes: &mut Vec<u8>,
+    start: usize,
+    seqs: &std::ops::Range<u64>,
+) -> Result<(), appliance_core::journal::frame::SealError> {
+    if seqs.is_empty() {
+        bytes.truncate(start);
+        return Ok(());
+    }
+    seal_commit(bytes, start, JOURNAL_BLOCK_BYTES, seqs.start, seqs.end - 1).map(|_| ())
+}
+
 fn internal(shard: u32, e: impl std::fmt::Display) -> ShardError {
     ShardError::Config {
         shard,
@@ -520,11 +536,12 @@ impl Shard {
             .begin_tick(now, &[])
             .map_err(|e| internal(self.id, e))?;
         let mut bytes = Vec::with_capacity(JOURNAL_BLOCK_BYTES);
+        let start = begin_commit(&mut bytes);
         let commit = self
             .issuer
             .finish_tick(tick, &[], &mut bytes)
             .map_err(|e| internal(self.id, e))?;
-        pad_to_block(&mut bytes, JOURNAL_BLOCK_BYTES);
+        seal_tick(&mut bytes, start, &commit.seqs).map_err(|e| internal(self.id, e))?;
         Ok(Some(CommitJob {
             bytes,
             answers: commit.answers,
@@ -749,13 +766,12 @@ impl Shard {
 
         let mut bytes =
             Vec::with_capacity(tick.canonical_bytes() + count * 128 + JOURNAL_BLOCK_BYTES);
+        let start = begin_commit(&mut bytes);
         let commit = self
             .issuer
             .finish_tick(tick, &codes, &mut bytes)
             .map_err(|e| internal(self.id, e))?;
-        if !bytes.is_empty() {
-            pad_to_block(&mut bytes, JOURNAL_BLOCK_BYTES);
-        }
+        seal_tick(&mut bytes, start, &commit.seqs).map_err(|e| internal(self.id, e))?;
         {
             let mut metrics = self.metrics.borrow_mut();
             metrics.ticks += 1;

@@ -327,6 +327,17 @@ enum Expect {
 
 #[test]
 fn recovery_agrees_with_frame_scan_on_random_damage() {
+    agree_on_random_damage(false, 0xdead_beef);
+}
+
+#[test]
+fn recovery_agrees_with_frame_scan_on_random_damage_of_framed_commits() {
+    agree_on_random_damage(true, 0xfeed_f00d);
+}
+
+/// Damages one segment of bare or commit-framed commits at random and checks that
+/// `Journal::open` classifies it exactly as `frame::scan` does.
+fn agree_on_random_damage(framed: bool, seed: u64) {
     // One segment of ~300 KiB: several recovery chunks (68 KiB each), so that records and
     // the tail classification cross chunk boundaries.
     let pristine = temp_dir();
@@ -334,7 +345,11 @@ fn recovery_agrees_with_frame_scan_on_random_damage() {
     cfg.segment_bytes_max = 512 * 1024;
     let last_seq = run(async {
         let (mut journal, _) = open_collect(cfg.clone()).await.unwrap();
-        let next = write_commits(&mut journal, 1, &[40; 50]).await;
+        let next = if framed {
+            write_framed_commits(&mut journal, 1, &[40; 50]).await
+        } else {
+            write_commits(&mut journal, 1, &[40; 50]).await
+        };
         assert_eq!(journal.segment_first_seqs(), vec![1]);
         journal.close().await.unwrap();
         next - 1
@@ -345,17 +360,29 @@ fn recovery_agrees_with_frame_scan_on_random_damage() {
     };
     assert!(data_end > 4 * appliance_server::journal::RECOVERY_CHUNK_BYTES_MIN);
 
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0xdead_beef);
-    for round in 0..60 {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for round in 0..75 {
         let mut bytes = original.clone();
         let at = rng.random_range(0..data_end);
-        match round % 4 {
+        match round % 5 {
             0 => bytes[at] ^= 1 << rng.random_range(0..8),
             1 => bytes.truncate(at),
             2 => bytes[at..data_end].fill(0),
-            _ => {
+            3 => {
                 let end = (at + rng.random_range(1..5000)).min(bytes.len());
                 rng.fill(&mut bytes[at..end]);
+            }
+            _ => {
+                // A power loss during a write starting at the block of `at`: a random
+                // subset of its (up to) 4 blocks persisted, nothing after it.
+                let block = at / 4096 * 4096;
+                let write_end = (block + 4 * 4096).min(data_end);
+                bytes[write_end..data_end].fill(0);
+                for lost in (block..write_end).step_by(4096) {
+                    if rng.random_bool(0.5) {
+                        bytes[lost..lost + 4096].fill(0);
+                    }
+                }
             }
         }
         let mut seqs = Vec::new();
@@ -381,7 +408,13 @@ fn recovery_agrees_with_frame_scan_on_random_damage() {
                 (Expect::Records(last), Ok((mut journal, seen))) => {
                     assert_records(&seen, 1, last);
                     assert_eq!(journal.next_seq(), last + 1, "{context}");
-                    write_commits(&mut journal, last + 1, &[2]).await;
+                    if framed {
+                        // Framed commits are all-or-nothing: whole commits only.
+                        assert_eq!(last % 40, 0, "{context}");
+                        write_framed_commits(&mut journal, last + 1, &[2]).await;
+                    } else {
+                        write_commits(&mut journal, last + 1, &[2]).await;
+                    }
                     journal.close().await.unwrap();
                     let (_, seen) = open_collect(cfg.clone()).await.unwrap();
                     assert_records(&seen, 1, last + 2);
@@ -397,5 +430,174 @@ fn recovery_agrees_with_frame_scan_on_random_damage() {
             }
         });
         assert!(last_seq >= 1);
+    }
+}
+
+/// Builds a journal of framed commits over two segments whose last commit (in the last
+/// segment) spans exactly 4 blocks; returns (its first seq, its last seq, the last
+/// segment's name seq, the commit's offset in the file).
+fn build_framed(dir: &Path) -> (u64, u64, u64, usize) {
+    run(async {
+        let (mut journal, _) = open_collect(config(dir)).await.unwrap();
+        let next = write_framed_commits(&mut journal, 1, &[25; 13]).await;
+        assert!(journal.segment_first_seqs().len() >= 2);
+        // As many records as make the commit 4 blocks long.
+        let mut count = 0;
+        while framed_commit_bytes(next, count + 1).len() <= 4 * 4096 {
+            count += 1;
+        }
+        let bytes = framed_commit_bytes(next, count);
+        assert_eq!(bytes.len(), 4 * 4096);
+        let position = journal.commit(&bytes).await.unwrap();
+        let segment = *journal.segment_first_seqs().last().unwrap();
+        assert_eq!(position.segment_first_seq, segment);
+        journal.close().await.unwrap();
+        (next, next + count - 1, segment, position.offset as usize)
+    })
+}
+
+#[test]
+fn out_of_order_blocks_of_the_last_commit_drop_it_and_appending_continues() {
+    let pristine = temp_dir();
+    let (first, last, segment, offset) = build_framed(pristine.path());
+    let original = std::fs::read(segment_path(pristine.path(), segment)).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    // Every strict subset of the 4 blocks persisted; the others zeros (never written) or
+    // garbage (whatever the device left), and the header block among the lost or not.
+    for mask in 0u32..15 {
+        for garbage in [false, true] {
+            let mut bytes = original.clone();
+            for b in 0..4 {
+                if mask & (1 << b) == 0 {
+                    let block = &mut bytes[offset + b * 4096..offset + (b + 1) * 4096];
+                    if garbage {
+                        rng.fill(block);
+                    } else {
+                        block.fill(0);
+                    }
+                }
+            }
+            let dir = copy_with(pristine.path(), segment, &bytes);
+            run(async {
+                let context = format!("blocks {mask:04b}, garbage {garbage}");
+                let (mut journal, seen) = open_collect(config(dir.path()))
+                    .await
+                    .unwrap_or_else(|e| panic!("{context}: {e}"));
+                // Nothing of the torn commit survives.
+                assert_records(&seen, 1, first - 1);
+                assert_eq!(journal.next_seq(), first, "{context}");
+                // The next commit takes its place.
+                let position = journal
+                    .commit(&framed_commit_bytes(first, 3))
+                    .await
+                    .unwrap_or_else(|e| panic!("{context}: {e}"));
+                assert_eq!(
+                    (position.segment_first_seq, position.offset as usize),
+                    (segment, offset),
+                    "{context}"
+                );
+                assert_eq!(
+                    journal.read_record(first + 1).await.unwrap().1,
+                    body(first + 1)
+                );
+                journal.close().await.unwrap();
+                let (journal, seen) = open_collect(config(dir.path())).await.unwrap();
+                assert_records(&seen, 1, first + 2);
+                assert_eq!(
+                    journal.read_record(first + 2).await.unwrap().1,
+                    body(first + 2)
+                );
+                journal.close().await.unwrap();
+            });
+        }
+    }
+    // All 4 persisted: the commit is whole and kept.
+    run(async {
+        let (journal, seen) = open_collect(config(pristine.path())).await.unwrap();
+        assert_records(&seen, 1, last);
+        journal.close().await.unwrap();
+    });
+}
+
+#[test]
+fn out_of_order_blocks_of_the_first_commit_of_a_fresh_segment_leave_it_empty() {
+    // A rotation whose first (2-block) commit persisted only its second block: the header
+    // is lost, the records of the second block are valid. Earlier segments showed commit
+    // headers, so the stream is framed and this is a torn tail, not corruption.
+    let pristine = temp_dir();
+    let (_, last, _, _) = build_framed(pristine.path());
+    let next = last + 1;
+    let dir = copy_with(pristine.path(), u64::MAX, &[]);
+    // As many records as fit in 2 blocks, so that the second holds records, not only
+    // padding.
+    let mut count = 1;
+    while framed_commit_bytes(next, count + 1).len() <= 2 * 4096 {
+        count += 1;
+    }
+    let mut bytes = framed_commit_bytes(next, count);
+    assert_eq!(bytes.len(), 2 * 4096);
+    bytes[..4096].fill(0);
+    // Read as a bare stream, the valid records left in the second block would make this
+    // corruption: only the framing seen in earlier segments makes it a torn tail.
+    assert!(matches!(
+        frame::scan::<()>(&bytes, |_| Ok(())).unwrap(),
+        ScanEnd::Corrupt { offset: 0, .. }
+    ));
+    bytes.resize(SEGMENT_BYTES as usize, 0);
+    std::fs::write(segment_path(dir.path(), next), &bytes).unwrap();
+    run(async {
+        let (mut journal, seen) = open_collect(config(dir.path())).await.unwrap();
+        assert_records(&seen, 1, last);
+        assert_eq!(journal.next_seq(), next);
+        let position = journal.commit(&framed_commit_bytes(next, 2)).await.unwrap();
+        assert_eq!((position.segment_first_seq, position.offset), (next, 0));
+        journal.close().await.unwrap();
+        let (_, seen) = open_collect(config(dir.path())).await.unwrap();
+        assert_records(&seen, 1, next + 1);
+    });
+}
+
+#[test]
+fn damaged_commit_that_is_not_the_last_still_refuses() {
+    let pristine = temp_dir();
+    let (_, _, segment, last_offset) = build_framed(pristine.path());
+    let original = std::fs::read(segment_path(pristine.path(), segment)).unwrap();
+    // The commits of the last segment before its last one, from their headers.
+    let mut starts = Vec::new();
+    let mut at = 0;
+    while at < last_offset {
+        starts.push(at);
+        let (record, _) = frame::decode_record_at(&original, at).unwrap();
+        assert_eq!(record.kind, frame::KIND_COMMIT);
+        at += frame::parse_commit_header(&record)
+            .unwrap()
+            .commit_bytes
+            .get() as usize;
+    }
+    assert!(!starts.is_empty());
+    let victim = starts[starts.len() / 2];
+    // A lost block (zeros), a flipped bit in the header, a flipped bit in the payload.
+    let mut lost = original.clone();
+    lost[victim + 4096..victim + 8192].fill(0);
+    let mut header_bit = original.clone();
+    header_bit[victim + 9] ^= 0x10;
+    let mut payload_bit = original.clone();
+    payload_bit[victim + 4096 + 333] ^= 0x01;
+    for (shape, bytes) in [
+        ("lost block", lost),
+        ("header bit", header_bit),
+        ("payload bit", payload_bit),
+    ] {
+        let dir = copy_with(pristine.path(), segment, &bytes);
+        run(async {
+            let error = journal_error(open_collect(config(dir.path())).await.map(|_| ()));
+            match &error {
+                JournalError::Corrupt { path, offset, .. } => {
+                    assert_eq!(*path, segment_path(dir.path(), segment), "{shape}");
+                    assert_eq!(*offset as usize, victim, "{shape}");
+                }
+                other => panic!("{shape}: expected Corrupt, got {other}"),
+            }
+        });
     }
 }

@@ -2,6 +2,7 @@
 
 mod journal_support;
 
+use appliance_core::journal::frame::FrameError;
 use appliance_server::journal::{CommitRejection, Journal, JournalError};
 use journal_support::*;
 use rand::{Rng, SeedableRng};
@@ -187,9 +188,46 @@ fn bad_commits_are_refused_without_poisoning() {
             }
         ));
         write_commits(&mut journal, 3, &[1]).await;
+
+        // Commit-framed buffers: the header must describe exactly this whole buffer.
+        let mut bad_payload = framed_commit_bytes(4, 2);
+        bad_payload[100] ^= 1;
+        assert!(matches!(
+            refused(journal.commit(&bad_payload).await),
+            CommitRejection::BadCommit {
+                error: FrameError::BadCommitChecksum
+            }
+        ));
+        let mut two = framed_commit_bytes(4, 1);
+        two.extend_from_slice(&framed_commit_bytes(5, 1));
+        assert!(matches!(
+            refused(journal.commit(&two).await),
+            CommitRejection::CommitLength { .. }
+        ));
+        let mut nested = commit_bytes(4, 1);
+        nested.extend_from_slice(&framed_commit_bytes(5, 1));
+        assert!(matches!(
+            refused(journal.commit(&nested).await),
+            CommitRejection::MisplacedCommitHeader { .. }
+        ));
+        assert!(matches!(
+            refused(journal.commit(&framed_commit_bytes(5, 1)).await),
+            CommitRejection::Sequence {
+                expected: 4,
+                found: 5,
+                ..
+            }
+        ));
+        let position = journal.commit(&framed_commit_bytes(4, 2)).await.unwrap();
+        assert_eq!((position.first_seq, position.last_seq), (4, 5));
+        assert_eq!(journal.read_record(5).await.unwrap().1, body(5));
+        // Bare commits are still accepted after framed ones.
+        write_commits(&mut journal, 6, &[1]).await;
         journal.close().await.unwrap();
-        let (_, seen) = open_collect(config(dir.path())).await.unwrap();
-        assert_records(&seen, 1, 3);
+        let (journal, seen) = open_collect(config(dir.path())).await.unwrap();
+        assert_records(&seen, 1, 6);
+        assert_eq!(journal.read_record(4).await.unwrap().1, body(4));
+        journal.close().await.unwrap();
     });
 }
 

@@ -3,8 +3,18 @@
 //!
 //! This module knows nothing about what a body means (see `record`); it only makes a byte
 //! stream of records self-checking, and tells a torn tail (the crash cut the last write
-//! short) from corruption in the middle (a record that is bad although valid records follow
-//! it). The server reads files and hands their bytes here; nothing in this module does I/O.
+//! short, or persisted only some of its blocks) from corruption in the middle (a record
+//! that is bad although valid later data follows it). The server reads files and hands
+//! their bytes here; nothing in this module does I/O.
+//!
+//! **Commits.** Each write of a tick is framed as a commit: a commit header record
+//! ([`KIND_COMMIT`], see [`CommitHeader`]) that states the commit's length, its sequence
+//! numbers and a CRC32C over everything after the header, then the tick's records, then
+//! padding to the block ([`begin_commit`], [`seal_commit`]). A power loss during a
+//! multi-block write may persist any subset of its blocks; the header makes the last
+//! commit all-or-nothing: it is replayed only if every byte of it is present and checks.
+//! Streams without commit headers ("bare" streams, as older tools and tests write them)
+//! scan exactly as before.
 //!
 //! Layout (little-endian, see docs/journal.md):
 //!
@@ -36,6 +46,49 @@ pub const RECORD_BODY_BYTES_MAX: usize = 64 * 1024;
 /// Kind byte of a padding record: fills a tick's write up to the block size, has sequence
 /// number 0 and a zero body, and is skipped by readers.
 pub const KIND_PADDING: u8 = 0xFF;
+/// Kind byte of a commit header record: the first record of every commit, sequence number
+/// 0, body a [`CommitHeader`]. It is framing, not data: scans never hand it to callers.
+pub const KIND_COMMIT: u8 = 0xFE;
+/// Bytes of a commit header's body ([`CommitHeader`]).
+pub const COMMIT_HEADER_BODY_BYTES: usize = 32;
+/// Bytes of a whole commit header record (header, body; already 8-aligned).
+pub const COMMIT_HEADER_RECORD_BYTES: usize = record_bytes(COMMIT_HEADER_BODY_BYTES);
+/// Largest commit accepted, on write and on read: 16 MiB, the journal's default
+/// `commit_bytes_max`. Readers hold one whole commit in memory to check it, so a corrupted
+/// length must not make them buffer more than this.
+pub const COMMIT_BYTES_MAX: usize = 16 << 20;
+
+/// Body of a commit header record (little-endian).
+///
+/// | offset | size | field                                                          |
+/// |-------:|-----:|----------------------------------------------------------------|
+/// | 0      | 4    | `commit_bytes`: the whole commit, this header and padding included |
+/// | 4      | 4    | `record_count`: non-padding records in the commit (≥ 1)        |
+/// | 8      | 8    | `first_seq`: sequence number of the first record               |
+/// | 16     | 8    | `last_seq`: of the last record (`first_seq + record_count - 1`) |
+/// | 24     | 4    | `payload_crc32c`: CRC32C of the commit's bytes after this record |
+/// | 28     | 4    | reserved, zero                                                 |
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct CommitHeader {
+    /// Bytes of the whole commit: this header record, the records, the trailing padding.
+    pub commit_bytes: U32,
+    /// Number of non-padding records after the header.
+    pub record_count: U32,
+    /// Sequence number of the first record.
+    pub first_seq: U64,
+    /// Sequence number of the last record.
+    pub last_seq: U64,
+    /// CRC32C of every byte after the header record up to `commit_bytes`.
+    pub payload_crc32c: U32,
+    /// Must be zero.
+    pub reserved: U32,
+}
+
+const _: () = assert!(core::mem::size_of::<CommitHeader>() == COMMIT_HEADER_BODY_BYTES);
+const _: () = assert!(COMMIT_HEADER_RECORD_BYTES == RECORD_HEADER_BYTES + COMMIT_HEADER_BODY_BYTES);
 
 /// The fixed header in front of every record body.
 #[derive(
@@ -106,8 +159,14 @@ pub fn encode_record(out: &mut Vec<u8>, kind: u8, seq: u64, body: &[u8]) {
 /// (relative to the start of `out`, which the caller keeps block-aligned in the file).
 /// Does nothing if it already is. A gap smaller than a header is widened by one block.
 pub fn pad_to_block(out: &mut Vec<u8>, block_bytes: usize) {
+    pad_from(out, 0, block_bytes);
+}
+
+/// Pads `out` so that `out.len() - start` is a multiple of `block_bytes`.
+fn pad_from(out: &mut Vec<u8>, start: usize, block_bytes: usize) {
     debug_assert!(block_bytes.is_power_of_two() && block_bytes >= RECORD_HEADER_BYTES);
-    let rem = out.len() % block_bytes;
+    debug_assert!(start <= out.len() && (out.len() - start) % RECORD_ALIGN_BYTES == 0);
+    let rem = (out.len() - start) % block_bytes;
     if rem == 0 {
         return;
     }
@@ -117,7 +176,81 @@ pub fn pad_to_block(out: &mut Vec<u8>, block_bytes: usize) {
     }
     let body = vec![0u8; gap - RECORD_HEADER_BYTES];
     encode_record(out, KIND_PADDING, 0, &body);
-    debug_assert_eq!(out.len() % block_bytes, 0);
+    debug_assert_eq!((out.len() - start) % block_bytes, 0);
+}
+
+/// Starts a commit: appends a placeholder commit header record to `out` and returns its
+/// offset, to be passed to [`seal_commit`] once the commit's records are appended. If no
+/// record is appended, the caller truncates `out` back to the offset instead: an empty
+/// commit is never written.
+pub fn begin_commit(out: &mut Vec<u8>) -> usize {
+    let start = out.len();
+    debug_assert_eq!(start % RECORD_ALIGN_BYTES, 0);
+    encode_record(out, KIND_COMMIT, 0, &[0u8; COMMIT_HEADER_BODY_BYTES]);
+    start
+}
+
+/// Why [`seal_commit`] could not seal a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    /// No placeholder from [`begin_commit`] at `start`, or a sequence range that is empty
+    /// or starts at 0.
+    #[error("no commit begun at this offset, or an empty sequence range")]
+    NotBegun,
+    /// The padded commit would exceed [`COMMIT_BYTES_MAX`].
+    #[error("commit of {len} bytes exceeds the maximum {COMMIT_BYTES_MAX}")]
+    TooLarge {
+        /// Bytes of the padded commit.
+        len: usize,
+    },
+}
+
+/// Seals the commit begun at `start` by [`begin_commit`]: pads it to a multiple of
+/// `block_bytes` (relative to `start`, which the caller keeps block-aligned in the file),
+/// then fills in the header (length, `first_seq..=last_seq`, CRC32C of the payload) and
+/// re-checksums the header record. Returns the commit's length in bytes.
+///
+/// The records appended between `begin_commit` and this call must be exactly
+/// `first_seq..=last_seq` in order; this is not re-checked here (the server's
+/// `Journal::commit` checks every commit before writing it, and readers refuse an
+/// inconsistent one as corruption).
+pub fn seal_commit(
+    out: &mut Vec<u8>,
+    start: usize,
+    block_bytes: usize,
+    first_seq: u64,
+    last_seq: u64,
+) -> Result<usize, SealError> {
+    let placeholder = out
+        .get(start..)
+        .and_then(|rest| RecordHeader::read_from_prefix(rest).ok())
+        .map(|(header, _)| header);
+    let begun = placeholder.is_some_and(|h| {
+        h.magic == RECORD_MAGIC
+            && h.kind == KIND_COMMIT
+            && h.len.get() as usize == COMMIT_HEADER_RECORD_BYTES
+    });
+    if !begun || first_seq == 0 || last_seq < first_seq {
+        return Err(SealError::NotBegun);
+    }
+    let record_count = last_seq - first_seq + 1;
+    pad_from(out, start, block_bytes);
+    let len = out.len() - start;
+    if len > COMMIT_BYTES_MAX || u32::try_from(record_count).is_err() {
+        return Err(SealError::TooLarge { len });
+    }
+    let body = CommitHeader {
+        commit_bytes: U32::new(len as u32),
+        record_count: U32::new(record_count as u32),
+        first_seq: U64::new(first_seq),
+        last_seq: U64::new(last_seq),
+        payload_crc32c: U32::new(crc32c::crc32c(&out[start + COMMIT_HEADER_RECORD_BYTES..])),
+        reserved: U32::ZERO,
+    };
+    let mut header = Vec::with_capacity(COMMIT_HEADER_RECORD_BYTES);
+    encode_record(&mut header, KIND_COMMIT, 0, body.as_bytes());
+    out[start..start + COMMIT_HEADER_RECORD_BYTES].copy_from_slice(&header);
+    Ok(len)
 }
 
 /// A record read back from journal bytes, borrowing its body.
@@ -157,6 +290,22 @@ pub enum FrameError {
     /// Reserved header field or alignment padding not zero.
     #[error("non-zero reserved bytes")]
     NonZeroReserved,
+    /// A commit header record checksums but its fields are impossible (sequence number not
+    /// 0, wrong body length, length not 8-aligned or out of bounds, counts that disagree,
+    /// non-zero reserved field): written that way, a writer bug.
+    #[error("invalid commit header")]
+    BadCommitHeader,
+    /// Fewer bytes remain than the commit header declares.
+    #[error("truncated commit")]
+    TruncatedCommit,
+    /// The commit's payload does not match the CRC32C in its header.
+    #[error("commit payload checksum mismatch")]
+    BadCommitChecksum,
+    /// The commit's payload checksums, but its records do not match the header (an
+    /// undecodable record, a count or a sequence number off, a nested header): a writer
+    /// bug.
+    #[error("commit records do not match the commit header")]
+    CommitMismatch,
 }
 
 /// Decodes the record starting at `offset`, checking every framing rule.
@@ -207,26 +356,205 @@ pub enum ScanEnd {
         /// Offset just past the last record.
         end: usize,
     },
-    /// The bytes from `end` on are not a valid record and no valid record follows them: the
-    /// tail of an interrupted write. Recovery truncates the file at `end`.
+    /// The bytes from `end` on are not a valid record or whole commit, and no later data
+    /// follows them: the tail of an interrupted write. Recovery truncates the file at
+    /// `end`; for a torn commit that is the commit's start, so none of it survives.
     TornTail {
-        /// Offset just past the last whole record.
+        /// Offset just past the last whole record or commit.
         end: usize,
         /// What was wrong at `end`.
         error: FrameError,
     },
-    /// The record at `offset` is invalid although a valid record with a later sequence
-    /// number follows it: corruption in the middle, which recovery must not skip.
+    /// The record or commit at `offset` is invalid although later data follows it (see
+    /// [`is_later_data_at`]), or it is a commit that checksums but contradicts its header:
+    /// corruption in the middle, which recovery must not skip.
     Corrupt {
-        /// Offset of the invalid record.
+        /// Offset of the invalid record or commit.
         offset: usize,
         /// What was wrong there.
         error: FrameError,
     },
 }
 
-/// Scans `buf` from offset 0, calling `on_record` for each whole record (padding included,
-/// so that callers can see it) in order, and reports how the scan ended.
+/// Checks the fields of a commit header record that decoded (CRC and framing valid).
+/// A header that checksums but is impossible was written that way: the error is
+/// [`FrameError::BadCommitHeader`], which scans report as corruption.
+pub fn parse_commit_header(record: &RawRecord<'_>) -> Result<CommitHeader, FrameError> {
+    if record.kind != KIND_COMMIT || record.seq != 0 {
+        return Err(FrameError::BadCommitHeader);
+    }
+    let header =
+        CommitHeader::read_from_bytes(record.body).map_err(|_| FrameError::BadCommitHeader)?;
+    let len = header.commit_bytes.get() as usize;
+    let first = header.first_seq.get();
+    let last = header.last_seq.get();
+    let count = u64::from(header.record_count.get());
+    // A commit holds at least its header and one record header after it.
+    let fields_ok = (COMMIT_HEADER_RECORD_BYTES + RECORD_HEADER_BYTES..=COMMIT_BYTES_MAX)
+        .contains(&len)
+        && len % RECORD_ALIGN_BYTES == 0
+        && first >= 1
+        && last >= first
+        && count >= 1
+        && last - first == count - 1
+        && header.reserved.get() == 0;
+    if !fields_ok {
+        return Err(FrameError::BadCommitHeader);
+    }
+    Ok(header)
+}
+
+/// What [`check_commit`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitCheck {
+    /// Whole and consistent: its records end at `end`, the commit's end.
+    Whole {
+        /// Offset just past the commit.
+        end: usize,
+        /// Sequence number of its last record.
+        last_seq: u64,
+    },
+    /// Not wholly written: bytes missing, or the payload does not match its CRC. A search
+    /// for later data starts at `resume`, the commit's declared end.
+    Torn {
+        /// The commit's declared end (may lie beyond the buffer).
+        resume: usize,
+        /// What was wrong.
+        error: FrameError,
+    },
+    /// Checksums but its records do not match its header: corruption by a writer bug.
+    Corrupt {
+        /// What was wrong.
+        error: FrameError,
+    },
+}
+
+/// Checks the commit whose header record (parsed into `header`) starts at `offset` of
+/// `buf`. `buf` must hold the commit's whole declared length after `offset` whenever the
+/// stream has those bytes; fewer bytes mean the commit is truncated.
+///
+/// Whole means: every byte present, the payload matches its CRC32C, and the payload is
+/// exactly whole records, no nested commit header, `record_count` non-padding ones with
+/// sequence numbers `first_seq..=last_seq` in order.
+pub fn check_commit(buf: &[u8], offset: usize, header: &CommitHeader) -> CommitCheck {
+    let len = header.commit_bytes.get() as usize;
+    let end = offset.saturating_add(len);
+    if buf.len() < end {
+        return CommitCheck::Torn {
+            resume: end,
+            error: FrameError::TruncatedCommit,
+        };
+    }
+    let payload = &buf[offset + COMMIT_HEADER_RECORD_BYTES..end];
+    if crc32c::crc32c(payload) != header.payload_crc32c.get() {
+        return CommitCheck::Torn {
+            resume: end,
+            error: FrameError::BadCommitChecksum,
+        };
+    }
+    let mismatch = CommitCheck::Corrupt {
+        error: FrameError::CommitMismatch,
+    };
+    let commit = &buf[..end];
+    let mut pos = offset + COMMIT_HEADER_RECORD_BYTES;
+    let mut expected = header.first_seq.get();
+    let last = header.last_seq.get();
+    // Each step consumes at least one record header, so the walk ends.
+    while pos < end {
+        let Ok((record, next)) = decode_record_at(commit, pos) else {
+            return mismatch;
+        };
+        if record.kind == KIND_COMMIT {
+            return mismatch;
+        }
+        if record.kind != KIND_PADDING {
+            if record.seq != expected || record.seq > last {
+                return mismatch;
+            }
+            expected += 1;
+        }
+        pos = next;
+    }
+    // `last < u64::MAX` is implied by `expected` having passed it only by one.
+    if expected.wrapping_sub(1) != last {
+        return mismatch;
+    }
+    CommitCheck::Whole {
+        end,
+        last_seq: last,
+    }
+}
+
+/// The records of a commit that [`check_commit`] found whole (`offset..end` of `buf`),
+/// padding included, the commit header not; offsets are `buf`'s.
+pub fn commit_records(buf: &[u8], offset: usize, end: usize) -> CommitRecords<'_> {
+    CommitRecords {
+        commit: buf.get(..end).unwrap_or(&[]),
+        pos: offset + COMMIT_HEADER_RECORD_BYTES,
+    }
+}
+
+/// Iterator of [`commit_records`].
+#[derive(Debug, Clone)]
+pub struct CommitRecords<'a> {
+    commit: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Iterator for CommitRecords<'a> {
+    type Item = RawRecord<'a>;
+
+    fn next(&mut self) -> Option<RawRecord<'a>> {
+        if self.pos >= self.commit.len() {
+            return None;
+        }
+        // The commit was checked whole, so this decodes; an error just ends the walk.
+        let (record, next) = decode_record_at(self.commit, self.pos).ok()?;
+        self.pos = next;
+        Some(record)
+    }
+}
+
+/// Whether a valid record at `pos` proves that data written after the bad spot exists,
+/// i.e. that the bad spot is corruption and not a torn tail. `last_seq` is the last
+/// sequence number before the bad spot; `framed` whether a commit header was seen in the
+/// stream up to and including the bad spot.
+///
+/// - A valid commit header with `first_seq > last_seq` always counts: it starts a later
+///   commit.
+/// - In a framed stream nothing else counts: the valid records of the torn commit itself
+///   may lie anywhere after the bad spot (a power loss persists blocks out of order).
+/// - In a bare stream (no commit header seen) a valid non-padding record with a later
+///   sequence number counts: a bare write is trusted to persist as a prefix.
+pub fn is_later_data_at(buf: &[u8], pos: usize, last_seq: u64, framed: bool) -> bool {
+    if buf.get(pos..pos + 4) != Some(&RECORD_MAGIC[..]) {
+        return false;
+    }
+    let Ok((record, _)) = decode_record_at(buf, pos) else {
+        return false;
+    };
+    match record.kind {
+        KIND_COMMIT => parse_commit_header(&record).is_ok_and(|h| h.first_seq.get() > last_seq),
+        KIND_PADDING => false,
+        _ => !framed && record.seq > last_seq,
+    }
+}
+
+/// Scans `buf` from offset 0, calling `on_record` for each whole record in order (padding
+/// included, so that callers can see it; commit header records not: they are framing)
+/// and reports how the scan ended.
+///
+/// The rules (docs/journal.md, "Recovery"):
+/// - a valid commit header whose whole commit is present and matches its payload CRC:
+///   its records are handed over (they must be consistent with the header, else
+///   [`ScanEnd::Corrupt`]); a bare record (no commit header around it) is handed over as
+///   is;
+/// - a commit that is incomplete or fails its payload CRC, or bytes that are no valid
+///   record: if every byte from there on is zero, the stream ends cleanly there; else if
+///   later data exists (see [`is_later_data_at`], searched from the bad commit's declared
+///   end, or from the next 8-aligned offset when there is no valid header) it is
+///   [`ScanEnd::Corrupt`]; else it is a [`ScanEnd::TornTail`] at the start of the bad
+///   commit or record: a torn commit is dropped whole.
 ///
 /// `on_record` returning `Err` stops the scan and passes the error through: the caller
 /// checks sequence continuity and body validity there.
@@ -236,46 +564,53 @@ pub fn scan<'a, E>(
 ) -> Result<ScanEnd, E> {
     let mut offset = 0usize;
     let mut last_seq = 0u64;
+    let mut framed = false;
     while offset < buf.len() {
-        match decode_record_at(buf, offset) {
+        let (resume, error) = match decode_record_at(buf, offset) {
+            Ok((record, _)) if record.kind == KIND_COMMIT => {
+                framed = true;
+                let check = parse_commit_header(&record).map(|h| check_commit(buf, offset, &h));
+                match check {
+                    Err(error) | Ok(CommitCheck::Corrupt { error }) => {
+                        return Ok(ScanEnd::Corrupt { offset, error });
+                    }
+                    Ok(CommitCheck::Torn { resume, error }) => (resume, error),
+                    Ok(CommitCheck::Whole {
+                        end,
+                        last_seq: last,
+                    }) => {
+                        for record in commit_records(buf, offset, end) {
+                            on_record(record)?;
+                        }
+                        last_seq = last;
+                        offset = end;
+                        continue;
+                    }
+                }
+            }
             Ok((record, next)) => {
                 if record.kind != KIND_PADDING {
                     last_seq = record.seq;
                 }
                 on_record(record)?;
                 offset = next;
+                continue;
             }
-            Err(error) => {
-                if buf[offset..].iter().all(|&b| b == 0) {
-                    return Ok(ScanEnd::Clean { end: offset });
-                }
-                return Ok(if valid_record_after(buf, offset, last_seq) {
-                    ScanEnd::Corrupt { offset, error }
-                } else {
-                    ScanEnd::TornTail { end: offset, error }
-                });
-            }
+            Err(error) => (align_up(offset + 1), error),
+        };
+        if buf[offset..].iter().all(|&b| b == 0) {
+            return Ok(ScanEnd::Clean { end: offset });
         }
+        let later = (resume..buf.len())
+            .step_by(RECORD_ALIGN_BYTES)
+            .any(|pos| is_later_data_at(buf, pos, last_seq, framed));
+        return Ok(if later {
+            ScanEnd::Corrupt { offset, error }
+        } else {
+            ScanEnd::TornTail { end: offset, error }
+        });
     }
     Ok(ScanEnd::Clean { end: offset })
-}
-
-/// Looks for any valid non-padding record after `offset` whose sequence number is later
-/// than `last_seq`. One write of a tick is contiguous, so a torn write leaves no valid
-/// later record behind it; finding one means the bad bytes are mid-journal corruption.
-fn valid_record_after(buf: &[u8], offset: usize, last_seq: u64) -> bool {
-    let mut probe = align_up(offset + 1);
-    while probe + RECORD_HEADER_BYTES <= buf.len() {
-        if buf[probe..probe + 4] == RECORD_MAGIC {
-            if let Ok((record, _)) = decode_record_at(buf, probe) {
-                if record.kind != KIND_PADDING && record.seq > last_seq {
-                    return true;
-                }
-            }
-        }
-        probe += RECORD_ALIGN_BYTES;
-    }
-    false
 }
 
 #[cfg(test)]
@@ -361,5 +696,294 @@ mod tests {
         let (seen, end) = seqs(&buf);
         assert_eq!(seen.iter().filter(|&&s| s != 0).count(), 2);
         assert_eq!(end, ScanEnd::Clean { end: buf.len() });
+    }
+
+    /// A framed journal: commit `i` holds `sizes[i]` records of `body_len` bytes each,
+    /// sequence numbers continuing from 1. Returns the bytes and each commit's range.
+    fn framed(commits: &[(u64, usize)]) -> (Vec<u8>, Vec<std::ops::Range<usize>>) {
+        let mut out = Vec::new();
+        let mut ranges = Vec::new();
+        let mut seq = 1u64;
+        for &(count, body_len) in commits {
+            let start = begin_commit(&mut out);
+            let first = seq;
+            for _ in 0..count {
+                let body: Vec<u8> = (0..body_len).map(|i| (i as u8) ^ (seq as u8)).collect();
+                encode_record(&mut out, 3, seq, &body);
+                seq += 1;
+            }
+            let len = seal_commit(&mut out, start, 4096, first, seq - 1).unwrap();
+            assert_eq!(len, out.len() - start);
+            ranges.push(start..out.len());
+        }
+        (out, ranges)
+    }
+
+    /// Sequence numbers handed to the callback; fails the test if a commit header is.
+    fn framed_seqs(buf: &[u8]) -> (Vec<u64>, ScanEnd) {
+        let mut seen = Vec::new();
+        let end = scan::<()>(buf, |r| {
+            assert_ne!(r.kind, KIND_COMMIT, "commit headers are not handed over");
+            if r.kind != KIND_PADDING {
+                seen.push(r.seq);
+            }
+            Ok(())
+        })
+        .unwrap();
+        (seen, end)
+    }
+
+    /// Sizes giving commits of 1, 2, 4 and (last) 4 blocks.
+    const COMMITS: [(u64, usize); 4] = [(3, 100), (5, 1000), (12, 1100), (11, 1200)];
+
+    fn seqs_before(commits: &[(u64, usize)], k: usize) -> Vec<u64> {
+        (1..=commits[..k].iter().map(|c| c.0).sum::<u64>()).collect()
+    }
+
+    #[test]
+    fn framed_round_trip() {
+        let (buf, ranges) = framed(&COMMITS);
+        for r in &ranges {
+            assert_eq!(r.start % 4096, 0);
+            assert_eq!(r.len() % 4096, 0);
+        }
+        assert_eq!(ranges[3].len(), 4 * 4096, "the last commit spans 4 blocks");
+        let (seen, end) = framed_seqs(&buf);
+        assert_eq!(seen, seqs_before(&COMMITS, 4));
+        assert_eq!(end, ScanEnd::Clean { end: buf.len() });
+        // Zeros after the last commit (preallocated space) end cleanly too.
+        let mut padded = buf.clone();
+        padded.resize(buf.len() + 8192, 0);
+        assert_eq!(framed_seqs(&padded).1, ScanEnd::Clean { end: buf.len() });
+    }
+
+    #[test]
+    fn commit_torn_at_every_byte_is_dropped_whole() {
+        let (buf, ranges) = framed(&COMMITS);
+        let last = ranges[3].clone();
+        for cut in last.start + 1..last.end {
+            let (seen, end) = framed_seqs(&buf[..cut]);
+            assert_eq!(seen, seqs_before(&COMMITS, 3), "cut at {cut}");
+            assert!(
+                matches!(end, ScanEnd::TornTail { end, .. } if end == last.start),
+                "cut at {cut}: {end:?}"
+            );
+            // The same with the rest zeroed instead of missing (preallocated file).
+            let mut zeroed = buf.clone();
+            zeroed[cut..].fill(0);
+            if zeroed == buf {
+                continue; // only zero padding after the cut: nothing was lost
+            }
+            let (seen, end) = framed_seqs(&zeroed);
+            assert_eq!(seen, seqs_before(&COMMITS, 3), "zeroed from {cut}");
+            assert!(
+                matches!(end, ScanEnd::TornTail { end, .. } if end == last.start),
+                "zeroed from {cut}: {end:?}"
+            );
+        }
+    }
+
+    /// Keeps the blocks of `range` whose bit is set in `mask`, filling the others with
+    /// zeros or garbage.
+    fn persist_blocks(
+        buf: &[u8],
+        range: &std::ops::Range<usize>,
+        mask: u32,
+        garbage: bool,
+    ) -> Vec<u8> {
+        let mut out = buf.to_vec();
+        for (b, block) in out[range.clone()].chunks_mut(4096).enumerate() {
+            if mask & (1 << b) == 0 {
+                for (i, byte) in block.iter_mut().enumerate() {
+                    *byte = if garbage {
+                        (i as u8).wrapping_mul(151) ^ 0x5a ^ b as u8
+                    } else {
+                        0
+                    };
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn out_of_order_blocks_of_the_last_commit_are_a_torn_tail() {
+        // A 4-block and a 3-block last commit.
+        for commits in [COMMITS.to_vec(), vec![(3, 100), (5, 1000), (9, 1000)]] {
+            let (buf, ranges) = framed(&commits);
+            let k = ranges.len() - 1;
+            let last = ranges[k].clone();
+            let blocks = last.len() / 4096;
+            assert!((3..=4).contains(&blocks));
+            let before = seqs_before(&commits, k);
+            for mask in 0..(1u32 << blocks) - 1 {
+                for garbage in [false, true] {
+                    let bad = persist_blocks(&buf, &last, mask, garbage);
+                    let (seen, end) = framed_seqs(&bad);
+                    assert_eq!(seen, before, "mask {mask:b} garbage {garbage}");
+                    if mask == 0 && !garbage {
+                        assert_eq!(end, ScanEnd::Clean { end: last.start });
+                    } else {
+                        assert!(
+                            matches!(end, ScanEnd::TornTail { end, .. } if end == last.start),
+                            "mask {mask:b} garbage {garbage}: {end:?}"
+                        );
+                    }
+                }
+            }
+            // All blocks persisted: the commit is whole.
+            assert_eq!(framed_seqs(&buf).0, seqs_before(&commits, k + 1));
+        }
+    }
+
+    #[test]
+    fn flipped_bit_in_a_commit_that_is_not_the_last_is_corruption() {
+        let (buf, ranges) = framed(&COMMITS);
+        for k in [0, 2] {
+            let range = ranges[k].clone();
+            for byte in range.clone() {
+                // Every bit of the header record, one bit (varying) of every other byte.
+                let bits: Vec<usize> = if byte < range.start + COMMIT_HEADER_RECORD_BYTES {
+                    (0..8).collect()
+                } else {
+                    vec![byte % 8]
+                };
+                for bit in bits {
+                    let mut bad = buf.clone();
+                    bad[byte] ^= 1 << bit;
+                    let (seen, end) = framed_seqs(&bad);
+                    assert!(
+                        matches!(end, ScanEnd::Corrupt { offset, .. } if offset == range.start),
+                        "commit {k} byte {byte} bit {bit}: {end:?}"
+                    );
+                    assert_eq!(seen, seqs_before(&COMMITS, k));
+                }
+            }
+        }
+    }
+
+    /// Commit 1 rebuilt from `records` (kind 3, given seqs) and sealed with the given
+    /// header range, between two good commits (or last, if `last`).
+    fn with_bad_commit(records: &[u64], first: u64, last_seq: u64, last: bool) -> (Vec<u8>, usize) {
+        let mut out = Vec::new();
+        let start = begin_commit(&mut out);
+        encode_record(&mut out, 3, 1, b"first");
+        seal_commit(&mut out, start, 4096, 1, 1).unwrap();
+        let bad_start = begin_commit(&mut out);
+        for &seq in records {
+            encode_record(&mut out, 3, seq, b"body");
+        }
+        seal_commit(&mut out, bad_start, 4096, first, last_seq).unwrap();
+        if !last {
+            let start = begin_commit(&mut out);
+            let next = records.iter().max().copied().unwrap_or(1).max(last_seq) + 1;
+            encode_record(&mut out, 3, next, b"next");
+            seal_commit(&mut out, start, 4096, next, next).unwrap();
+        }
+        (out, bad_start)
+    }
+
+    #[test]
+    fn checksummed_but_inconsistent_commit_is_corruption() {
+        let cases: [(&[u64], u64, u64); 5] = [
+            (&[2, 3, 4], 2, 5), // one record fewer than the header says
+            (&[2, 3, 4], 2, 3), // one more
+            (&[2, 4, 5], 2, 4), // a gap inside
+            (&[3, 4, 5], 2, 4), // first sequence number off
+            (&[2, 3, 3], 2, 4), // a repeat
+        ];
+        for (records, first, last_seq) in cases {
+            for last in [false, true] {
+                let (buf, bad_start) = with_bad_commit(records, first, last_seq, last);
+                let (seen, end) = framed_seqs(&buf);
+                assert_eq!(
+                    end,
+                    ScanEnd::Corrupt {
+                        offset: bad_start,
+                        error: FrameError::CommitMismatch
+                    },
+                    "{records:?} as {first}..={last_seq}, last {last}"
+                );
+                assert_eq!(seen, vec![1]);
+            }
+        }
+        // An undecodable record inside a commit whose payload checksum was computed over it.
+        let (mut buf, bad_start) = with_bad_commit(&[2, 3], 2, 3, true);
+        buf[bad_start + COMMIT_HEADER_RECORD_BYTES + 30] ^= 1;
+        let header_at = bad_start + RECORD_HEADER_BYTES;
+        let mut header =
+            CommitHeader::read_from_bytes(&buf[header_at..bad_start + COMMIT_HEADER_RECORD_BYTES])
+                .unwrap();
+        header.payload_crc32c = U32::new(crc32c::crc32c(
+            &buf[bad_start + COMMIT_HEADER_RECORD_BYTES..],
+        ));
+        let mut record = Vec::new();
+        encode_record(&mut record, KIND_COMMIT, 0, header.as_bytes());
+        buf[bad_start..bad_start + COMMIT_HEADER_RECORD_BYTES].copy_from_slice(&record);
+        assert_eq!(
+            framed_seqs(&buf).1,
+            ScanEnd::Corrupt {
+                offset: bad_start,
+                error: FrameError::CommitMismatch
+            }
+        );
+        // A checksummed header with impossible fields.
+        let mut buf = Vec::new();
+        let mut body = header;
+        body.record_count = U32::new(7);
+        encode_record(&mut buf, KIND_COMMIT, 0, body.as_bytes());
+        buf.resize(4096, 0);
+        assert_eq!(
+            framed_seqs(&buf).1,
+            ScanEnd::Corrupt {
+                offset: 0,
+                error: FrameError::BadCommitHeader
+            }
+        );
+    }
+
+    #[test]
+    fn seal_refuses_what_was_not_begun() {
+        let mut out = Vec::new();
+        encode_record(&mut out, 3, 1, b"x");
+        assert_eq!(
+            seal_commit(&mut out, 0, 4096, 1, 1),
+            Err(SealError::NotBegun)
+        );
+        let start = begin_commit(&mut out);
+        assert_eq!(
+            seal_commit(&mut out, start, 4096, 2, 1),
+            Err(SealError::NotBegun)
+        );
+        assert_eq!(
+            seal_commit(&mut out, start, 4096, 0, 0),
+            Err(SealError::NotBegun)
+        );
+    }
+
+    #[test]
+    fn bare_records_then_commits() {
+        // A journal written bare before commit framing, continued with framed commits.
+        let (mut buf, _) = journal(5);
+        pad_to_block(&mut buf, 4096);
+        let start = begin_commit(&mut buf);
+        encode_record(&mut buf, 3, 6, b"six");
+        seal_commit(&mut buf, start, 4096, 6, 6).unwrap();
+        let (seen, end) = framed_seqs(&buf);
+        assert_eq!(seen, (1..=6).collect::<Vec<_>>());
+        assert_eq!(end, ScanEnd::Clean { end: buf.len() });
+        // Its first commit cut inside: dropped whole.
+        let (seen, end) = framed_seqs(&buf[..start + 100]);
+        assert_eq!(seen, (1..=5).collect::<Vec<_>>());
+        assert!(
+            matches!(end, ScanEnd::TornTail { end, .. } if end == start),
+            "{end:?}"
+        );
+        // Its header lost but its record persisted: no commit header was seen yet, so the
+        // bare rule applies and the later record makes it corruption (the documented
+        // limit: only a stream that has shown a commit header is scanned as framed).
+        let mut torn = buf.clone();
+        torn[start..start + COMMIT_HEADER_RECORD_BYTES].fill(0);
+        assert!(matches!(framed_seqs(&torn).1, ScanEnd::Corrupt { offset, .. } if offset == start));
     }
 }

@@ -18,7 +18,7 @@ use crate::canonical::CanonicalInvoice;
 use crate::idempotency::{issue_time_s, key_fingerprint, request_digest, IndexEntry};
 use crate::invoice::InvoiceKind;
 use crate::issuer::{ConfigError, Issuer, IssuerConfig};
-use crate::journal::frame::{scan, FrameError, RawRecord, ScanEnd, KIND_PADDING};
+use crate::journal::frame::{scan, FrameError, RawRecord, ScanEnd, KIND_COMMIT, KIND_PADDING};
 use crate::journal::record::{Record, RecordError};
 use crate::pool::PoolError;
 use crate::taxpayer::TaxpayerId;
@@ -165,9 +165,10 @@ impl Recovery {
         self.issuer.next_seq
     }
 
-    /// Applies one record (padding records are skipped).
+    /// Applies one record (padding and commit header records are framing and skipped;
+    /// scans do not hand commit headers over, but a caller walking records itself might).
     pub fn apply(&mut self, raw: &RawRecord<'_>) -> Result<(), RecoveryError> {
-        if raw.kind == KIND_PADDING {
+        if raw.kind == KIND_PADDING || raw.kind == KIND_COMMIT {
             return Ok(());
         }
         let seq = raw.seq;

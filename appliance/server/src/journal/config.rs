@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use appliance_core::journal::frame::{record_bytes, RECORD_BODY_BYTES_MAX};
+use appliance_core::journal::frame::{record_bytes, COMMIT_BYTES_MAX, RECORD_BODY_BYTES_MAX};
 
 use super::error::JournalError;
 use super::BLOCK_BYTES;
@@ -16,7 +16,8 @@ pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 1 << 30;
 /// the bound leaves room for large ticks while keeping one write's DMA buffer bounded.
 pub const COMMIT_BYTES_MAX_DEFAULT: usize = 16 << 20;
 /// Default size of one read while recovery scans a segment: 1 MiB. Recovery holds at most
-/// this plus one maximal record in memory per segment, whatever the segment size.
+/// this plus one maximal commit (or record) in memory per segment, whatever the segment
+/// size.
 pub const RECOVERY_CHUNK_BYTES_DEFAULT: usize = 1 << 20;
 
 /// Smallest recovery read accepted: a block-aligned size that holds one maximal record, so
@@ -35,7 +36,9 @@ pub struct JournalConfig {
     /// [`BLOCK_BYTES`] and at least `commit_bytes_max`.
     pub segment_bytes_max: u64,
     /// Largest commit accepted by `Journal::commit`. Default [`COMMIT_BYTES_MAX_DEFAULT`]
-    /// (16 MiB). Must be a multiple of [`BLOCK_BYTES`] and fit in a `u32`.
+    /// (16 MiB). Must be a multiple of [`BLOCK_BYTES`] and at most
+    /// `frame::COMMIT_BYTES_MAX` (16 MiB), the largest commit recovery reads back (it
+    /// holds one whole commit in memory to check it).
     pub commit_bytes_max: usize,
     /// Size of one read during recovery. Default [`RECOVERY_CHUNK_BYTES_DEFAULT`] (1 MiB).
     /// Must be a multiple of [`BLOCK_BYTES`] and at least [`RECOVERY_CHUNK_BYTES_MIN`].
@@ -60,8 +63,8 @@ impl JournalConfig {
         if self.commit_bytes_max < BLOCK_BYTES || self.commit_bytes_max % BLOCK_BYTES != 0 {
             return invalid("commit_bytes_max must be a non-zero multiple of 4096");
         }
-        if u32::try_from(self.commit_bytes_max).is_err() {
-            return invalid("commit_bytes_max must fit in a u32");
+        if self.commit_bytes_max > COMMIT_BYTES_MAX {
+            return invalid("commit_bytes_max must be at most 16 MiB (frame::COMMIT_BYTES_MAX)");
         }
         if self.segment_bytes_max % block != 0 {
             return invalid("segment_bytes_max must be a multiple of 4096");

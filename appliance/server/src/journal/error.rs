@@ -13,7 +13,8 @@ pub enum CommitRejection {
     /// The buffer is empty.
     #[error("commit is empty")]
     Empty,
-    /// The length is not a multiple of the 4096-byte block (`frame::pad_to_block` missing).
+    /// The length is not a multiple of the 4096-byte block (`frame::seal_commit` or
+    /// `frame::pad_to_block` missing).
     #[error("commit length {len} is not a multiple of 4096")]
     Unaligned {
         /// Length of the buffer.
@@ -48,6 +49,27 @@ pub enum CommitRejection {
     /// Only padding records: a commit must carry at least one record.
     #[error("commit holds no record besides padding")]
     NoRecords,
+    /// The buffer starts with a commit header, but the commit is not whole and
+    /// consistent (bad header fields, payload checksum, records that contradict it).
+    #[error("invalid commit framing: {error}")]
+    BadCommit {
+        /// What was wrong.
+        error: FrameError,
+    },
+    /// The commit header's length is not the buffer's: a buffer holds exactly one commit.
+    #[error("commit header declares {declared} bytes, the buffer holds {len}")]
+    CommitLength {
+        /// Length in the commit header.
+        declared: usize,
+        /// Length of the buffer.
+        len: usize,
+    },
+    /// A commit header record anywhere but at the start of the buffer.
+    #[error("commit header record at commit offset {offset}, not at the start")]
+    MisplacedCommitHeader {
+        /// Offset within the buffer.
+        offset: usize,
+    },
 }
 
 /// Errors of the journal files.

@@ -3,9 +3,11 @@
 //! of single records for idempotent replays.
 //!
 //! This module knows the framing (`appliance_core::journal::frame`) but not what record
-//! bodies mean: the core encodes a tick's records into a buffer padded with
-//! `frame::pad_to_block(.., 4096)`, [`Journal::commit`] makes it durable, and on start-up
-//! [`Journal::open`] hands every record back to the core's recovery. docs/journal.md
+//! bodies mean: the shard frames a tick's records as one commit (`frame::begin_commit`,
+//! the core's records, `frame::seal_commit(.., 4096, ..)`: commit header, records,
+//! padding to the block), [`Journal::commit`] makes it durable, and on start-up
+//! [`Journal::open`] hands every record back to the core's recovery; a commit whose
+//! write a crash tore is dropped whole. docs/journal.md
 //! describes the on-disk format and the rules.
 //!
 //! Layout: a directory per shard; segment files named by the sequence number of their
@@ -24,7 +26,8 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use appliance_core::journal::frame::{
-    decode_record_at, pad_to_block, record_bytes, RawRecord, KIND_PADDING,
+    check_commit, decode_record_at, pad_to_block, parse_commit_header, record_bytes, CommitCheck,
+    RawRecord, KIND_COMMIT, KIND_PADDING,
 };
 use glommio::io::{Directory, DmaFile, OpenOptions};
 
@@ -39,7 +42,8 @@ use scan::{scan_segment, SegmentEnd};
 
 /// The journal's block: every commit starts at a multiple of it in its file and is a
 /// multiple of it long, which is what O_DIRECT needs (devices with a larger logical block
-/// are refused at open) and what `frame::pad_to_block(.., 4096)` produces.
+/// are refused at open) and what `frame::seal_commit(.., 4096, ..)` and
+/// `frame::pad_to_block(.., 4096)` produce.
 pub const BLOCK_BYTES: usize = 4096;
 
 /// File name suffix of segment files.
@@ -78,11 +82,11 @@ struct Segment {
 }
 
 /// One entry per commit: where the records from `first_seq` up to the next entry's
-/// `first_seq` lie. Recovery cannot see commit boundaries (the framing does not mark
-/// them), so it starts an entry at every record that starts on a block boundary: every
-/// commit start is one, and the few extra entries (records that happen to end exactly on a
-/// block inside a commit) only make entries finer. 32 bytes, at most one per 4 KiB of
-/// journal.
+/// `first_seq` lie. Recovery starts an entry at every commit header, and (for bare commits,
+/// whose boundaries the framing does not mark) at every record that starts on a block
+/// boundary: every bare commit start is one, and the few extra entries (records that
+/// happen to start a block inside a commit) only make entries finer. 32 bytes, at most one
+/// per 4 KiB of journal.
 #[derive(Debug, Clone, Copy)]
 struct IndexEntry {
     first_seq: u64,
@@ -124,14 +128,17 @@ impl Journal {
     /// checks, each failing with an error that names file and offset:
     /// - sequence numbers are consecutive across records and files, and each file's first
     ///   record carries the number in the file's name (the first file may start anywhere);
-    /// - an invalid record followed by a valid later one is corruption
-    ///   ([`JournalError::Corrupt`]), never skipped;
+    /// - an invalid record or commit followed by later data (a later commit, or for a bare
+    ///   stream a later record) is corruption ([`JournalError::Corrupt`]), never skipped;
+    ///   so is a commit that checksums but contradicts its header;
     /// - a torn tail is accepted only in the last file ([`JournalError::TornTailNotLast`]).
     ///
-    /// A torn tail of the last file is cut off: the block holding the end of the last
-    /// whole record is rewritten with a padding record up to the block boundary, the file
-    /// is truncated there and preallocated again (so everything after reads as zeros), and
-    /// synced. The journal is then positioned after the last record.
+    /// A torn tail of the last file is cut off. A torn commit (incomplete, or its payload
+    /// does not match its CRC, whichever of its blocks persisted) is cut whole at its
+    /// start, a block boundary. A torn bare record is cut after the last whole record: the
+    /// block holding that end is rewritten with a padding record up to the block boundary.
+    /// The file is truncated at the new tail and preallocated again (so everything after
+    /// reads as zeros), and synced. The journal is then positioned after the last record.
     pub async fn open<E>(
         config: JournalConfig,
         mut on_record: impl FnMut(RawRecord<'_>) -> Result<(), E>,
@@ -144,6 +151,10 @@ impl Journal {
         let mut expected: Option<u64> = None;
         let mut current = None;
         let mut tail = 0u64;
+        // Whether a commit header was seen so far: the scan rules of a framed stream
+        // carry over from one file to the next, as in `frame::scan` of the files
+        // concatenated.
+        let mut framed = false;
         for (i, segment) in segments.iter().enumerate() {
             let is_last = i + 1 == segments.len();
             let path = &segment.path;
@@ -173,12 +184,17 @@ impl Journal {
                 path,
                 file_len,
                 config.recovery_chunk_bytes,
+                &mut framed,
                 |record: RawRecord<'_>| -> Result<(), OpenError<E>> {
                     let offset = record.offset as u64;
                     let record_end = offset + record_bytes(record.body.len()) as u64;
-                    if offset % BLOCK_BYTES as u64 == 0 {
+                    if offset % BLOCK_BYTES as u64 == 0 || record.kind == KIND_COMMIT {
                         run_start = offset;
                         run_indexed = false;
+                    }
+                    if record.kind == KIND_COMMIT {
+                        // Framing only: it starts the next index entry, and is not data.
+                        return Ok(());
                     }
                     if record.kind == KIND_PADDING {
                         if run_indexed {
@@ -307,9 +323,12 @@ impl Journal {
     /// only when the commit is on disk, so the caller may release the answers of every
     /// record in it ("nothing acknowledged is lost").
     ///
-    /// `bytes` is what the core encoded and padded with `frame::pad_to_block(.., 4096)`:
-    /// it is checked before writing (whole records, consecutive sequence numbers starting
-    /// at [`Journal::next_seq`], a multiple of the block) and refused with
+    /// `bytes` is one commit as the shard frames it (`frame::begin_commit`, records,
+    /// `frame::seal_commit(.., 4096, ..)`), or a bare one (records padded with
+    /// `frame::pad_to_block(.., 4096)`, as tools and tests still write). It is checked
+    /// before writing (a multiple of the block; a framed commit exactly one whole,
+    /// consistent commit, by the same check recovery applies; whole records, consecutive
+    /// sequence numbers starting at [`Journal::next_seq`]) and refused with
     /// [`JournalError::InvalidCommit`] otherwise; nothing is written then and the journal
     /// stays usable.
     ///
@@ -390,7 +409,7 @@ impl Journal {
         while offset < bytes.len() {
             let (record, next) = decode_record_at(bytes, offset)
                 .map_err(|e| mismatch(format!("{e} at entry offset {offset}")))?;
-            if record.kind != KIND_PADDING {
+            if record.kind != KIND_PADDING && record.kind != KIND_COMMIT {
                 if record.seq == seq {
                     return Ok((record.kind, record.body.to_vec()));
                 }
@@ -474,11 +493,37 @@ impl Journal {
             });
         }
         let mut offset = 0usize;
+        // A commit-framed buffer (it starts with a commit header record) must be exactly
+        // one whole, consistent commit, checked by the same code as recovery; the walk
+        // below then checks its records against the journal's sequence.
+        if let Ok((record, next)) = decode_record_at(bytes, 0) {
+            if record.kind == KIND_COMMIT {
+                let header = parse_commit_header(&record)
+                    .map_err(|error| CommitRejection::BadCommit { error })?;
+                if header.commit_bytes.get() as usize != len {
+                    return Err(CommitRejection::CommitLength {
+                        declared: header.commit_bytes.get() as usize,
+                        len,
+                    });
+                }
+                match check_commit(bytes, 0, &header) {
+                    CommitCheck::Whole { .. } => {}
+                    CommitCheck::Torn { error, .. } | CommitCheck::Corrupt { error } => {
+                        return Err(CommitRejection::BadCommit { error });
+                    }
+                }
+                offset = next;
+            }
+        }
         let mut expected = self.next_seq;
         // Each step consumes at least one record header, so the walk ends.
         while offset < len {
             let (record, next) = decode_record_at(bytes, offset)
                 .map_err(|error| CommitRejection::BadRecord { offset, error })?;
+            if record.kind == KIND_COMMIT {
+                // Anywhere but at the start it would open a commit inside this one.
+                return Err(CommitRejection::MisplacedCommitHeader { offset });
+            }
             if record.kind != KIND_PADDING {
                 if record.seq != expected {
                     return Err(CommitRejection::Sequence {
@@ -694,7 +739,8 @@ async fn write_all(
 }
 
 /// Makes the last segment ready for appending after its scan ended at `end` (just past
-/// the last whole record). Returns the new tail, a multiple of the block.
+/// the last whole record or commit; for a torn commit, the commit's start, which is
+/// block-aligned). Returns the new tail, a multiple of the block.
 ///
 /// If `end` is inside a block, the block's bytes before `end` are written again followed
 /// by a padding record up to the block boundary (as `frame::pad_to_block` does for a

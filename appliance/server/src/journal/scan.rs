@@ -2,20 +2,28 @@
 //!
 //! `frame::scan` classifies a whole in-memory buffer; a segment may be 1 GiB, and every
 //! shard recovers at once, so reading whole files would cost a GiB of memory per shard.
-//! This module applies the same rules (and the same record decoder,
-//! `frame::decode_record_at`) to a file read in chunks, holding at most one chunk plus one
-//! maximal record. The rules, exactly as `frame::scan`:
-//! - records are decoded one after the other from offset 0;
-//! - at the first offset that is not a valid record: if every byte from there to the end of
-//!   the file is zero, the file ends cleanly there; else, if a valid non-padding record
-//!   with a sequence number above the last one seen starts at any later 8-aligned offset,
-//!   the bad record is mid-file corruption; else it is a torn tail.
+//! This module applies the same rules (and the same helpers: `frame::decode_record_at`,
+//! `frame::parse_commit_header`, `frame::check_commit`, `frame::is_later_data_at`) to a
+//! file read in chunks, holding at most one chunk plus one maximal commit
+//! (`frame::COMMIT_BYTES_MAX`, 16 MiB) or record. The rules, exactly as `frame::scan`:
+//! - records and commits are decoded one after the other from offset 0; a whole commit
+//!   (present, matching its payload CRC, consistent with its header) yields its records; a
+//!   commit that checksums but contradicts its header is corruption;
+//! - at the first commit that is incomplete or fails its payload CRC, or offset that is no
+//!   valid record: if every byte from there to the end of the file is zero, the file ends
+//!   cleanly there; else, if later data exists (`frame::is_later_data_at`: a valid commit
+//!   header with a later first sequence number, or in a stream that has shown no commit
+//!   header yet, any valid later record), searched from the bad commit's declared end or
+//!   the next 8-aligned offset, it is mid-file corruption; else a torn tail at the start
+//!   of the bad commit or record.
 //!
 //! The integration tests check that this scan and `frame::scan` agree on damaged files.
 
 use appliance_core::journal::frame::{
-    decode_record_at, record_bytes, FrameError, RawRecord, KIND_PADDING, RECORD_ALIGN_BYTES,
-    RECORD_BODY_BYTES_MAX, RECORD_HEADER_BYTES, RECORD_MAGIC,
+    align_up, check_commit, commit_records, decode_record_at, is_later_data_at,
+    parse_commit_header, record_bytes, CommitCheck, FrameError, RawRecord,
+    COMMIT_HEADER_RECORD_BYTES, KIND_COMMIT, KIND_PADDING, RECORD_ALIGN_BYTES,
+    RECORD_BODY_BYTES_MAX, RECORD_HEADER_BYTES,
 };
 use glommio::io::DmaFile;
 
@@ -30,9 +38,11 @@ const RECORD_SPAN_MAX: usize = record_bytes(RECORD_BODY_BYTES_MAX);
 pub(crate) enum SegmentEnd {
     /// Whole records up to `end`, zeros (or nothing) after it.
     Clean { end: u64 },
-    /// Whole records up to `end`, then bytes that are no record and no valid later record.
+    /// Whole records up to `end`, then bytes that are no whole record or commit, with no
+    /// later data after them.
     TornTail { end: u64, error: FrameError },
-    /// The record at `offset` is invalid but a valid later record follows.
+    /// The record or commit at `offset` is invalid but later data follows, or it is a
+    /// commit that checksums but contradicts its header.
     Corrupt { offset: u64, error: FrameError },
 }
 
@@ -86,12 +96,20 @@ impl ChunkReader<'_> {
 
 /// Scans the segment at `path` (open as `file`, `file_len` bytes long), calling
 /// `on_record` with every whole record in order, padding included, with `offset` set to
-/// the record's offset in the file. Errors of `on_record` stop the scan and pass through.
+/// the record's offset in the file. Unlike `frame::scan`, the header record of each whole
+/// commit is handed over too, before the commit's records (the journal indexes commits by
+/// it); callers must not treat it as data. Errors of `on_record` stop the scan and pass
+/// through.
+///
+/// `framed` says whether a commit header was seen earlier in the journal (previous
+/// segments), and is updated: the scan of a journal's files in order classifies exactly
+/// like `frame::scan` of the files concatenated.
 pub(crate) async fn scan_segment<E>(
     file: &DmaFile,
     path: &std::path::Path,
     file_len: u64,
     chunk_bytes: usize,
+    framed: &mut bool,
     mut on_record: impl FnMut(RawRecord<'_>) -> Result<(), E>,
 ) -> Result<SegmentEnd, E>
 where
@@ -110,8 +128,8 @@ where
     let mut base = 0u64;
     let mut off = 0usize;
     let mut last_seq = 0u64;
-    // Each iteration decodes one record or reads one chunk; the file is finite and both
-    // advance, so the loop ends. The bound is a guard against a logic error.
+    // Each iteration decodes one record or commit, or reads one chunk; the file is finite
+    // and both advance, so the loop ends. The bound is a guard against a logic error.
     let iterations_max = file_len / RECORD_ALIGN_BYTES as u64 + file_len / chunk_bytes as u64 + 2;
     for _ in 0..iterations_max {
         if buf.len() - off < RECORD_SPAN_MAX && !reader.at_eof() {
@@ -127,7 +145,63 @@ where
                 end: base + off as u64,
             });
         }
-        match decode_record_at(&buf, off) {
+        let (resume, error) = match decode_record_at(&buf, off) {
+            Ok((record, _)) if record.kind == KIND_COMMIT => {
+                *framed = true;
+                let header = match parse_commit_header(&record) {
+                    Ok(header) => header,
+                    Err(error) => {
+                        return Ok(SegmentEnd::Corrupt {
+                            offset: base + off as u64,
+                            error,
+                        })
+                    }
+                };
+                // Buffer the whole commit (bounded by `frame::COMMIT_BYTES_MAX` through
+                // the header check) before checking it.
+                let len = header.commit_bytes.get() as usize;
+                if buf.len() - off < len && !reader.at_eof() {
+                    buf.drain(..off);
+                    base += off as u64;
+                    off = 0;
+                    while buf.len() < len && !reader.at_eof() {
+                        reader.fill(&mut buf).await?;
+                    }
+                }
+                match check_commit(&buf, off, &header) {
+                    CommitCheck::Corrupt { error } => {
+                        return Ok(SegmentEnd::Corrupt {
+                            offset: base + off as u64,
+                            error,
+                        })
+                    }
+                    CommitCheck::Torn { resume, error } => (resume, error),
+                    CommitCheck::Whole {
+                        end,
+                        last_seq: last,
+                    } => {
+                        // The header record is framing; it is handed over (see above)
+                        // so that the journal's index can start an entry at the commit.
+                        let header_record = RawRecord {
+                            offset: off,
+                            seq: 0,
+                            kind: KIND_COMMIT,
+                            body: &buf[off + RECORD_HEADER_BYTES..off + COMMIT_HEADER_RECORD_BYTES],
+                        };
+                        for record in
+                            std::iter::once(header_record).chain(commit_records(&buf, off, end))
+                        {
+                            on_record(RawRecord {
+                                offset: (base + record.offset as u64) as usize,
+                                ..record
+                            })?;
+                        }
+                        last_seq = last;
+                        off = end;
+                        continue;
+                    }
+                }
+            }
             Ok((record, next)) => {
                 if record.kind != KIND_PADDING {
                     last_seq = record.seq;
@@ -137,20 +211,22 @@ where
                     ..record
                 })?;
                 off = next;
+                continue;
             }
-            Err(error) => {
-                let at = base + off as u64;
-                buf.drain(..off);
-                let (all_zero, valid_later) = classify_rest(&mut reader, buf, at, last_seq).await?;
-                return Ok(if all_zero {
-                    SegmentEnd::Clean { end: at }
-                } else if valid_later {
-                    SegmentEnd::Corrupt { offset: at, error }
-                } else {
-                    SegmentEnd::TornTail { end: at, error }
-                });
-            }
-        }
+            Err(error) => (align_up(off + 1), error),
+        };
+        let at = base + off as u64;
+        let resume = base + resume as u64;
+        buf.drain(..off);
+        let (all_zero, later) =
+            classify_rest(&mut reader, buf, at, resume, last_seq, *framed).await?;
+        return Ok(if all_zero {
+            SegmentEnd::Clean { end: at }
+        } else if later {
+            SegmentEnd::Corrupt { offset: at, error }
+        } else {
+            SegmentEnd::TornTail { end: at, error }
+        });
     }
     unreachable!(
         "segment scan of {} exceeded its iteration bound",
@@ -159,19 +235,22 @@ where
 }
 
 /// From file offset `at` (where `win` starts; `win` holds what was already read) to the
-/// end of the file: are all bytes zero, and does a valid non-padding record with a
-/// sequence number above `last_seq` start at an 8-aligned offset after `at`?
+/// end of the file: are all bytes zero, and does later data (`frame::is_later_data_at`)
+/// start at an 8-aligned offset from `resume` (> `at`) on?
 async fn classify_rest(
     reader: &mut ChunkReader<'_>,
     mut win: Vec<u8>,
     at: u64,
+    resume: u64,
     last_seq: u64,
+    framed: bool,
 ) -> Result<(bool, bool), JournalError> {
     debug_assert_eq!(at % RECORD_ALIGN_BYTES as u64, 0);
+    debug_assert!(resume > at && resume % RECORD_ALIGN_BYTES as u64 == 0);
     let mut wbase = at;
     let mut zero_checked_to = at;
     let mut all_zero = true;
-    let mut probe = at + RECORD_ALIGN_BYTES as u64;
+    let mut probe = resume;
     let iterations_max = reader.file_len / reader.chunk_bytes as u64 + 2;
     for _ in 0..iterations_max {
         // Read until a maximal record after the probe is buffered, or the file ends.
@@ -186,13 +265,8 @@ async fn classify_rest(
         while probe + RECORD_HEADER_BYTES as u64 <= wend
             && (probe + RECORD_SPAN_MAX as u64 <= wend || reader.at_eof())
         {
-            let rel = (probe - wbase) as usize;
-            if win[rel..rel + 4] == RECORD_MAGIC {
-                if let Ok((record, _)) = decode_record_at(&win, rel) {
-                    if record.kind != KIND_PADDING && record.seq > last_seq {
-                        return Ok((false, true));
-                    }
-                }
+            if is_later_data_at(&win, (probe - wbase) as usize, last_seq, framed) {
+                return Ok((false, true));
             }
             probe += RECORD_ALIGN_BYTES as u64;
         }

@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 
-use appliance_core::journal::frame::{encode_record, pad_to_block};
+use appliance_core::journal::frame::{begin_commit, encode_record, pad_to_block, seal_commit};
 use appliance_server::journal::{
     segment_file_name, Journal, JournalConfig, OpenError, RECOVERY_CHUNK_BYTES_MIN,
 };
@@ -65,6 +65,37 @@ pub fn commit_bytes(first: u64, count: u64) -> Vec<u8> {
     }
     pad_to_block(&mut out, 4096);
     out
+}
+
+/// A commit-framed commit of records `first..first + count` (commit header, records,
+/// padding to the block), as the shard writes them.
+pub fn framed_commit_bytes(first: u64, count: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    let start = begin_commit(&mut out);
+    for seq in first..first + count {
+        encode_record(&mut out, KIND, seq, &body(seq));
+    }
+    seal_commit(&mut out, start, 4096, first, first + count - 1).expect("seal");
+    out
+}
+
+/// Writes framed commits of the given record counts starting at `first`; returns the
+/// next seq.
+pub async fn write_framed_commits(journal: &mut Journal, first: u64, counts: &[u64]) -> u64 {
+    let mut next = first;
+    for &count in counts {
+        let position = journal
+            .commit(&framed_commit_bytes(next, count))
+            .await
+            .expect("commit");
+        assert_eq!(
+            (position.first_seq, position.last_seq),
+            (next, next + count - 1)
+        );
+        next += count;
+        assert_eq!(journal.next_seq(), next);
+    }
+    next
 }
 
 /// A record as the recovery callback saw it.
