@@ -3,6 +3,11 @@
 // Each bench target compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
 
+// The appliance and the emulator binaries run on mimalloc; the core allocates per invoice
+// (request clones, answers), so measuring it on glibc malloc would misstate its cost.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use appliance_core::{Invoice, InvoiceCode, InvoiceNumber, IssueRequest, TaxpayerId};
 use appliance_server::workload::{invoice_code, seller, ticket_request};
 
