@@ -162,7 +162,10 @@ fn issue_loop(args: IssueLoopArgs) -> Result<(), String> {
                 })
                 .collect(),
             retention_ms: RETENTION_MS_DEFAULT,
-            index_capacity_orders: 1 << 16,
+            // The crash test runs this for a fixed time per cycle, so the orders it sends
+            // grow with the machine's speed; 2^16 filled up on an idle 2-core machine
+            // ("idempotency index full"). 2^20 orders is 64 MiB, allocated once.
+            index_capacity_orders: 1 << 20,
             tick_requests_max: 1_024,
         },
         journal: JournalConfig::new(&args.data_dir),
