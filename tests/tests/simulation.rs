@@ -197,7 +197,7 @@ impl World {
     }
 
     fn commit_empty(&mut self) {
-        let tick = self.issuer.begin_tick(self.now_ms, &[]).unwrap();
+        let tick = self.issuer.begin_tick(self.now_ms, Vec::new()).unwrap();
         let refills = tick.refill_requests().to_vec();
         let mut bytes = Vec::new();
         let start = begin_commit(&mut bytes);
@@ -303,7 +303,10 @@ impl World {
 
     fn tick(&mut self) {
         let requests = self.pick_requests();
-        let tick = self.issuer.begin_tick(self.now_ms, &requests).unwrap();
+        let tick = self
+            .issuer
+            .begin_tick(self.now_ms, requests.clone())
+            .unwrap();
         let refills = tick.refill_requests().to_vec();
         if tick.item_count() > 0 && self.rng.random_bool(0.05) {
             // The whole TaxCodes command failed (timeout, connection lost).

@@ -66,7 +66,7 @@ fn main() {
         journal.clear();
         let start = Instant::now();
         let tick = issuer
-            .begin_tick(1_700_000_000_000, &requests)
+            .begin_tick(1_700_000_000_000, requests)
             .expect("tick");
         let codes: Vec<_> = (0..tick.item_count())
             .map(|_| Ok(([7u8; 32], [b'1'; 20])))

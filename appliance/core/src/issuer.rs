@@ -4,13 +4,15 @@
 //! ```text
 //! begin_tick(now_ms, requests) -> Tick     validate, idempotency lookup, take numbers,
 //!                                          canonical bytes for ONE TaxCodes command,
-//!                                          refill requests
+//!                                          refill requests; the tick owns the requests
 //! finish_tick(tick, tax codes, journal)    journal records (control records first, then
 //!     -> Commit                            one Issued or NumberSpoiled per taken number,
 //!                                          consecutive seqs), answers to release once the
-//!                                          journal bytes are durable
-//! abort_tick(tick)                         the TaxCodes command failed as a whole: every
-//!                                          number goes back, nothing was journaled
+//!                                          journal bytes are durable; each issued request
+//!                                          moves into its `Invoice`
+//! abort_tick(tick) -> requests             the TaxCodes command failed as a whole: every
+//!                                          number goes back, nothing was journaled, the
+//!                                          requests come back for a retry
 //! ```
 //!
 //! Design decisions (docs/design/foundation.md is the contract):
@@ -34,13 +36,18 @@
 //! * Control records (segment reserved/returned, upload watermark, batch root) queue up
 //!   and are written first in the next commit, so a segment's `SegmentReserved` always
 //!   precedes the first Issued record of its numbers. They survive an aborted tick.
+//! * The tick takes the requests by value and moves each issued one into its `Invoice`:
+//!   cloning it instead (5 heap allocations per invoice) was the largest single cost of
+//!   the core (docs/PERFORMANCE.md, section 1).
 
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasherDefault;
 use std::ops::Range;
 
 use crate::canonical;
 use crate::idempotency::{
     issue_time_s, key_fingerprint, request_digest, FingerprintMap, IdempotencyIndex, IndexEntry,
+    TaxpayerIdHasher,
 };
 use crate::invoice::{Invoice, InvoiceIdentity, InvoiceKind, IssueRequest};
 use crate::journal::frame::encode_record;
@@ -198,6 +205,9 @@ pub enum Outcome {
     Rejected(IssueError),
 }
 
+/// One new invoice of a tick. Its request stays in `Tick::requests` (at
+/// `request_index`) rather than being cloned here: `finish_tick` moves it from there
+/// into the `Invoice`.
 #[derive(Debug)]
 struct TickItem {
     request_index: u32,
@@ -206,7 +216,6 @@ struct TickItem {
     number: InvoiceNumber,
     fingerprint: u128,
     request_digest: u64,
-    request: IssueRequest,
     canonical: Range<usize>,
     red_original: Option<u128>,
 }
@@ -217,7 +226,11 @@ pub struct Tick {
     shard_id: u32,
     id: u64,
     now_ms: u64,
+    /// The requests given to `begin_tick`, in request order.
+    requests: Vec<IssueRequest>,
     outcomes: Vec<Outcome>,
+    /// In increasing `request_index` order (admitted in request order), which is what
+    /// lets `finish_tick` pair items with requests in one forward pass.
     items: Vec<TickItem>,
     canonical: Vec<u8>,
     refills: Vec<RefillRequest>,
@@ -228,6 +241,10 @@ impl Tick {
     /// or the last tick's time if the clock went backwards.
     pub fn now_ms(&self) -> u64 {
         self.now_ms
+    }
+    /// The tick's requests, in request order (the same indexes as [`Tick::outcomes`]).
+    pub fn requests(&self) -> &[IssueRequest] {
+        &self.requests
     }
     /// Per-request outcome, in request order.
     pub fn outcomes(&self) -> &[Outcome] {
@@ -297,11 +314,15 @@ pub struct Commit {
     pub journal_range: Range<usize>,
 }
 
+/// Seller → pool index. Looked up once per request: a cheap word-wise hasher instead of
+/// SipHash (the keys are configured sellers, not attacker-chosen).
+pub(crate) type SellerMap = HashMap<TaxpayerId, u32, BuildHasherDefault<TaxpayerIdHasher>>;
+
 /// The issuance state of one shard.
 #[derive(Debug)]
 pub struct Issuer {
     pub(crate) config: IssuerConfig,
-    pub(crate) sellers: HashMap<TaxpayerId, u32>,
+    pub(crate) sellers: SellerMap,
     pub(crate) pools: Vec<Pool>,
     pub(crate) index: IdempotencyIndex,
     /// Sequence number of the next record.
@@ -317,7 +338,6 @@ pub struct Issuer {
     ticks_started: u64,
     /// Largest tick time so far (ms since the epoch); see the module docs.
     pub(crate) clock_ms: u64,
-    scratch: Vec<u8>,
 }
 
 impl Issuer {
@@ -350,7 +370,6 @@ impl Issuer {
             tick_in_flight: None,
             ticks_started: 0,
             clock_ms: 0,
-            scratch: Vec::with_capacity(1024),
         })
     }
 
@@ -510,10 +529,14 @@ impl Issuer {
 
     /// Starts a tick: validates every request, answers replays and duplicates, takes a
     /// number per new invoice and encodes its canonical bytes for one TaxCodes command.
+    ///
+    /// The tick owns `requests` from here on: `finish_tick` moves each issued one into
+    /// its `Invoice`, `abort_tick` hands them all back. On an error the requests are
+    /// dropped (both errors are misuse of the tick protocol, not a state to retry from).
     pub fn begin_tick(
         &mut self,
         now_ms: u64,
-        requests: &[IssueRequest],
+        requests: Vec<IssueRequest>,
     ) -> Result<Tick, TickError> {
         if self.tick_in_flight.is_some() {
             return Err(TickError::TickInFlight);
@@ -532,6 +555,7 @@ impl Issuer {
             shard_id: self.config.shard_id,
             id: self.ticks_started,
             now_ms,
+            requests: Vec::new(),
             outcomes: Vec::with_capacity(requests.len()),
             items: Vec::with_capacity(requests.len()),
             // ~300 B is a typical canonical invoice; one allocation for most ticks.
@@ -558,6 +582,11 @@ impl Issuer {
             }
         }
         debug_assert_eq!(tick.outcomes.len(), requests.len());
+        debug_assert!(tick
+            .items
+            .windows(2)
+            .all(|w| w[0].request_index < w[1].request_index));
+        tick.requests = requests;
         self.tick_in_flight = Some(tick.id);
         Ok(tick)
     }
@@ -571,7 +600,7 @@ impl Issuer {
         red_claims_fen: &mut FingerprintMap<i64>,
     ) -> Outcome {
         let fingerprint = key_fingerprint(&request.seller, &request.order_id);
-        let digest = request_digest(request, &mut self.scratch);
+        let digest = request_digest(request);
         if let Some(&(first, first_digest)) = firsts.get(&fingerprint) {
             return if first_digest == digest {
                 Outcome::DuplicateOf { request: first }
@@ -679,7 +708,6 @@ impl Issuer {
             number,
             fingerprint,
             request_digest,
-            request: request.clone(),
             canonical: start..tick.canonical.len(),
             red_original: red_original.map(|(original, _)| original),
         });
@@ -695,7 +723,9 @@ impl Issuer {
 
     /// Ends a tick with the tax server's answers (one per item, in item order): appends
     /// the tick's records to `journal` with consecutive sequence numbers and returns the
-    /// answers. The caller makes `journal` durable before releasing them.
+    /// answers. The caller makes `journal` durable before releasing them. Each issued
+    /// request moves into its `Answer::Issued` invoice; the others are dropped. With the
+    /// wrong number of tax codes the tick is aborted and its requests dropped.
     pub fn finish_tick(
         &mut self,
         tick: Tick,
@@ -737,7 +767,17 @@ impl Issuer {
                 Outcome::NeedsTaxCode { .. } | Outcome::DuplicateOf { .. } => None,
             })
             .collect();
+        // Items are in increasing request order, so one forward pass over the requests
+        // finds each item's request and moves it out without cloning.
+        let mut requests = tick.requests.into_iter().enumerate();
         for (item, result) in tick.items.into_iter().zip(tax_codes) {
+            let request = loop {
+                match requests.next() {
+                    Some((i, request)) if i == item.request_index as usize => break request,
+                    Some(_) => continue,
+                    None => unreachable!("tick item without its request"),
+                }
+            };
             let seq = self.next_seq;
             self.next_seq += 1;
             let pool = &mut self.pools[item.pool as usize];
@@ -759,16 +799,16 @@ impl Issuer {
                         code: item.code.get(),
                         number: item.number.get(),
                         issue_time_s: issue_time_s(tick.now_ms),
-                        total_fen: item.request.total_fen,
+                        total_fen: request.total_fen,
                     });
                     if let Some(original) = item.red_original {
                         self.index
-                            .add_red_fen(original, item.request.total_fen.saturating_abs());
+                            .add_red_fen(original, request.total_fen.saturating_abs());
                     }
                     Answer::Issued {
                         seq,
                         invoice: Invoice {
-                            request: item.request,
+                            request,
                             code: item.code,
                             number: item.number,
                             issue_time_ms: tick.now_ms,
@@ -783,7 +823,7 @@ impl Issuer {
                         Ok(_) => ItemError::InvalidCheckCode,
                     };
                     let record = Record::NumberSpoiled {
-                        seller: item.request.seller,
+                        seller: request.seller,
                         identity: InvoiceIdentity {
                             code: item.code,
                             number: item.number,
@@ -830,7 +870,11 @@ impl Issuer {
     /// in its pool in reverse take order. Nothing was journaled and no index entry was
     /// added, so the issuer is exactly as before `begin_tick` (apart from expiry and
     /// refill requests already emitted). Queued control records stay queued.
-    pub fn abort_tick(&mut self, tick: Tick) -> Result<(), TickError> {
+    ///
+    /// Returns the tick's requests, unchanged and in order, so that the caller can begin
+    /// the same tick again. A tick that is not the one in flight is refused (and its
+    /// requests dropped).
+    pub fn abort_tick(&mut self, tick: Tick) -> Result<Vec<IssueRequest>, TickError> {
         self.check_in_flight(&tick)?;
         for item in tick.items.iter().rev() {
             self.pools[item.pool as usize].untake(item.code, item.number);
@@ -839,7 +883,7 @@ impl Issuer {
             pool.compact();
         }
         self.tick_in_flight = None;
-        Ok(())
+        Ok(tick.requests)
     }
 }
 
@@ -909,7 +953,7 @@ pub(crate) mod tests {
         requests: &[IssueRequest],
         journal: &mut Vec<u8>,
     ) -> Commit {
-        let tick = issuer.begin_tick(now_ms, requests).unwrap();
+        let tick = issuer.begin_tick(now_ms, requests.to_vec()).unwrap();
         let codes = fake_codes(&tick);
         issuer.finish_tick(tick, &codes, journal).unwrap()
     }
@@ -1044,17 +1088,19 @@ pub(crate) mod tests {
         let requests: Vec<_> = (0..4)
             .map(|i| sample_request(&format!("o-{i}"), 100))
             .collect();
-        let tick = issuer.begin_tick(1_000, &requests).unwrap();
+        let tick = issuer.begin_tick(1_000, requests.clone()).unwrap();
         assert_eq!(tick.item_count(), 4);
+        assert_eq!(tick.requests(), &requests[..]);
         assert_eq!(issuer.accounting(&seller()).unwrap().in_flight, 4);
         assert_eq!(
-            issuer.begin_tick(1_000, &[]).unwrap_err(),
+            issuer.begin_tick(1_000, Vec::new()).unwrap_err(),
             TickError::TickInFlight
         );
-        issuer.abort_tick(tick).unwrap();
+        let back = issuer.abort_tick(tick).unwrap();
+        assert_eq!(back, requests, "abort hands the requests back unchanged");
         assert_eq!(issuer.accounting(&seller()).unwrap(), before);
         assert!(issuer.index().is_empty());
-        let commit = run(&mut issuer, 1_000, &requests, &mut journal);
+        let commit = run(&mut issuer, 1_000, &back, &mut journal);
         let numbers: Vec<u32> = commit
             .answers
             .iter()
@@ -1064,12 +1110,69 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn issued_invoices_carry_their_own_request() {
+        // Rejections, duplicates and conflicts between the new invoices: each invoice
+        // must still get the request it was admitted for (the tick pairs items with
+        // requests by index, without cloning).
+        let (mut issuer, mut journal) = ready();
+        let mut stranger = sample_request("o-x", 100);
+        stranger.seller = TaxpayerId::parse("91110000600037341L").unwrap();
+        let r0 = sample_request("o-0", 100);
+        let mut conflicting = r0.clone();
+        conflicting.buyer_name = "李四".into();
+        let r1 = sample_request("o-1", 200);
+        let r2 = sample_request("o-2", 300);
+        let requests = vec![
+            stranger,
+            r0.clone(),
+            r0.clone(),
+            conflicting,
+            r1.clone(),
+            sample_request("o-3", 5_000_000),
+            r2.clone(),
+        ];
+        let tick = issuer.begin_tick(1_000, requests).unwrap();
+        let mut codes = fake_codes(&tick);
+        codes[1] = Err(ItemError::NumberNotHeld);
+        let commit = issuer.finish_tick(tick, &codes, &mut journal).unwrap();
+        assert_eq!(
+            commit.answers[0],
+            Answer::Rejected(IssueError::UnknownSeller)
+        );
+        assert_eq!(issued(&commit.answers[1]).request, r0);
+        assert!(matches!(commit.answers[2], Answer::Replay { .. }));
+        assert_eq!(
+            commit.answers[3],
+            Answer::Rejected(IssueError::IdempotencyConflict)
+        );
+        assert_eq!(
+            commit.answers[4],
+            Answer::Rejected(IssueError::TaxCodeRefused(ItemError::NumberNotHeld))
+        );
+        assert!(matches!(
+            commit.answers[5],
+            Answer::Rejected(IssueError::CeilingExceeded { .. })
+        ));
+        assert_eq!(issued(&commit.answers[6]).request, r2);
+        let recs = records(&journal);
+        for answer in [&commit.answers[1], &commit.answers[6]] {
+            let Answer::Issued { seq, invoice } = answer else {
+                unreachable!()
+            };
+            assert_eq!(
+                &decode_issued(recs[*seq as usize - 1].body).unwrap(),
+                invoice
+            );
+        }
+    }
+
+    #[test]
     fn refused_item_spoils_its_number() {
         let (mut issuer, mut journal) = ready();
         let requests: Vec<_> = (0..3)
             .map(|i| sample_request(&format!("o-{i}"), 100))
             .collect();
-        let tick = issuer.begin_tick(1_000, &requests).unwrap();
+        let tick = issuer.begin_tick(1_000, requests.clone()).unwrap();
         let mut codes = fake_codes(&tick);
         codes[1] = Err(ItemError::NumberNotHeld);
         if let Ok((_, check)) = &mut codes[2] {
@@ -1097,17 +1200,17 @@ pub(crate) mod tests {
     fn tick_protocol_errors() {
         let (mut issuer, mut journal) = ready();
         let (mut other, _) = ready();
-        let tick = other.begin_tick(1, &[]).unwrap();
+        let tick = other.begin_tick(1, Vec::new()).unwrap();
         assert_eq!(
             issuer.finish_tick(tick, &[], &mut journal).unwrap_err(),
             TickError::NotInFlight
         );
         let many = vec![sample_request("o", 1); 65];
         assert!(matches!(
-            issuer.begin_tick(1, &many),
+            issuer.begin_tick(1, many.clone()),
             Err(TickError::TooManyRequests { count: 65, max: 64 })
         ));
-        let tick = issuer.begin_tick(1, &many[..2]).unwrap();
+        let tick = issuer.begin_tick(1, many[..2].to_vec()).unwrap();
         assert_eq!(
             issuer.finish_tick(tick, &[], &mut journal).unwrap_err(),
             TickError::TaxCodeCountMismatch {
@@ -1181,7 +1284,7 @@ pub(crate) mod tests {
             stranger,
             sample_request("o-3", 5_000_000),
         ];
-        let tick = issuer.begin_tick(1, &requests).unwrap();
+        let tick = issuer.begin_tick(1, requests.to_vec()).unwrap();
         assert_eq!(tick.refill_requests().len(), 1);
         assert_eq!(tick.refill_requests()[0].count, 50);
         let codes = fake_codes(&tick);
@@ -1199,18 +1302,20 @@ pub(crate) mod tests {
             Answer::Rejected(IssueError::CeilingExceeded { .. })
         ));
         // The refill is not repeated until a segment arrives.
-        let tick = issuer.begin_tick(2, &[]).unwrap();
+        let tick = issuer.begin_tick(2, Vec::new()).unwrap();
         assert!(tick.refill_requests().is_empty());
         issuer.abort_tick(tick).unwrap();
         issuer.add_segment(&seller(), segment(1, 3)).unwrap();
-        let tick = issuer.begin_tick(3, &requests[..1]).unwrap();
+        let tick = issuer.begin_tick(3, requests[..1].to_vec()).unwrap();
         assert!(
             tick.refill_requests().is_empty(),
             "3 - 1 is not below watermark 2"
         );
         let codes = fake_codes(&tick);
         issuer.finish_tick(tick, &codes, &mut journal).unwrap();
-        let tick = issuer.begin_tick(4, &[sample_request("o-4", 100)]).unwrap();
+        let tick = issuer
+            .begin_tick(4, vec![sample_request("o-4", 100)])
+            .unwrap();
         assert_eq!(tick.refill_requests().len(), 1, "3 - 2 < watermark 2");
         issuer.abort_tick(tick).unwrap();
     }

@@ -16,12 +16,12 @@
 //!
 //! # How a shell drives it
 //! ```text
-//! let tick = issuer.begin_tick(now_ms, &requests)?;   // send tick.refill_requests()
+//! let tick = issuer.begin_tick(now_ms, requests)?;    // send tick.refill_requests()
 //! // one TaxCodes command with tick.canonical_items(); per item Ok((tax, check)) or Err
 //! match hsm result {
 //!     Ok(codes) => { let commit = issuer.finish_tick(tick, &codes, &mut buf)?;
 //!                    // pad, write, fdatasync buf; then release commit.answers }
-//!     Err(_)    => issuer.abort_tick(tick)?,
+//!     Err(_)    => requests = issuer.abort_tick(tick)?, // retry or refuse them
 //! }
 //! // restart: journal::replay::Recovery::apply per record, then finish(now_ms)
 //! ```

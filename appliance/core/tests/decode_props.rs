@@ -367,7 +367,7 @@ proptest! {
                 .unwrap(),
             )
             .unwrap();
-        let tick = issuer.begin_tick(1_000, &requests).unwrap();
+        let tick = issuer.begin_tick(1_000, requests.clone()).unwrap();
         // Whatever was admitted is a valid canonical invoice.
         for item in tick.canonical_items() {
             prop_assert!(canonical::decode(item).is_ok());

@@ -600,7 +600,10 @@ impl Harness {
             .collect();
         let before_seq = self.issuer.next_seq();
         self.now_ms = self.now_ms.max(self.wall_ms);
-        let tick = self.issuer.begin_tick(self.wall_ms, requests).unwrap();
+        let tick = self
+            .issuer
+            .begin_tick(self.wall_ms, requests.to_vec())
+            .unwrap();
         assert_eq!(
             tick.now_ms(),
             self.now_ms,
@@ -609,7 +612,8 @@ impl Harness {
         let mut codes = fake_codes(&tick);
         let aborted = match fault {
             TickFault::Abort => {
-                self.issuer.abort_tick(tick).unwrap();
+                let back = self.issuer.abort_tick(tick).unwrap();
+                assert_eq!(back, requests, "abort hands the requests back unchanged");
                 true
             }
             TickFault::WrongCount => {

@@ -533,7 +533,7 @@ impl Shard {
         let now = self.clock.now_ms();
         let tick = self
             .issuer
-            .begin_tick(now, &[])
+            .begin_tick(now, Vec::new())
             .map_err(|e| internal(self.id, e))?;
         let mut bytes = Vec::with_capacity(JOURNAL_BLOCK_BYTES);
         let start = begin_commit(&mut bytes);
@@ -712,9 +712,10 @@ impl Shard {
                 slots.push(slot);
             }
         }
+        // The tick owns the requests; an abort hands them back for the retry below.
         let mut tick = self
             .issuer
-            .begin_tick(self.clock.now_ms(), &requests)
+            .begin_tick(self.clock.now_ms(), requests)
             .map_err(|e| internal(self.id, e))?;
         self.spawn_refills(tick.refill_requests());
         // A pool that ran dry while its refill is on the way: wait for the segment
@@ -725,7 +726,8 @@ impl Shard {
                 .any(|o| matches!(o, Outcome::Rejected(IssueError::NoNumbersAvailable)))
         };
         if starved(&tick) && self.refills_in_flight > 0 {
-            self.issuer
+            let requests = self
+                .issuer
                 .abort_tick(tick)
                 .map_err(|e| internal(self.id, e))?;
             while self.wait_for_refill().await? {
@@ -735,7 +737,7 @@ impl Shard {
             }
             tick = self
                 .issuer
-                .begin_tick(self.clock.now_ms(), &requests)
+                .begin_tick(self.clock.now_ms(), requests)
                 .map_err(|e| internal(self.id, e))?;
             self.spawn_refills(tick.refill_requests());
         }

@@ -282,10 +282,11 @@ impl Recovery {
         if index.len() >= index.capacity() {
             return Err(RecoveryError::IndexFull { seq });
         }
-        let mut scratch = Vec::new();
         index.insert(IndexEntry {
             fingerprint: IndexEntry::split_fingerprint(fingerprint),
-            request_digest: request_digest(request, &mut scratch),
+            // The same function the live issuer used at begin_tick, over the request
+            // decoded from the canonical bytes: equal digests by construction.
+            request_digest: request_digest(request),
             seq,
             code: content.code.get(),
             number: content.number.get(),
@@ -355,7 +356,7 @@ mod tests {
             let requests: Vec<_> = (0..3)
                 .map(|i| sample_request(&format!("o-{t}-{i}"), 100 + i))
                 .collect();
-            let tick = issuer.begin_tick(1_000 * t, &requests).unwrap();
+            let tick = issuer.begin_tick(1_000 * t, requests).unwrap();
             let mut codes = fake_codes(&tick);
             if t == 2 {
                 codes[0] = Err(crate::validate::ItemError::MalformedInvoice);
@@ -379,6 +380,49 @@ mod tests {
         let a: Vec<_> = live.index().entries().copied().collect();
         let b: Vec<_> = recovered.index().entries().copied().collect();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn digest_at_issue_equals_digest_at_recovery() {
+        // Recovery recomputes each order's request digest from the request decoded out of
+        // the journaled canonical invoice; a retry after a restart is only answered as a
+        // replay if that equals the digest the live issuer stored at begin_tick.
+        let mut issuer = Issuer::new(config()).unwrap();
+        issuer.add_segment(&seller(), segment(1, 20)).unwrap();
+        let mut journal = Vec::new();
+        let mut blue = sample_request("blue", 1_000);
+        blue.buyer_taxpayer = Some(TaxpayerId::parse("91110000600037341L").unwrap());
+        let tick = issuer.begin_tick(1_000, vec![blue.clone()]).unwrap();
+        let codes = fake_codes(&tick);
+        let commit = issuer.finish_tick(tick, &codes, &mut journal).unwrap();
+        let crate::issuer::Answer::Issued { invoice, .. } = &commit.answers[0] else {
+            panic!("{:?}", commit.answers[0])
+        };
+        let mut red = sample_request("red", -100);
+        red.kind = InvoiceKind::Red(crate::invoice::RedReference {
+            original_code: invoice.code,
+            original_number: invoice.number,
+            original_order_id: "blue".into(),
+        });
+        let tick = issuer.begin_tick(2_000, vec![red.clone()]).unwrap();
+        let codes = fake_codes(&tick);
+        issuer.finish_tick(tick, &codes, &mut journal).unwrap();
+
+        let (mut recovered, _) = recover(config(), &journal, 2_000).unwrap();
+        let live: Vec<_> = issuer.index().entries().copied().collect();
+        let back: Vec<_> = recovered.index().entries().copied().collect();
+        assert_eq!(live.len(), 2);
+        assert_eq!(live, back);
+        for (entry, request) in back.iter().zip([&blue, &red]) {
+            assert_eq!(entry.request_digest, request_digest(request));
+        }
+        // And the recovered issuer answers the same requests as replays.
+        let tick = recovered.begin_tick(3_000, vec![blue, red]).unwrap();
+        assert!(tick
+            .outcomes()
+            .iter()
+            .all(|o| matches!(o, crate::issuer::Outcome::Replay { .. })));
+        recovered.abort_tick(tick).unwrap();
     }
 
     #[test]
