@@ -181,11 +181,7 @@ impl World {
                     held.segment.count,
                 )
                 .unwrap();
-                let known = reserved.iter().any(|r| {
-                    r.code == segment.code
-                        && r.first.get() < segment.end()
-                        && segment.first.get() < r.end()
-                });
+                let known = reserved.iter().any(|r| r.overlaps(&segment));
                 if !known {
                     self.issuer.add_segment(&seller, segment).unwrap();
                     self.adopted += 1;

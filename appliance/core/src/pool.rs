@@ -159,9 +159,7 @@ impl Pool {
         if self.cursors.len() >= POOL_SEGMENTS_MAX || self.reserved.len() >= RESERVED_SEGMENTS_MAX {
             return Err(PoolError::TooManySegments);
         }
-        let overlaps = self.reserved.iter().any(|r| {
-            r.code == segment.code && r.first.get() < segment.end() && segment.first.get() < r.end()
-        });
+        let overlaps = self.reserved.iter().any(|r| r.overlaps(&segment));
         if overlaps {
             return Err(PoolError::Overlap);
         }

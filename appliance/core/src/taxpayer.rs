@@ -211,11 +211,33 @@ impl NumberSegment {
     pub fn contains(&self, code: InvoiceCode, number: InvoiceNumber) -> bool {
         code == self.code && number.get() >= self.first.get() && number.get() < self.end()
     }
+
+    /// Whether the two segments share a number.
+    pub fn overlaps(&self, other: &NumberSegment) -> bool {
+        self.code == other.code && self.first.get() < other.end() && other.first.get() < self.end()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn segments_overlap_only_when_they_share_a_number_of_the_same_code() {
+        let code = InvoiceCode::new(144_031_900_111).unwrap();
+        let other_code = InvoiceCode::new(144_031_900_112).unwrap();
+        let seg = |code, first, count| {
+            NumberSegment::new(code, InvoiceNumber::new(first).unwrap(), count).unwrap()
+        };
+        let a = seg(code, 100, 10); // 100..=109
+        assert!(a.overlaps(&seg(code, 109, 5)));
+        assert!(seg(code, 109, 5).overlaps(&a));
+        assert!(a.overlaps(&seg(code, 90, 11)));
+        assert!(a.overlaps(&seg(code, 102, 2)));
+        assert!(!a.overlaps(&seg(code, 110, 5)));
+        assert!(!a.overlaps(&seg(code, 90, 10)));
+        assert!(!a.overlaps(&seg(other_code, 100, 10)));
+    }
 
     #[test]
     fn weights_are_gb32100() {

@@ -476,7 +476,7 @@ impl Shard {
                     to_core_segment(&held.segment).map_err(|e| tax_server_error(self.id, e))?;
                 // Any overlap means the journal knows (part of) it: a partially returned
                 // segment shows up smaller in the device than it was reserved.
-                if !reserved.iter().any(|r| overlaps(r, &segment)) {
+                if !reserved.iter().any(|r| r.overlaps(&segment)) {
                     tracing::warn!(shard = self.id, %seller, ?segment, "adopting a segment granted to this shard but not journaled");
                     self.issuer
                         .add_segment(&seller, segment)
@@ -954,12 +954,6 @@ async fn requisition(
             Err(e) => return Err(e.to_string()),
         }
     }
-}
-
-fn overlaps(a: &NumberSegment, b: &NumberSegment) -> bool {
-    a.code == b.code
-        && u64::from(a.first.get()) < u64::from(b.first.get()) + u64::from(b.count)
-        && u64::from(b.first.get()) < u64::from(a.first.get()) + u64::from(a.count)
 }
 
 fn micros(d: Duration) -> u64 {
