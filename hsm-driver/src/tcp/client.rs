@@ -107,6 +107,27 @@ async fn sleep_until(deadline: Instant) {
     }
 }
 
+/// One permit of `semaphore`, or `Timeout` at `deadline` (`Closed` once the client closed
+/// the semaphore): every wait of a call counts against the call's one deadline.
+async fn permit_until(
+    semaphore: &Semaphore,
+    deadline: Instant,
+) -> Result<glommio::sync::Permit<'_>, HsmError> {
+    or(
+        async {
+            semaphore
+                .acquire_permit(1)
+                .await
+                .map_err(|_| HsmError::Closed)
+        },
+        async {
+            sleep_until(deadline).await;
+            Err(HsmError::Timeout)
+        },
+    )
+    .await
+}
+
 impl TcpClient {
     /// Connects to the tax server at `addr` (the first address it resolves to). Must be
     /// called inside a glommio executor. Fails if this first connection fails, so that
@@ -198,20 +219,7 @@ impl TcpClient {
 
     async fn call_until(&self, request: &Request, deadline: Instant) -> Result<Response, HsmError> {
         let shared = &self.shared;
-        let _permit = or(
-            async {
-                shared
-                    .permits
-                    .acquire_permit(1)
-                    .await
-                    .map_err(|_| HsmError::Closed)
-            },
-            async {
-                sleep_until(deadline).await;
-                Err(HsmError::Timeout)
-            },
-        )
-        .await?;
+        let _permit = permit_until(&shared.permits, deadline).await?;
         let id = loop {
             self.ensure_connected(deadline).await?;
             let mut st = shared.state.borrow_mut();
@@ -262,20 +270,7 @@ impl TcpClient {
                 return Ok(());
             }
         }
-        let _connecting = or(
-            async {
-                shared
-                    .connect_lock
-                    .acquire_permit(1)
-                    .await
-                    .map_err(|_| HsmError::Closed)
-            },
-            async {
-                sleep_until(deadline).await;
-                Err(HsmError::Timeout)
-            },
-        )
-        .await?;
+        let _connecting = permit_until(&shared.connect_lock, deadline).await?;
         let ready_at = {
             let st = shared.state.borrow();
             if st.closed {
