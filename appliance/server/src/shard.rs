@@ -401,8 +401,9 @@ async fn start(config: &ShardConfig) -> Result<(Shard, Journal), ShardError> {
         refills_rx,
         refills_in_flight: 0,
     };
+    // Adopted segments count as available at once, so `fill_pools` only asks for what is
+    // still missing; one commit then makes every reservation durable before serving.
     shard.adopt_granted_segments(config).await?;
-    shard.commit_control_records(&mut journal).await?;
     shard.fill_pools(config).await?;
     shard.commit_control_records(&mut journal).await?;
     Ok((shard, journal))
