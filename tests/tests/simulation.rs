@@ -169,7 +169,6 @@ impl World {
             panic!("inventory answer");
         };
         for seller in sellers() {
-            let reserved = self.issuer.reserved_segments(&seller);
             let inventory = inventories
                 .iter()
                 .find(|i| &i.taxpayer == seller.as_bytes())
@@ -181,9 +180,7 @@ impl World {
                     held.segment.count,
                 )
                 .unwrap();
-                let known = reserved.iter().any(|r| r.overlaps(&segment));
-                if !known {
-                    self.issuer.add_segment(&seller, segment).unwrap();
+                if self.issuer.adopt_granted(&seller, segment).unwrap() {
                     self.adopted += 1;
                 }
             }

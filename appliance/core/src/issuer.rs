@@ -460,6 +460,29 @@ impl Issuer {
         })
     }
 
+    /// Adopts a segment the tax server reports as granted to this shard, unless it
+    /// overlaps a segment this shard ever reserved: then the journal already knows it (a
+    /// partially returned segment shows up smaller in the device than it was reserved).
+    /// A segment the journal does not know was granted just before a crash; adopting it
+    /// (journaled in the next commit, like `add_segment`) keeps its numbers accounted
+    /// for. Returns whether it was adopted.
+    pub fn adopt_granted(
+        &mut self,
+        seller: &TaxpayerId,
+        segment: NumberSegment,
+    ) -> Result<bool, ControlError> {
+        let known = self
+            .pool_mut(seller)?
+            .reserved_segments()
+            .iter()
+            .any(|r| r.overlaps(&segment));
+        if known {
+            return Ok(false);
+        }
+        self.add_segment(seller, segment)?;
+        Ok(true)
+    }
+
     /// Takes every available number of a seller out of the pool and queues
     /// `SegmentReturned` records; give them back to the tax server only after the next
     /// commit is durable.
@@ -930,6 +953,23 @@ pub(crate) mod tests {
             count,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn adopts_only_segments_the_journal_does_not_know() {
+        let mut issuer = Issuer::new(config()).unwrap();
+        issuer.add_segment(&seller(), segment(100, 50)).unwrap();
+        // The device reports what is left of a partially returned segment: known.
+        assert!(!issuer.adopt_granted(&seller(), segment(120, 30)).unwrap());
+        assert!(issuer.adopt_granted(&seller(), segment(150, 10)).unwrap());
+        assert!(!issuer.adopt_granted(&seller(), segment(150, 10)).unwrap());
+        assert_eq!(issuer.accounting(&seller()).unwrap().reserved, 60);
+        assert_eq!(issuer.pending_control_records(), 2);
+        let unknown = TaxpayerId::with_check_char(b"91310000775785552").unwrap();
+        assert_eq!(
+            issuer.adopt_granted(&unknown, segment(1, 1)),
+            Err(ControlError::UnknownSeller)
+        );
     }
 
     /// Fake tax server: tax code = xxh3-128 of the canonical bytes, twice; check code =

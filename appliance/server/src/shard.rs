@@ -471,17 +471,15 @@ impl Shard {
                     format!("tax server does not serve {seller}"),
                 ));
             };
-            let reserved = self.issuer.reserved_segments(&seller);
             for held in inventory.segments.iter().filter(|h| h.holder == self.id) {
                 let segment =
                     to_core_segment(&held.segment).map_err(|e| tax_server_error(self.id, e))?;
-                // Any overlap means the journal knows (part of) it: a partially returned
-                // segment shows up smaller in the device than it was reserved.
-                if !reserved.iter().any(|r| r.overlaps(&segment)) {
-                    tracing::warn!(shard = self.id, %seller, ?segment, "adopting a segment granted to this shard but not journaled");
-                    self.issuer
-                        .add_segment(&seller, segment)
-                        .map_err(|e| tax_server_error(self.id, e))?;
+                let adopted = self
+                    .issuer
+                    .adopt_granted(&seller, segment)
+                    .map_err(|e| tax_server_error(self.id, e))?;
+                if adopted {
+                    tracing::warn!(shard = self.id, %seller, ?segment, "adopted a segment granted to this shard but not journaled");
                 }
             }
         }
