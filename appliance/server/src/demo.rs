@@ -11,12 +11,12 @@
 use crate::child::ListeningChild;
 use crate::journal::JournalConfig;
 use crate::metrics::{latency_table, ShardMetrics, Stage};
-use crate::routing::home_shard;
 use crate::shard::{IssueResult, ShardConfig, ShardHandle};
 use crate::workload::{invoice_code, seller, ticket_request};
 use appliance_core::idempotency::INDEX_CAPACITY_MIN;
 use appliance_core::issuer::RETENTION_MS_DEFAULT;
 use appliance_core::{canonical, Invoice, IssueRequest, IssuerConfig, TaxpayerConfig};
+use appliance_proto::home_shard;
 use hsm_driver::proto::{Request, Response, UploadBatch, UploadStatus};
 use hsm_driver::tcp::{blocking, TcpClientConfig};
 use std::collections::HashSet;

@@ -6,6 +6,5 @@ pub mod child;
 pub mod demo;
 pub mod journal;
 pub mod metrics;
-pub mod routing;
 pub mod shard;
 pub mod workload;
