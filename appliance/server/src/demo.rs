@@ -269,7 +269,8 @@ fn drive(
         for result in results {
             out.push(
                 result
-                    .map_err(|e| DemoError::Verify(format!("shard {}: {e}", handle.shard_id())))?,
+                    .map_err(|e| DemoError::Verify(format!("shard {}: {e}", handle.shard_id())))?
+                    .invoice,
             );
         }
     }
@@ -350,12 +351,12 @@ fn verify_replay(
             .issue(vec![invoice.request.clone()])
             .map_err(setup)?;
         match results.into_iter().next() {
-            Some(Ok(again)) if &again == *invoice => {}
+            Some(Ok(again)) if again.replayed && &again.invoice == *invoice => {}
             Some(Ok(again)) => {
                 return Err(DemoError::Verify(format!(
                     "replay of {:?} answered {:?}",
                     invoice.identity(),
-                    again.identity()
+                    again.invoice.identity()
                 )))
             }
             Some(Err(e)) => {

@@ -3,8 +3,11 @@
 #![deny(missing_docs)]
 
 pub mod child;
+pub mod config;
 pub mod demo;
 pub mod journal;
 pub mod metrics;
+pub mod quic;
+pub mod serve;
 pub mod shard;
 pub mod workload;

@@ -38,6 +38,8 @@ struct Cli {
 enum Cmd {
     /// Bulk demo on the embedded default: emulator child process, one shard per core.
     Demo(DemoArgs),
+    /// Serve invoice requests over QUIC as configured (see docs/operations.md).
+    Serve(ServeArgs),
     /// Run the tax-server emulator (see `appliance hsm-emu --help`).
     #[command(disable_help_flag = true)]
     HsmEmu {
@@ -49,6 +51,16 @@ enum Cmd {
     /// <number> <check code>` per acknowledged invoice (used by the crash test).
     #[command(hide = true)]
     IssueLoop(IssueLoopArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Configuration file (TOML).
+    #[arg(long, required_unless_present = "print_default_config")]
+    config: Option<PathBuf>,
+    /// Print a commented example configuration and exit.
+    #[arg(long)]
+    print_default_config: bool,
 }
 
 #[derive(clap::Args)]
@@ -97,6 +109,49 @@ struct IssueLoopArgs {
     batch: usize,
 }
 
+/// Runs the appliance until SIGINT or SIGTERM, then stops the shards (queued work is
+/// finished and made durable first) and prints their latency tables.
+fn serve(args: ServeArgs) -> Result<(), String> {
+    use appliance_server::config::{ApplianceConfig, EXAMPLE};
+    use appliance_server::metrics::{latency_table, Stage};
+    if args.print_default_config {
+        print!("{EXAMPLE}");
+        return Ok(());
+    }
+    let path = args.config.expect("clap requires --config");
+    let config = ApplianceConfig::load(&path).map_err(|e| e.to_string())?;
+    // Block the stop signals in this thread before any other thread exists, so every
+    // thread inherits the mask and only the sigwait below receives them.
+    // SAFETY: plain libc calls on a local, zero-initialised sigset.
+    let signals = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let appliance =
+        appliance_server::serve::Appliance::start(&config).map_err(|e| e.to_string())?;
+    println!(
+        "serving on {} (shard ports {:?}); control {}",
+        appliance.service_addr(),
+        appliance.shard_ports(),
+        appliance
+            .control_addr()
+            .map_or("disabled".to_owned(), |a| a.to_string())
+    );
+    let mut signal = 0;
+    // SAFETY: `signals` is an initialised set; sigwait only writes `signal`.
+    unsafe { libc::sigwait(&signals, &mut signal) };
+    println!("signal {signal}: stopping");
+    let metrics = appliance.shutdown();
+    for stage in Stage::ALL {
+        print!("{}", latency_table(&metrics, stage));
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Cmd::HsmEmu { args }) = &cli.command {
@@ -136,6 +191,7 @@ fn main() -> ExitCode {
             demo::run(&options).map(|_| ()).map_err(|e| e.to_string())
         }
         Some(Cmd::IssueLoop(args)) => issue_loop(args),
+        Some(Cmd::Serve(args)) => serve(args),
         Some(Cmd::HsmEmu { .. }) => unreachable!("handled above"),
     };
     match result {
@@ -192,13 +248,13 @@ fn issue_loop(args: IssueLoopArgs) -> Result<(), String> {
         let results = shard.issue(requests).map_err(|e| e.to_string())?;
         for result in results {
             match result {
-                Ok(invoice) => writeln!(
+                Ok(issued) => writeln!(
                     stdout,
                     "ACK {} {} {} {}",
-                    invoice.request.order_id,
-                    invoice.code.get(),
-                    invoice.number.get(),
-                    String::from_utf8_lossy(&invoice.check_code)
+                    issued.invoice.request.order_id,
+                    issued.invoice.code.get(),
+                    issued.invoice.number.get(),
+                    String::from_utf8_lossy(&issued.invoice.check_code)
                 ),
                 Err(e) => writeln!(stdout, "ERR {e}"),
             }

@@ -59,6 +59,33 @@ pub struct ShardMetrics {
     pub ticks: u64,
     /// Invoices in the largest tick.
     pub tick_invoices_max: u64,
+    /// Counters of the shard's QUIC endpoints.
+    pub quic: QuicMetrics,
+}
+
+/// Counters of one shard's QUIC endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuicMetrics {
+    /// Connections accepted (handshake started).
+    pub connections_accepted: u64,
+    /// Connections closed because the client identity has no authorisation.
+    pub unauthorised_connections: u64,
+    /// Requests refused because the client may not issue for their seller.
+    pub unauthorised_requests: u64,
+    /// Streams answered with an error frame (malformed, too large, wrong version...).
+    pub frames_refused: u64,
+    /// Requests received here whose home is another shard, forwarded to it.
+    pub forwarded_requests: u64,
+}
+
+impl QuicMetrics {
+    fn merge(&mut self, other: &QuicMetrics) {
+        self.connections_accepted += other.connections_accepted;
+        self.unauthorised_connections += other.unauthorised_connections;
+        self.unauthorised_requests += other.unauthorised_requests;
+        self.frames_refused += other.frames_refused;
+        self.forwarded_requests += other.forwarded_requests;
+    }
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -82,6 +109,7 @@ impl ShardMetrics {
             rejected_requests: 0,
             ticks: 0,
             tick_invoices_max: 0,
+            quic: QuicMetrics::default(),
         }
     }
 
@@ -109,6 +137,7 @@ impl ShardMetrics {
         self.rejected_requests += other.rejected_requests;
         self.ticks += other.ticks;
         self.tick_invoices_max = self.tick_invoices_max.max(other.tick_invoices_max);
+        self.quic.merge(&other.quic);
     }
 }
 
@@ -176,4 +205,107 @@ mod tests {
         m.record(Stage::TaxCode, 0, 1);
         assert_eq!(m.stage(Stage::TaxCode).len(), 2);
     }
+}
+
+/// Renders every shard's metrics in the Prometheus text exposition format: per shard
+/// and stage a latency summary (quantiles 0.5, 0.99, 0.999 and 1 = max, in
+/// microseconds), and the counters.
+pub fn prometheus_text(shards: &[ShardMetrics]) -> String {
+    let mut out = String::new();
+    out.push_str(
+        "# HELP einvoice_stage_latency_us Latency of one request in a stage, microseconds.\n",
+    );
+    out.push_str("# TYPE einvoice_stage_latency_us summary\n");
+    for m in shards {
+        for stage in Stage::ALL {
+            let h = m.stage(stage);
+            for (q, v) in [
+                ("0.5", h.value_at_quantile(0.5)),
+                ("0.99", h.value_at_quantile(0.99)),
+                ("0.999", h.value_at_quantile(0.999)),
+                ("1", h.max()),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "einvoice_stage_latency_us{{shard=\"{}\",stage=\"{}\",quantile=\"{q}\"}} {v}",
+                    m.shard_id,
+                    stage.name()
+                );
+            }
+            let _ = writeln!(
+                out,
+                "einvoice_stage_latency_us_sum{{shard=\"{}\",stage=\"{}\"}} {}",
+                m.shard_id,
+                stage.name(),
+                (h.mean() * h.len() as f64) as u64
+            );
+            let _ = writeln!(
+                out,
+                "einvoice_stage_latency_us_count{{shard=\"{}\",stage=\"{}\"}} {}",
+                m.shard_id,
+                stage.name(),
+                h.len()
+            );
+        }
+    }
+    let counters: [(&str, &str, fn(&ShardMetrics) -> u64); 10] = [
+        (
+            "einvoice_issued_invoices_total",
+            "Invoices newly issued.",
+            |m| m.issued_invoices,
+        ),
+        (
+            "einvoice_replayed_invoices_total",
+            "Requests answered with an earlier invoice.",
+            |m| m.replayed_invoices,
+        ),
+        (
+            "einvoice_rejected_requests_total",
+            "Requests answered with an error.",
+            |m| m.rejected_requests,
+        ),
+        ("einvoice_ticks_total", "Ticks run.", |m| m.ticks),
+        (
+            "einvoice_tick_invoices_max",
+            "Invoices in the largest tick.",
+            |m| m.tick_invoices_max,
+        ),
+        (
+            "einvoice_quic_connections_total",
+            "QUIC connections accepted.",
+            |m| m.quic.connections_accepted,
+        ),
+        (
+            "einvoice_quic_unauthorised_connections_total",
+            "Connections closed for an unauthorised client identity.",
+            |m| m.quic.unauthorised_connections,
+        ),
+        (
+            "einvoice_unauthorised_requests_total",
+            "Requests refused: client not authorised for the seller.",
+            |m| m.quic.unauthorised_requests,
+        ),
+        (
+            "einvoice_frames_refused_total",
+            "Streams answered with an error frame.",
+            |m| m.quic.frames_refused,
+        ),
+        (
+            "einvoice_forwarded_requests_total",
+            "Requests forwarded to their home shard.",
+            |m| m.quic.forwarded_requests,
+        ),
+    ];
+    for (name, help, get) in counters {
+        let kind = if name.ends_with("_total") {
+            "counter"
+        } else {
+            "gauge"
+        };
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for m in shards {
+            let _ = writeln!(out, "{name}{{shard=\"{}\"}} {}", m.shard_id, get(m));
+        }
+    }
+    out
 }

@@ -35,6 +35,7 @@ use hsm_driver::tcp::{HsmError, TcpClient, TcpClientConfig};
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Journal writes are padded to this block size (O_DIRECT alignment).
@@ -76,8 +77,17 @@ pub enum IssueFailure {
     ShardStopped(String),
 }
 
+/// An invoice as answered: issued by this request, or earlier for the same order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedInvoice {
+    /// The invoice.
+    pub invoice: Invoice,
+    /// True when the order had already been issued (idempotent replay of the same request).
+    pub replayed: bool,
+}
+
 /// Result of one request.
-pub type IssueResult = Result<Invoice, IssueFailure>;
+pub type IssueResult = Result<IssuedInvoice, IssueFailure>;
 
 /// Why a shard could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +157,45 @@ pub struct ShardHandle {
     shard_id: u32,
     batch_requests_max: usize,
     tx: Option<flume::Sender<Message>>,
+    /// Dropped to tell the shard (and its QUIC endpoints) to stop.
+    shutdown: Option<flume::Sender<()>>,
     join: Option<glommio::ExecutorJoinHandle<Result<(), ShardError>>>,
+}
+
+/// A shard's inbox as seen by other shards' QUIC endpoints (forwarded requests) and its
+/// own: a channel, never shared state.
+#[derive(Debug, Clone)]
+pub struct ShardSender {
+    tx: flume::Sender<Message>,
+}
+
+impl ShardSender {
+    /// Queues a batch (waiting while the inbox is full); `None` if the shard stopped.
+    /// The batch must not exceed the shard's `tick_requests_max`, which is at least the
+    /// protocol's `BATCH_REQUESTS_MAX`.
+    pub async fn submit_async(
+        &self,
+        requests: Vec<IssueRequest>,
+    ) -> Option<flume::Receiver<Vec<IssueResult>>> {
+        let (reply, rx) = flume::bounded(1);
+        self.tx
+            .send_async(Message::Issue {
+                requests,
+                reply,
+                enqueued: Instant::now(),
+            })
+            .await
+            .ok()?;
+        Some(rx)
+    }
+
+    /// A snapshot of the shard's metrics (blocking; for threads outside the shards).
+    /// `None` if the shard stopped.
+    pub fn metrics(&self) -> Option<ShardMetrics> {
+        let (reply, rx) = flume::bounded(1);
+        self.tx.send(Message::Metrics { reply }).ok()?;
+        rx.recv().ok()
+    }
 }
 
 impl std::fmt::Debug for Message {
@@ -164,42 +212,98 @@ impl ShardHandle {
     /// server, adopted segments granted to it and filled its pools: when this returns
     /// `Ok`, the shard serves.
     pub fn spawn(config: ShardConfig) -> Result<ShardHandle, ShardError> {
-        let shard_id = config.issuer.shard_id;
-        let batch_requests_max = config.issuer.tick_requests_max as usize;
-        let (tx, rx) = flume::bounded(INBOX_BATCHES_MAX);
-        let (ready_tx, ready_rx) = flume::bounded(1);
-        let placement = match config.cpu {
-            Some(cpu) => Placement::Fixed(cpu),
-            None => Placement::Unbound,
-        };
-        let join = LocalExecutorBuilder::new(placement)
-            .name(&format!("shard-{shard_id}"))
-            .io_memory(IO_MEMORY_BYTES)
-            .spawn(move || async move { run(config, rx, ready_tx).await })
-            .map_err(|e| ShardError::Executor {
-                shard: shard_id,
-                message: e.to_string(),
-            })?;
-        match ready_rx.recv() {
-            Ok(()) => Ok(ShardHandle {
-                shard_id,
-                batch_requests_max,
-                tx: Some(tx),
-                join: Some(join),
-            }),
-            Err(_) => {
-                // The shard ended before it was ready: its result says why.
-                let result = join.join();
-                Err(match result {
-                    Ok(Err(e)) => e,
-                    Ok(Ok(())) => ShardError::Stopped { shard: shard_id },
-                    Err(e) => ShardError::Executor {
-                        shard: shard_id,
-                        message: e.to_string(),
-                    },
-                })
+        let mut handles = ShardHandle::spawn_group(vec![config], None)?;
+        Ok(handles.pop().expect("one shard"))
+    }
+
+    /// Starts a group of shards that know each other (shard i is `configs[i]`, whose
+    /// `issuer.shard_id` must be i), each serving QUIC when `quic` is given (one entry
+    /// per shard). Returns once every shard serves; if one fails to start, the ones
+    /// already started are stopped and its error is returned.
+    pub fn spawn_group(
+        configs: Vec<ShardConfig>,
+        quic: Option<Vec<crate::quic::ShardQuic>>,
+    ) -> Result<Vec<ShardHandle>, ShardError> {
+        let count = configs.len();
+        for (i, config) in configs.iter().enumerate() {
+            if config.issuer.shard_id as usize != i {
+                return Err(ShardError::Config {
+                    shard: config.issuer.shard_id,
+                    message: format!("shard at position {i} has id {}", config.issuer.shard_id),
+                });
+            }
+            if (config.issuer.tick_requests_max as usize)
+                < appliance_proto::BATCH_REQUESTS_MAX as usize
+                && quic.is_some()
+            {
+                return Err(ShardError::Config {
+                    shard: config.issuer.shard_id,
+                    message: "tick_requests_max is below the protocol's batch limit".into(),
+                });
             }
         }
+        let inboxes: Vec<(flume::Sender<Message>, flume::Receiver<Message>)> = (0..count)
+            .map(|_| flume::bounded(INBOX_BATCHES_MAX))
+            .collect();
+        let senders: Vec<ShardSender> = inboxes
+            .iter()
+            .map(|(tx, _)| ShardSender { tx: tx.clone() })
+            .collect();
+        let mut quic = quic.map(|q| q.into_iter().map(Some).collect::<Vec<_>>());
+        let mut handles: Vec<ShardHandle> = Vec::with_capacity(count);
+        for (config, (tx, rx)) in configs.into_iter().zip(inboxes) {
+            let shard_id = config.issuer.shard_id;
+            let batch_requests_max = config.issuer.tick_requests_max as usize;
+            let (ready_tx, ready_rx) = flume::bounded(1);
+            let (shutdown_tx, shutdown_rx) = flume::bounded::<()>(1);
+            let placement = match config.cpu {
+                Some(cpu) => Placement::Fixed(cpu),
+                None => Placement::Unbound,
+            };
+            let shard_quic = quic
+                .as_mut()
+                .and_then(|q| q.get_mut(shard_id as usize).and_then(Option::take));
+            let peers = senders.clone();
+            let join = LocalExecutorBuilder::new(placement)
+                .name(&format!("shard-{shard_id}"))
+                .io_memory(IO_MEMORY_BYTES)
+                .spawn(move || async move {
+                    run(config, rx, ready_tx, shutdown_rx, peers, shard_quic).await
+                })
+                .map_err(|e| ShardError::Executor {
+                    shard: shard_id,
+                    message: e.to_string(),
+                })?;
+            match ready_rx.recv() {
+                Ok(()) => handles.push(ShardHandle {
+                    shard_id,
+                    batch_requests_max,
+                    tx: Some(tx),
+                    shutdown: Some(shutdown_tx),
+                    join: Some(join),
+                }),
+                Err(_) => {
+                    // The shard ended before it was ready: its result says why.
+                    drop(shutdown_tx);
+                    let result = join.join();
+                    stop_all(&mut handles);
+                    return Err(match result {
+                        Ok(Err(e)) => e,
+                        Ok(Ok(())) => ShardError::Stopped { shard: shard_id },
+                        Err(e) => ShardError::Executor {
+                            shard: shard_id,
+                            message: e.to_string(),
+                        },
+                    });
+                }
+            }
+        }
+        Ok(handles)
+    }
+
+    /// The shard's inbox as a sender other code can hold.
+    pub fn sender_handle(&self) -> Option<ShardSender> {
+        self.tx.as_ref().map(|tx| ShardSender { tx: tx.clone() })
     }
 
     /// Shard id.
@@ -266,14 +370,33 @@ impl ShardHandle {
         })
     }
 
-    fn stop(&mut self) -> Result<(), ShardError> {
+    /// Tells the shard to stop without waiting for it.
+    fn signal_stop(&mut self) {
         self.tx.take();
+        self.shutdown.take();
+    }
+
+    fn stop(&mut self) -> Result<(), ShardError> {
+        self.signal_stop();
         match self.join.take() {
             Some(join) => join.join().map_err(|e| ShardError::Executor {
                 shard: self.shard_id,
                 message: e.to_string(),
             })?,
             None => Ok(()),
+        }
+    }
+}
+
+/// Signals every shard first, then waits for each: shards hold each other's inboxes
+/// (forwarding), so stopping them one at a time would wait on a peer still running.
+pub fn stop_all(handles: &mut [ShardHandle]) {
+    for handle in handles.iter_mut() {
+        handle.signal_stop();
+    }
+    for handle in handles.iter_mut() {
+        if let Err(e) = handle.stop() {
+            tracing::error!(shard = handle.shard_id, error = %e, "shard stopped with an error");
         }
     }
 }
@@ -344,8 +467,18 @@ async fn run(
     config: ShardConfig,
     rx: flume::Receiver<Message>,
     ready: flume::Sender<()>,
+    shutdown: flume::Receiver<()>,
+    peers: Vec<ShardSender>,
+    quic: Option<crate::quic::ShardQuic>,
 ) -> Result<(), ShardError> {
     let (mut shard, journal) = start(&config).await?;
+    let endpoints = match quic {
+        Some(quic) => spawn_endpoints(&shard, quic, peers, &shutdown),
+        None => {
+            drop(peers);
+            Vec::new()
+        }
+    };
     let _ = ready.send(());
     drop(ready);
     // The committer owns the journal from here on: it writes tick N while this task
@@ -357,10 +490,42 @@ async fn run(
         commit_rx,
         Rc::clone(&shard.metrics),
     ));
-    let served = shard.serve(&config, rx, &commit_tx).await;
+    let served = shard.serve(&config, rx, &shutdown, &commit_tx).await;
+    for endpoint in endpoints {
+        endpoint.await;
+    }
     drop(commit_tx);
     let committed = committer.await;
     served.and(committed)
+}
+
+/// Starts the shard's two QUIC endpoints (service port and own port).
+fn spawn_endpoints(
+    shard: &Shard,
+    quic: crate::quic::ShardQuic,
+    peers: Vec<ShardSender>,
+    shutdown: &flume::Receiver<()>,
+) -> Vec<glommio::task::JoinHandle<()>> {
+    let context = Rc::new(crate::quic::endpoint::EndpointContext {
+        shard_id: shard.id,
+        shards: peers,
+        shard_ports: quic.shard_ports,
+        authorisation: quic.authorisation,
+        metrics: Rc::clone(&shard.metrics),
+    });
+    [quic.service_socket, quic.shard_socket]
+        .into_iter()
+        .map(|socket| {
+            let socket = glommio::net::UdpSocket::from(socket);
+            glommio::spawn_local(crate::quic::endpoint::serve(
+                socket,
+                Arc::clone(&quic.server_config),
+                Rc::clone(&context),
+                shutdown.clone(),
+            ))
+            .detach()
+        })
+        .collect()
 }
 
 async fn start(config: &ShardConfig) -> Result<(Shard, Journal), ShardError> {
@@ -552,17 +717,37 @@ impl Shard {
         &mut self,
         config: &ShardConfig,
         rx: flume::Receiver<Message>,
+        shutdown: &flume::Receiver<()>,
         commit_tx: &LocalSender<CommitJob>,
     ) -> Result<(), ShardError> {
         let tick_max = config.issuer.tick_requests_max as usize;
         let mut carry: Option<Message> = None;
+        let mut stopping = false;
         loop {
             let first = match carry.take() {
                 Some(message) => message,
-                None => match rx.recv_async().await {
+                // Stopping: serve what is already queued, then end. Peers' endpoints may
+                // still hold this inbox, so "every sender dropped" cannot be waited for.
+                None if stopping => match rx.try_recv() {
                     Ok(message) => message,
-                    Err(_) => return Ok(()), // every handle dropped: orderly shutdown
+                    Err(_) => return Ok(()),
                 },
+                None => {
+                    let next =
+                        futures_lite::future::or(async { Some(rx.recv_async().await) }, async {
+                            let _ = shutdown.recv_async().await;
+                            None
+                        })
+                        .await;
+                    match next {
+                        Some(Ok(message)) => message,
+                        Some(Err(_)) => return Ok(()), // every sender dropped
+                        None => {
+                            stopping = true;
+                            continue;
+                        }
+                    }
+                }
             };
             // Gather every batch already waiting, up to the tick bound.
             let mut batches: Vec<(Vec<IssueRequest>, BatchSlot)> = Vec::new();
@@ -877,7 +1062,10 @@ async fn answer_one(
     Ok(match answer {
         Answer::Issued { invoice, .. } => {
             metrics.borrow_mut().issued_invoices += 1;
-            Ok(invoice)
+            Ok(IssuedInvoice {
+                invoice,
+                replayed: false,
+            })
         }
         Answer::Replay { seq, identity } => {
             let journal_error = |e: String| ShardError::Journal {
@@ -898,7 +1086,10 @@ async fn answer_one(
                 )));
             }
             metrics.borrow_mut().replayed_invoices += 1;
-            Ok(invoice)
+            Ok(IssuedInvoice {
+                invoice,
+                replayed: true,
+            })
         }
         Answer::Rejected(error) => {
             metrics.borrow_mut().rejected_requests += 1;

@@ -1,0 +1,312 @@
+//! The `serve` configuration file (TOML). Every setting, its default and its meaning is
+//! listed in docs/operations.md; `appliance serve --print-default-config` prints a
+//! commented example.
+
+use crate::quic::auth::ClientGrant;
+use crate::quic::tls::TlsFiles;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplianceConfig {
+    /// Where journals live: one `shard-<i>` directory per shard. Must not be tmpfs
+    /// (journals use O_DIRECT).
+    pub data_dir: PathBuf,
+    /// Shards (one glommio executor each). Default: one per CPU.
+    #[serde(default)]
+    pub shards: Option<u32>,
+    /// CPU of each shard (index = shard id). Default: shard i on CPU i mod CPUs; an empty
+    /// list leaves shards unpinned.
+    #[serde(default)]
+    pub cpus: Option<Vec<usize>>,
+    /// Network addresses.
+    #[serde(default)]
+    pub listen: ListenConfig,
+    /// TLS material (server certificate and the CA client certificates must chain to).
+    pub tls: TlsFiles,
+    /// Client identities (certificate Common Names) and the sellers each may issue for.
+    pub clients: Vec<ClientGrant>,
+    /// The tax server.
+    pub tax_server: TaxServerConfig,
+    /// Seller taxpayers served.
+    pub taxpayers: Vec<TaxpayerEntry>,
+    /// Limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Network addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// The shared service port (UDP, every shard, SO_REUSEPORT). Default `0.0.0.0:4433`.
+    pub service: SocketAddr,
+    /// Each shard's own UDP port, index = shard id. Default: empty, meaning service port
+    /// + 1 + shard id (or free ports when the service port is 0).
+    pub shard_ports: Vec<u16>,
+    /// Control port (HTTP: `/metrics` in Prometheus text format, `/status` in JSON).
+    /// Default `127.0.0.1:9443`.
+    pub control: SocketAddr,
+    /// Disable the control port. Default false.
+    pub control_disabled: bool,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            service: "0.0.0.0:4433".parse().expect("static address"),
+            shard_ports: Vec::new(),
+            control: "127.0.0.1:9443".parse().expect("static address"),
+            control_disabled: false,
+        }
+    }
+}
+
+/// How the tax server is reached.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaxServerConfig {
+    /// Route: `tcp://host:port`.
+    pub route: String,
+    /// Longest wait for one connect, ms. Default 1,000.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Deadline of one command, ms. Default 5,000.
+    #[serde(default = "default_call_timeout_ms")]
+    pub call_timeout_ms: u64,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    1_000
+}
+fn default_call_timeout_ms() -> u64 {
+    5_000
+}
+
+/// One seller taxpayer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaxpayerEntry {
+    /// Unified social credit code (18 characters, GB 32100-2015 check character).
+    pub id: String,
+    /// Single-invoice ceiling in fen (set by the tax authority).
+    pub ceiling_fen: i64,
+    /// Per shard: requisition more numbers when fewer than this remain. Default 20,000.
+    #[serde(default = "default_low_watermark")]
+    pub low_watermark: u32,
+    /// Per shard: numbers asked for per requisition. Default 100,000.
+    #[serde(default = "default_refill_count")]
+    pub refill_count: u32,
+}
+
+fn default_low_watermark() -> u32 {
+    20_000
+}
+fn default_refill_count() -> u32 {
+    100_000
+}
+
+/// Limits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Requests per tick (one tax-code command, one journal commit). Default 8,192; at
+    /// least the protocol's batch limit (4,096).
+    pub tick_requests_max: u32,
+    /// Orders each shard's idempotency index remembers (64 B each, allocated at start).
+    /// Default 4,000,000 (256 MB per shard).
+    pub index_capacity_orders: u32,
+    /// Days an order is remembered for idempotent replay. Default 35.
+    pub retention_days: u32,
+    /// Bytes per journal segment file. Default 1 GiB.
+    pub journal_segment_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            tick_requests_max: 8_192,
+            index_capacity_orders: 4_000_000,
+            retention_days: 35,
+            journal_segment_bytes: crate::journal::SEGMENT_BYTES_MAX_DEFAULT,
+        }
+    }
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Not valid TOML for this schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Detail (line and column included).
+        message: String,
+    },
+    /// A value out of range or inconsistent with another.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ApplianceConfig {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<ApplianceConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: ApplianceConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Shards to run.
+    pub fn shard_count(&self) -> u32 {
+        self.shards.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
+        })
+    }
+
+    /// The CPU of shard `i`, if pinned.
+    pub fn cpu_of(&self, shard: u32) -> Option<usize> {
+        match &self.cpus {
+            Some(list) if list.is_empty() => None,
+            Some(list) => list.get(shard as usize).copied(),
+            None => {
+                let cpus = std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1);
+                Some(shard as usize % cpus)
+            }
+        }
+    }
+
+    /// Per-shard ports as configured (possibly all 0 = free ports).
+    pub fn shard_ports(&self) -> Vec<u16> {
+        let shards = self.shard_count();
+        if !self.listen.shard_ports.is_empty() {
+            return self.listen.shard_ports.clone();
+        }
+        let base = self.listen.service.port();
+        (0..shards)
+            .map(|i| {
+                if base == 0 {
+                    0
+                } else {
+                    base.saturating_add(1 + i as u16)
+                }
+            })
+            .collect()
+    }
+
+    /// Checks values that serde cannot.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let shards = self.shard_count();
+        if shards == 0 || shards > 256 {
+            return invalid(format!("shards = {shards}; 1..=256 allowed"));
+        }
+        if let Some(cpus) = &self.cpus {
+            if !cpus.is_empty() && cpus.len() != shards as usize {
+                return invalid(format!("{} cpus listed for {shards} shards", cpus.len()));
+            }
+        }
+        if !self.listen.shard_ports.is_empty() && self.listen.shard_ports.len() != shards as usize {
+            return invalid(format!(
+                "{} shard ports listed for {shards} shards",
+                self.listen.shard_ports.len()
+            ));
+        }
+        if self.taxpayers.is_empty() {
+            return invalid("no taxpayers configured".into());
+        }
+        if self.clients.is_empty() {
+            return invalid("no clients configured: nobody could issue".into());
+        }
+        if self.limits.tick_requests_max < appliance_proto::BATCH_REQUESTS_MAX {
+            return invalid(format!(
+                "limits.tick_requests_max = {} is below the protocol batch limit {}",
+                self.limits.tick_requests_max,
+                appliance_proto::BATCH_REQUESTS_MAX
+            ));
+        }
+        if self.limits.retention_days == 0 {
+            return invalid("limits.retention_days must be at least 1".into());
+        }
+        self.tax_server_addr()?;
+        Ok(())
+    }
+
+    /// The tax server's address from its `tcp://host:port` route.
+    pub fn tax_server_addr(&self) -> Result<SocketAddr, ConfigError> {
+        let route = &self.tax_server.route;
+        let Some(rest) = route.strip_prefix("tcp://") else {
+            return Err(ConfigError::Invalid(format!(
+                "tax_server.route {route:?}: expected tcp://host:port"
+            )));
+        };
+        use std::net::ToSocketAddrs;
+        rest.to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!("tax_server.route {route:?}: cannot resolve"))
+            })
+    }
+}
+
+/// A commented example configuration with every default spelled out.
+pub const EXAMPLE: &str = r#"# appliance serve --config appliance.toml
+data_dir = "/var/lib/einvoice"      # one shard-<i> journal directory per shard; not tmpfs
+# shards = 2                        # default: one per CPU
+# cpus = [0, 1]                     # default: shard i on CPU i mod CPUs; [] = unpinned
+
+[listen]
+service = "0.0.0.0:4433"            # shared UDP port, every shard (SO_REUSEPORT)
+# shard_ports = [4434, 4435]        # default: service port + 1 + shard id
+control = "127.0.0.1:9443"          # HTTP: /metrics (Prometheus), /status (JSON)
+control_disabled = false
+
+[tls]
+cert = "/etc/einvoice/server.pem"   # server certificate chain, PEM
+key = "/etc/einvoice/server.key"    # its private key, PEM
+client_ca = "/etc/einvoice/ca.pem"  # client certificates must chain to this CA
+
+[[clients]]
+identity = "ticketing"              # client certificate Common Name
+sellers = ["*"]                     # every seller; or a list of credit codes
+
+[tax_server]
+route = "tcp://127.0.0.1:7300"
+connect_timeout_ms = 1000
+call_timeout_ms = 5000
+
+[[taxpayers]]
+id = "91110000000000001X"           # replace with the seller's credit code
+ceiling_fen = 10000000              # single-invoice ceiling (100,000.00 yuan)
+low_watermark = 20000               # per shard
+refill_count = 100000               # per shard and requisition
+
+[limits]
+tick_requests_max = 8192
+index_capacity_orders = 4000000     # per shard, 64 B each
+retention_days = 35
+journal_segment_bytes = 1073741824
+"#;

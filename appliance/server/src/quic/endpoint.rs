@@ -1,0 +1,762 @@
+//! One QUIC endpoint on one UDP socket, driven by quinn-proto (sans-IO) from the shard's
+//! glommio executor: no Send futures, no locks, no other thread.
+//!
+//! Three kinds of task share the executor with the shard's tick loop:
+//! - the receiver reads datagrams from the socket and queues them for the driver;
+//! - the driver owns the quinn-proto endpoint and every connection: it feeds datagrams
+//!   in, reads requests from streams, writes replies, sends what quinn-proto wants sent
+//!   and fires its timers;
+//! - one exchange task per issue frame hands the requests to their home shards (this one
+//!   or, forwarded over a channel, another), waits until they are durable and queues the
+//!   encoded reply for the driver.
+//!
+//! Limits (TigerStyle: a bound on everything): connections per endpoint, streams per
+//! connection (QUIC flow control enforces it on the client), bytes buffered per stream
+//! ([`FRAME_BYTES_MAX`]) and per connection ([`CONNECTION_INBOUND_BYTES_MAX`]), datagrams
+//! queued between receiver and driver.
+
+use super::auth::Authorisation;
+use crate::metrics::ShardMetrics;
+use crate::shard::{IssueFailure, IssueResult, ShardSender};
+use appliance_proto::{
+    encode_error_frame, encode_result, home_shard, split_frame, split_items, ErrorCode, FrameKind,
+    Header, HeaderError, HelloReply, ItemResult, BATCH_REQUESTS_MAX, FRAME_BYTES_MAX, HEADER_BYTES,
+    STREAMS_PER_CONNECTION_MAX,
+};
+use bytes::BytesMut;
+use glommio::net::UdpSocket;
+use quinn_proto::{
+    ConnectionHandle, DatagramEvent, Dir, Event, ReadError, ServerConfig, StreamEvent, StreamId,
+    VarInt, WriteError,
+};
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Connections one endpoint serves at once; more are refused at the handshake.
+pub const CONNECTIONS_MAX: usize = 1024;
+/// Bytes of unfinished request frames buffered per connection; beyond it the endpoint
+/// stops reading that connection's streams until a frame completes, so QUIC flow control
+/// pushes back on the client.
+pub const CONNECTION_INBOUND_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// Datagrams queued between the receiver task and the driver.
+const INPUT_QUEUE_MAX: usize = 4096;
+/// Inputs the driver takes per turn before it drives the connections.
+const INPUTS_PER_TURN_MAX: usize = 512;
+/// Largest UDP payload read.
+const DATAGRAM_BYTES_MAX: usize = 65_535;
+
+/// Application error codes of QUIC CONNECTION_CLOSE and STOP_SENDING frames.
+pub mod close_code {
+    /// The client's certificate names an identity with no authorisation.
+    pub const UNAUTHORISED_CLIENT: u32 = 0x10;
+    /// The endpoint is shutting down.
+    pub const SHUTDOWN: u32 = 0x11;
+    /// The request frame is larger than the limit (STOP_SENDING on that stream).
+    pub const FRAME_TOO_LARGE: u32 = 0x12;
+    /// The request frame's header is invalid (STOP_SENDING on that stream).
+    pub const MALFORMED: u32 = 0x13;
+}
+
+/// What the endpoint knows about the appliance, shared by its exchanges.
+pub struct EndpointContext {
+    /// This shard.
+    pub shard_id: u32,
+    /// Every shard's inbox, index = shard id (this shard's own included).
+    pub shards: Vec<ShardSender>,
+    /// The per-shard UDP ports, for hello.
+    pub shard_ports: Vec<u16>,
+    /// Who may issue for which seller.
+    pub authorisation: Arc<Authorisation>,
+    /// Counters of this shard's endpoints.
+    pub metrics: Rc<RefCell<ShardMetrics>>,
+}
+
+enum Input {
+    Datagram {
+        data: BytesMut,
+        from: SocketAddr,
+    },
+    Reply {
+        ch: ConnectionHandle,
+        stream: StreamId,
+        frame: Vec<u8>,
+    },
+}
+
+/// A request frame being received.
+#[derive(Default)]
+struct Inbound {
+    bytes: Vec<u8>,
+    header_checked: bool,
+}
+
+/// A reply being sent.
+struct Outbound {
+    frame: Vec<u8>,
+    written: usize,
+}
+
+struct Conn {
+    inner: quinn_proto::Connection,
+    identity: Option<Rc<str>>,
+    inbound: HashMap<StreamId, Inbound>,
+    inbound_bytes: usize,
+    /// Readable streams left unread while the connection was over its inbound budget.
+    paused: HashSet<StreamId>,
+    outbound: HashMap<StreamId, Outbound>,
+}
+
+/// Runs one endpoint on `socket` until `shutdown` disconnects.
+pub async fn serve(
+    socket: UdpSocket,
+    server_config: Arc<ServerConfig>,
+    context: Rc<EndpointContext>,
+    shutdown: flume::Receiver<()>,
+) {
+    let socket = Rc::new(socket);
+    let local_ip = socket.local_addr().ok().map(|a| a.ip());
+    let (input_tx, input_rx) = flume::bounded(INPUT_QUEUE_MAX);
+    let input_tx = Rc::new(input_tx);
+    let receiver = glommio::spawn_local(receive(Rc::clone(&socket), Rc::clone(&input_tx)));
+    let endpoint = quinn_proto::Endpoint::new(
+        Arc::new(quinn_proto::EndpointConfig::default()),
+        Some(Arc::clone(&server_config)),
+        true,
+        None,
+    );
+    let mut driver = Driver {
+        endpoint,
+        socket,
+        local_ip,
+        conns: HashMap::new(),
+        context,
+        input_tx,
+        buf: Vec::with_capacity(DATAGRAM_BYTES_MAX),
+    };
+    driver.run(input_rx, shutdown).await;
+    receiver.cancel().await;
+}
+
+async fn receive(socket: Rc<UdpSocket>, inputs: Rc<flume::Sender<Input>>) {
+    let mut buf = vec![0u8; DATAGRAM_BYTES_MAX];
+    loop {
+        match socket.recv_from(&mut buf).await {
+            Ok((len, from)) => {
+                let data = BytesMut::from(&buf[..len]);
+                if inputs
+                    .send_async(Input::Datagram { data, from })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                // ICMP errors surface as receive errors on unconnected UDP sockets; they
+                // concern one peer, not the endpoint.
+                tracing::debug!(error = %e, "udp receive error");
+            }
+        }
+    }
+}
+
+struct Driver {
+    endpoint: quinn_proto::Endpoint,
+    socket: Rc<UdpSocket>,
+    local_ip: Option<std::net::IpAddr>,
+    conns: HashMap<ConnectionHandle, Conn>,
+    context: Rc<EndpointContext>,
+    input_tx: Rc<flume::Sender<Input>>,
+    buf: Vec<u8>,
+}
+
+enum Wake {
+    Input(Option<Input>),
+    Timer,
+    Shutdown,
+}
+
+impl Driver {
+    async fn run(&mut self, inputs: flume::Receiver<Input>, shutdown: flume::Receiver<()>) {
+        loop {
+            let timeout = self
+                .conns
+                .values_mut()
+                .filter_map(|c| c.inner.poll_timeout())
+                .min();
+            let wait = timeout.map(|t| t.saturating_duration_since(Instant::now()));
+            let wake = {
+                let input = async { Wake::Input(inputs.recv_async().await.ok()) };
+                let stop = async {
+                    let _ = shutdown.recv_async().await;
+                    Wake::Shutdown
+                };
+                let timer = async {
+                    match wait {
+                        Some(d) => glommio::timer::sleep(d).await,
+                        None => futures_lite::future::pending::<()>().await,
+                    }
+                    Wake::Timer
+                };
+                futures_lite::future::or(input, futures_lite::future::or(stop, timer)).await
+            };
+            match wake {
+                Wake::Input(Some(input)) => {
+                    self.handle_input(input).await;
+                    for _ in 1..INPUTS_PER_TURN_MAX {
+                        match inputs.try_recv() {
+                            Ok(input) => self.handle_input(input).await,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Wake::Input(None) => return,
+                Wake::Timer => {}
+                Wake::Shutdown => {
+                    self.close_all().await;
+                    return;
+                }
+            }
+            self.drive_all().await;
+        }
+    }
+
+    async fn close_all(&mut self) {
+        let now = Instant::now();
+        for conn in self.conns.values_mut() {
+            conn.inner.close(
+                now,
+                VarInt::from_u32(close_code::SHUTDOWN),
+                bytes::Bytes::from_static(b"shutting down"),
+            );
+        }
+        // One pass sends the CONNECTION_CLOSE frames; clients do not wait for more.
+        self.drive_all().await;
+    }
+
+    async fn send(&self, destination: SocketAddr, bytes: &[u8]) {
+        if let Err(e) = self.socket.send_to(bytes, destination).await {
+            tracing::debug!(error = %e, %destination, "udp send failed");
+        }
+    }
+
+    async fn handle_input(&mut self, input: Input) {
+        match input {
+            Input::Datagram { data, from } => {
+                let now = Instant::now();
+                let mut buf = std::mem::take(&mut self.buf);
+                buf.clear();
+                match self
+                    .endpoint
+                    .handle(now, from, self.local_ip, None, data, &mut buf)
+                {
+                    Some(DatagramEvent::ConnectionEvent(ch, event)) => {
+                        if let Some(conn) = self.conns.get_mut(&ch) {
+                            conn.inner.handle_event(event);
+                        }
+                    }
+                    Some(DatagramEvent::NewConnection(incoming)) => {
+                        if self.conns.len() >= CONNECTIONS_MAX {
+                            tracing::warn!(
+                                shard = self.context.shard_id,
+                                "connection limit reached; refusing"
+                            );
+                            let transmit = self.endpoint.refuse(incoming, &mut buf);
+                            self.send(transmit.destination, &buf[..transmit.size]).await;
+                        } else {
+                            match self.endpoint.accept(incoming, now, &mut buf, None) {
+                                Ok((ch, inner)) => {
+                                    self.context.metrics.borrow_mut().quic.connections_accepted +=
+                                        1;
+                                    self.conns.insert(
+                                        ch,
+                                        Conn {
+                                            inner,
+                                            identity: None,
+                                            inbound: HashMap::new(),
+                                            inbound_bytes: 0,
+                                            paused: HashSet::new(),
+                                            outbound: HashMap::new(),
+                                        },
+                                    );
+                                }
+                                Err(e) => {
+                                    tracing::debug!(cause = %e.cause, "accept failed");
+                                    if let Some(transmit) = e.response {
+                                        self.send(transmit.destination, &buf[..transmit.size])
+                                            .await;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Some(DatagramEvent::Response(transmit)) => {
+                        self.send(transmit.destination, &buf[..transmit.size]).await;
+                    }
+                    None => {}
+                }
+                self.buf = buf;
+            }
+            Input::Reply { ch, stream, frame } => {
+                if let Some(conn) = self.conns.get_mut(&ch) {
+                    conn.outbound.insert(stream, Outbound { frame, written: 0 });
+                    write_reply(conn, stream);
+                }
+            }
+        }
+    }
+
+    async fn drive_all(&mut self) {
+        let handles: Vec<ConnectionHandle> = self.conns.keys().copied().collect();
+        for ch in handles {
+            self.drive(ch).await;
+        }
+    }
+
+    /// Everything one connection has to do now: timers, application events, endpoint
+    /// events, datagrams to send; and removal once drained.
+    async fn drive(&mut self, ch: ConnectionHandle) {
+        let now = Instant::now();
+        let Some(conn) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        if conn.inner.poll_timeout().is_some_and(|t| t <= now) {
+            conn.inner.handle_timeout(now);
+        }
+        loop {
+            let Some(conn) = self.conns.get_mut(&ch) else {
+                return;
+            };
+            let Some(event) = conn.inner.poll() else {
+                break;
+            };
+            match event {
+                Event::Connected => self.on_connected(ch),
+                Event::ConnectionLost { reason } => {
+                    tracing::debug!(shard = self.context.shard_id, %reason, "connection lost");
+                }
+                Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
+                    let mut opened = Vec::new();
+                    while let Some(id) = conn.inner.streams().accept(Dir::Bi) {
+                        opened.push(id);
+                    }
+                    for id in opened {
+                        self.read_stream(ch, id);
+                    }
+                }
+                Event::Stream(StreamEvent::Readable { id }) => self.read_stream(ch, id),
+                Event::Stream(StreamEvent::Writable { id }) => write_reply(conn, id),
+                Event::Stream(StreamEvent::Stopped { id, .. }) => {
+                    // The client gave up on the reply; the work is done anyway.
+                    conn.outbound.remove(&id);
+                }
+                Event::Stream(_)
+                | Event::HandshakeDataReady
+                | Event::DatagramReceived
+                | Event::DatagramsUnblocked => {}
+            }
+        }
+        let conn = self.conns.get_mut(&ch).expect("present");
+        while let Some(event) = conn.inner.poll_endpoint_events() {
+            if let Some(event) = self.endpoint.handle_event(ch, event) {
+                conn.inner.handle_event(event);
+            }
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        loop {
+            buf.clear();
+            let conn = self.conns.get_mut(&ch).expect("present");
+            let Some(transmit) = conn.inner.poll_transmit(now, 1, &mut buf) else {
+                break;
+            };
+            self.send(transmit.destination, &buf[..transmit.size]).await;
+        }
+        self.buf = buf;
+        let conn = self.conns.get_mut(&ch).expect("present");
+        if conn.inner.is_drained() {
+            self.conns.remove(&ch);
+        }
+    }
+
+    /// The handshake is done: the client certificate was verified against the CA; its
+    /// identity must also be one the authorisation knows.
+    fn on_connected(&mut self, ch: ConnectionHandle) {
+        let conn = self.conns.get_mut(&ch).expect("present");
+        let identity = conn
+            .inner
+            .crypto_session()
+            .peer_identity()
+            .and_then(|any| {
+                any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|chain| chain.first().and_then(super::tls::client_identity));
+        match identity {
+            Some(identity) if self.context.authorisation.knows(&identity) => {
+                conn.identity = Some(Rc::from(identity));
+            }
+            other => {
+                tracing::warn!(
+                    shard = self.context.shard_id,
+                    remote = %conn.inner.remote_address(),
+                    identity = ?other,
+                    "client identity not authorised; closing the connection"
+                );
+                self.context
+                    .metrics
+                    .borrow_mut()
+                    .quic
+                    .unauthorised_connections += 1;
+                conn.inner.close(
+                    Instant::now(),
+                    VarInt::from_u32(close_code::UNAUTHORISED_CLIENT),
+                    bytes::Bytes::from_static(b"client identity not authorised"),
+                );
+            }
+        }
+    }
+
+    /// Reads what arrived on a request stream; a finished frame is handled.
+    fn read_stream(&mut self, ch: ConnectionHandle, id: StreamId) {
+        let conn = self.conns.get_mut(&ch).expect("present");
+        if conn.identity.is_none() {
+            return; // closing, or not yet connected
+        }
+        if conn.inbound_bytes >= CONNECTION_INBOUND_BYTES_MAX {
+            conn.paused.insert(id);
+            return;
+        }
+        let inbound = conn.inbound.entry(id).or_default();
+        let mut recv = conn.inner.recv_stream(id);
+        let Ok(mut chunks) = recv.read(true) else {
+            conn.inbound.remove(&id);
+            return;
+        };
+        let mut finished = false;
+        let mut reset = false;
+        let mut too_large = false;
+        let mut added = 0usize;
+        loop {
+            match chunks.next(usize::MAX) {
+                Ok(Some(chunk)) => {
+                    if inbound.bytes.len() + chunk.bytes.len() > FRAME_BYTES_MAX {
+                        too_large = true;
+                        break;
+                    }
+                    inbound.bytes.extend_from_slice(&chunk.bytes);
+                    added += chunk.bytes.len();
+                }
+                Ok(None) => {
+                    finished = true;
+                    break;
+                }
+                Err(ReadError::Blocked) => break,
+                Err(ReadError::Reset(_)) => {
+                    reset = true;
+                    break;
+                }
+            }
+        }
+        let _ = chunks.finalize();
+        conn.inbound_bytes += added;
+        // Check the header as soon as it is there, so that a frame announcing too much
+        // or speaking another version is refused before its body is buffered.
+        let mut refuse: Option<(ErrorCode, String)> = None;
+        if too_large {
+            refuse = Some((
+                ErrorCode::FrameTooLarge,
+                format!("frame exceeds {FRAME_BYTES_MAX} bytes"),
+            ));
+        } else if !inbound.header_checked && inbound.bytes.len() >= HEADER_BYTES {
+            inbound.header_checked = true;
+            if let Err(e) = Header::decode(&inbound.bytes) {
+                refuse = Some((header_error_code(&e), e.to_string()));
+            }
+        }
+        if reset {
+            let released = conn.inbound.remove(&id).map_or(0, |i| i.bytes.len());
+            conn.inbound_bytes -= released;
+            return;
+        }
+        if let Some((code, message)) = refuse {
+            let released = conn.inbound.remove(&id).map_or(0, |i| i.bytes.len());
+            conn.inbound_bytes -= released;
+            let stop = if code == ErrorCode::FrameTooLarge {
+                close_code::FRAME_TOO_LARGE
+            } else {
+                close_code::MALFORMED
+            };
+            let _ = conn.inner.recv_stream(id).stop(VarInt::from_u32(stop));
+            self.refuse_stream(ch, id, code, &message);
+            return;
+        }
+        if finished {
+            let inbound = conn.inbound.remove(&id).expect("present");
+            conn.inbound_bytes -= inbound.bytes.len();
+            self.handle_frame(ch, id, inbound.bytes);
+            self.resume_paused(ch);
+        }
+    }
+
+    fn resume_paused(&mut self, ch: ConnectionHandle) {
+        let Some(conn) = self.conns.get_mut(&ch) else {
+            return;
+        };
+        if conn.inbound_bytes >= CONNECTION_INBOUND_BYTES_MAX || conn.paused.is_empty() {
+            return;
+        }
+        let paused: Vec<StreamId> = conn.paused.drain().collect();
+        for id in paused {
+            self.read_stream(ch, id);
+        }
+    }
+
+    fn refuse_stream(
+        &mut self,
+        ch: ConnectionHandle,
+        id: StreamId,
+        code: ErrorCode,
+        message: &str,
+    ) {
+        self.context.metrics.borrow_mut().quic.frames_refused += 1;
+        tracing::debug!(shard = self.context.shard_id, %code, message, "frame refused");
+        let mut frame = Vec::new();
+        encode_error_frame(&mut frame, code, message);
+        self.reply(ch, id, frame);
+    }
+
+    fn reply(&mut self, ch: ConnectionHandle, id: StreamId, frame: Vec<u8>) {
+        if let Some(conn) = self.conns.get_mut(&ch) {
+            conn.outbound.insert(id, Outbound { frame, written: 0 });
+            write_reply(conn, id);
+        }
+    }
+
+    fn handle_frame(&mut self, ch: ConnectionHandle, id: StreamId, bytes: Vec<u8>) {
+        let (header, body) = match split_frame(&bytes) {
+            Ok(split) => split,
+            Err(e) => {
+                self.refuse_stream(ch, id, header_error_code(&e), &e.to_string());
+                return;
+            }
+        };
+        match header.kind {
+            FrameKind::Hello => {
+                let hello = HelloReply {
+                    shard_id: self.context.shard_id as u16,
+                    shard_count: self.context.shards.len() as u16,
+                    batch_requests_max: BATCH_REQUESTS_MAX,
+                    frame_bytes_max: FRAME_BYTES_MAX as u32,
+                    streams_max: STREAMS_PER_CONNECTION_MAX,
+                    shard_ports: self.context.shard_ports.clone(),
+                };
+                let mut frame = Vec::new();
+                hello.encode_frame(&mut frame);
+                self.reply(ch, id, frame);
+            }
+            FrameKind::Issue => {
+                let items = match split_items(body, header.count) {
+                    Ok(items) => items,
+                    Err(appliance_proto::BodyError::Count(count)) => {
+                        self.refuse_stream(
+                            ch,
+                            id,
+                            ErrorCode::BatchTooLarge,
+                            &format!("batch of {count} requests; 1..={BATCH_REQUESTS_MAX} allowed"),
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        self.refuse_stream(ch, id, ErrorCode::Malformed, &e.to_string());
+                        return;
+                    }
+                };
+                let identity = self.conns[&ch].identity.clone().expect("connected");
+                let exchange = Exchange::prepare(&self.context, &identity, &items);
+                let context = Rc::clone(&self.context);
+                let inputs = Rc::clone(&self.input_tx);
+                glommio::spawn_local(async move {
+                    let frame = exchange.run(&context).await;
+                    let _ = inputs
+                        .send_async(Input::Reply {
+                            ch,
+                            stream: id,
+                            frame,
+                        })
+                        .await;
+                })
+                .detach();
+            }
+            FrameKind::HelloReply | FrameKind::IssueReply | FrameKind::Error => {
+                self.refuse_stream(
+                    ch,
+                    id,
+                    ErrorCode::UnexpectedKind,
+                    "servers accept hello and issue frames only",
+                );
+            }
+        }
+    }
+}
+
+fn header_error_code(e: &HeaderError) -> ErrorCode {
+    match e {
+        HeaderError::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
+        HeaderError::TooLarge(_) => ErrorCode::FrameTooLarge,
+        HeaderError::Truncated(_)
+        | HeaderError::BadMagic
+        | HeaderError::UnknownKind(_)
+        | HeaderError::Flags(_)
+        | HeaderError::BodyLength { .. } => ErrorCode::Malformed,
+    }
+}
+
+/// Writes as much of a queued reply as flow control allows; finishes the stream when
+/// all of it is written.
+fn write_reply(conn: &mut Conn, id: StreamId) {
+    let Some(out) = conn.outbound.get_mut(&id) else {
+        return;
+    };
+    let mut send = conn.inner.send_stream(id);
+    while out.written < out.frame.len() {
+        match send.write(&out.frame[out.written..]) {
+            Ok(n) => out.written += n,
+            Err(WriteError::Blocked) => return,
+            Err(_) => {
+                // Stopped or closed by the client: nothing more to send.
+                conn.outbound.remove(&id);
+                return;
+            }
+        }
+    }
+    let _ = send.finish();
+    conn.outbound.remove(&id);
+}
+
+/// One issue frame on its way through the shards.
+struct Exchange {
+    results: Vec<Option<ItemResult>>,
+    /// Per home shard: the requests and their positions in the frame.
+    groups: Vec<(Vec<appliance_core::IssueRequest>, Vec<u32>)>,
+}
+
+impl Exchange {
+    /// Decodes and authorises every item; what fails gets its result now, the rest is
+    /// grouped by home shard.
+    fn prepare(context: &EndpointContext, identity: &str, items: &[&[u8]]) -> Exchange {
+        let shards = context.shards.len() as u32;
+        let mut results = vec![None; items.len()];
+        let mut groups: Vec<(Vec<_>, Vec<u32>)> =
+            (0..shards).map(|_| (Vec::new(), Vec::new())).collect();
+        for (i, item) in items.iter().enumerate() {
+            match appliance_proto::decode_request(item) {
+                Err(e) => {
+                    results[i] = Some(ItemResult::Failed {
+                        code: ErrorCode::InvalidItem,
+                        message: e.to_string(),
+                    })
+                }
+                Ok(request) if !context.authorisation.may_issue(identity, &request.seller) => {
+                    context.metrics.borrow_mut().quic.unauthorised_requests += 1;
+                    tracing::warn!(
+                        shard = context.shard_id,
+                        identity,
+                        seller = %request.seller,
+                        "client not authorised for seller"
+                    );
+                    results[i] = Some(ItemResult::Failed {
+                        code: ErrorCode::Unauthorised,
+                        message: format!("client {identity} may not issue for {}", request.seller),
+                    });
+                }
+                Ok(request) => {
+                    let home = home_shard(&request, shards) as usize;
+                    groups[home].0.push(request);
+                    groups[home].1.push(i as u32);
+                }
+            }
+        }
+        Exchange { results, groups }
+    }
+
+    /// Submits each group to its shard, waits for the results and encodes the reply.
+    async fn run(mut self, context: &EndpointContext) -> Vec<u8> {
+        let mut pending = Vec::new();
+        for (shard, (requests, positions)) in self.groups.drain(..).enumerate() {
+            if requests.is_empty() {
+                continue;
+            }
+            if shard as u32 != context.shard_id {
+                context.metrics.borrow_mut().quic.forwarded_requests += requests.len() as u64;
+            }
+            let receiver = context.shards[shard].submit_async(requests).await;
+            pending.push((receiver, positions));
+        }
+        for (receiver, positions) in pending {
+            let results: Vec<IssueResult> = match receiver {
+                Some(rx) => match rx.recv_async().await {
+                    Ok(results) => results,
+                    Err(_) => stopped(positions.len()),
+                },
+                None => stopped(positions.len()),
+            };
+            for (position, result) in positions.into_iter().zip(results) {
+                self.results[position as usize] = Some(to_item_result(result));
+            }
+        }
+        let mut frame = Vec::with_capacity(HEADER_BYTES + self.results.len() * 74);
+        let at = appliance_proto::frame::begin_frame(
+            &mut frame,
+            FrameKind::IssueReply,
+            self.results.len() as u32,
+        );
+        for result in &self.results {
+            let result = result.clone().unwrap_or_else(|| ItemResult::Failed {
+                code: ErrorCode::ShardStopped,
+                message: "no result".into(),
+            });
+            encode_result(&mut frame, &result);
+        }
+        appliance_proto::frame::finish_frame(&mut frame, at);
+        frame
+    }
+}
+
+fn stopped(count: usize) -> Vec<IssueResult> {
+    vec![Err(IssueFailure::ShardStopped("shard stopped".into())); count]
+}
+
+fn to_item_result(result: IssueResult) -> ItemResult {
+    match result {
+        Ok(issued) => {
+            let invoice = &issued.invoice;
+            let wire = appliance_proto::Issued {
+                identity: invoice.identity(),
+                issue_time_ms: invoice.issue_time_ms,
+                tax_control_code: invoice.tax_control_code,
+                check_code: invoice.check_code,
+            };
+            if issued.replayed {
+                ItemResult::Replayed(wire)
+            } else {
+                ItemResult::Issued(wire)
+            }
+        }
+        Err(IssueFailure::Rejected(error)) => ItemResult::Failed {
+            code: ErrorCode::from_issue_error(&error),
+            message: error.to_string(),
+        },
+        Err(IssueFailure::TaxServer(message)) => ItemResult::Failed {
+            code: ErrorCode::TaxServerUnavailable,
+            message,
+        },
+        Err(IssueFailure::ShardStopped(message)) => ItemResult::Failed {
+            code: ErrorCode::ShardStopped,
+            message,
+        },
+    }
+}

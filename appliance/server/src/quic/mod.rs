@@ -1,0 +1,158 @@
+//! The QUIC service: per shard, one endpoint on the shared service port (SO_REUSEPORT:
+//! the kernel spreads clients over the shards by their address) and one on the shard's
+//! own port (for shard-aware clients). Each endpoint is driven by quinn-proto from the
+//! shard's executor ([`endpoint`]); TLS material and client identities are in [`tls`],
+//! who may issue for which seller in [`auth`]. The protocol is docs/protocol.md.
+
+pub mod auth;
+pub mod endpoint;
+pub mod tls;
+
+use appliance_proto::{FRAME_BYTES_MAX, STREAMS_PER_CONNECTION_MAX};
+use quinn_proto::crypto::rustls::QuicServerConfig;
+use quinn_proto::{IdleTimeout, ServerConfig, TransportConfig, VarInt};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Idle connections are closed after this long without packets (clients keep bulk
+/// connections alive with QUIC keep-alives).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// UDP socket buffer bytes requested (the kernel may grant less): bulk frames arrive as
+/// bursts of ~1,000 datagrams.
+pub const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+/// The quinn-proto server configuration: crypto plus the protocol's limits.
+pub fn server_config(crypto: Arc<QuicServerConfig>) -> Arc<ServerConfig> {
+    let mut transport = TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(STREAMS_PER_CONNECTION_MAX))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        // A whole frame may be in flight on a stream; the connection window bounds what
+        // all streams together may have unread (the endpoint also caps what it buffers).
+        .stream_receive_window(VarInt::from_u32(FRAME_BYTES_MAX as u32))
+        .receive_window(VarInt::from_u32(4 * FRAME_BYTES_MAX as u32))
+        .send_window(4 * FRAME_BYTES_MAX as u64)
+        .max_idle_timeout(Some(
+            IdleTimeout::try_from(IDLE_TIMEOUT).expect("30 s is a valid idle timeout"),
+        ));
+    let mut config = ServerConfig::with_crypto(crypto);
+    config.transport_config(Arc::new(transport));
+    // Clients of one shard's port stay on it; there is no reason to let a connection
+    // migrate to another address (and with SO_REUSEPORT another shard's socket).
+    config.migration(false);
+    Arc::new(config)
+}
+
+/// The UDP sockets of every shard, bound before the shards start so that the ports are
+/// known (and reported in hello) before any client connects.
+#[derive(Debug)]
+pub struct BoundSockets {
+    /// The service address actually bound (port resolved if 0 was asked).
+    pub service_addr: SocketAddr,
+    /// Per shard: its socket on the shared service port.
+    pub service: Vec<Socket>,
+    /// Per shard: its own socket.
+    pub shard: Vec<Socket>,
+    /// Per shard: the port of its own socket.
+    pub shard_ports: Vec<u16>,
+}
+
+fn udp_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    // Best effort: a smaller buffer only means more loss under bursts.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+fn bound_addr(socket: &Socket) -> std::io::Result<SocketAddr> {
+    socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("socket has no IP address"))
+}
+
+/// Binds `shards` sockets on `service` (SO_REUSEPORT) and one socket per shard on the
+/// same IP at `shard_ports[i]` (0 = any free port; the slice is `shards` long or empty,
+/// meaning all 0).
+pub fn bind(
+    service: SocketAddr,
+    shards: usize,
+    shard_ports: &[u16],
+) -> std::io::Result<BoundSockets> {
+    assert!(shards > 0, "at least one shard");
+    if !shard_ports.is_empty() && shard_ports.len() != shards {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} shard ports for {shards} shards", shard_ports.len()),
+        ));
+    }
+    let first = udp_socket(service, true)?;
+    let service_addr = bound_addr(&first)?;
+    let mut service_sockets = vec![first];
+    for _ in 1..shards {
+        service_sockets.push(udp_socket(service_addr, true)?);
+    }
+    let mut shard_sockets = Vec::with_capacity(shards);
+    let mut ports = Vec::with_capacity(shards);
+    for i in 0..shards {
+        let port = shard_ports.get(i).copied().unwrap_or(0);
+        let socket = udp_socket(SocketAddr::new(service_addr.ip(), port), false)?;
+        ports.push(bound_addr(&socket)?.port());
+        shard_sockets.push(socket);
+    }
+    Ok(BoundSockets {
+        service_addr,
+        service: service_sockets,
+        shard: shard_sockets,
+        shard_ports: ports,
+    })
+}
+
+/// What one shard needs to serve QUIC.
+pub struct ShardQuic {
+    /// Its socket on the shared service port.
+    pub service_socket: Socket,
+    /// Its own socket.
+    pub shard_socket: Socket,
+    /// Every shard's own port, for hello.
+    pub shard_ports: Vec<u16>,
+    /// quinn-proto server configuration.
+    pub server_config: Arc<ServerConfig>,
+    /// The authorisation table.
+    pub authorisation: Arc<auth::Authorisation>,
+}
+
+impl std::fmt::Debug for ShardQuic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardQuic")
+            .field("shard_ports", &self.shard_ports)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Splits bound sockets into one [`ShardQuic`] per shard.
+pub fn per_shard(
+    sockets: BoundSockets,
+    server_config: Arc<ServerConfig>,
+    authorisation: Arc<auth::Authorisation>,
+) -> Vec<ShardQuic> {
+    sockets
+        .service
+        .into_iter()
+        .zip(sockets.shard)
+        .map(|(service_socket, shard_socket)| ShardQuic {
+            service_socket,
+            shard_socket,
+            shard_ports: sockets.shard_ports.clone(),
+            server_config: Arc::clone(&server_config),
+            authorisation: Arc::clone(&authorisation),
+        })
+        .collect()
+}
