@@ -232,6 +232,54 @@ pub struct FileConfig {
     pub taxpayer: Vec<GrantConfig>,
     /// Start-up fault switches.
     pub faults: FaultSettings,
+    /// Also serve a PCIe region (docs/hsm-pcie.md).
+    pub pcie: Option<PcieFileConfig>,
+}
+
+/// The `[pcie]` table of the config file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PcieFileConfig {
+    /// Region file (e.g. under /dev/shm); required in the table.
+    pub path: Option<PathBuf>,
+    /// Queue pairs; default 8.
+    pub queues: Option<usize>,
+    /// Entries per ring; default 64.
+    pub queue_entries: Option<u32>,
+    /// Data area per queue, MiB; default 16.
+    pub data_mib: Option<usize>,
+}
+
+/// Default PCIe queue pairs: room for the shards of a large box.
+pub const PCIE_QUEUES_DEFAULT: usize = 8;
+/// Default ring entries per queue.
+pub const PCIE_QUEUE_ENTRIES_DEFAULT: u32 = 64;
+/// Default data area per queue, MiB: the largest legal frame body (16 MiB) fits.
+pub const PCIE_DATA_MIB_DEFAULT: usize = 16;
+
+/// The PCIe region the emulator serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PcieSettings {
+    /// Region file.
+    pub path: PathBuf,
+    /// Queue pairs, 1..=30.
+    pub queues: usize,
+    /// Entries per ring: a power of two in 2..=1024.
+    pub queue_entries: u32,
+    /// Bytes of each queue's data area (whole 4 KiB chunks, at most 64 MiB).
+    pub data_bytes: usize,
+}
+
+impl PcieSettings {
+    /// Defaults for a region at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            queues: PCIE_QUEUES_DEFAULT,
+            queue_entries: PCIE_QUEUE_ENTRIES_DEFAULT,
+            data_bytes: PCIE_DATA_MIB_DEFAULT << 20,
+        }
+    }
 }
 
 /// Command-line flags of `hsm-emu` (and `appliance hsm-emu`).
@@ -289,6 +337,18 @@ pub struct Args {
     /// Fault: answer nothing for the first N ms after start-up.
     #[arg(long)]
     pub stall_ms: Option<u32>,
+    /// Also serve the PCIe interface in this region file (e.g. /dev/shm/hsm-emu.pcie).
+    #[arg(long)]
+    pub pcie: Option<PathBuf>,
+    /// PCIe queue pairs (one per appliance shard).
+    #[arg(long)]
+    pub pcie_queues: Option<usize>,
+    /// PCIe ring entries per queue (power of two, 2..=1024).
+    #[arg(long)]
+    pub pcie_queue_entries: Option<u32>,
+    /// PCIe data area per queue, MiB (1..=64): the largest command or answer.
+    #[arg(long)]
+    pub pcie_data_mib: Option<usize>,
 }
 
 /// The resolved configuration.
@@ -314,6 +374,8 @@ pub struct Config {
     pub grants: Vec<Grant>,
     /// Start-up faults.
     pub faults: FaultSettings,
+    /// The PCIe region to serve besides TCP, if any.
+    pub pcie: Option<PcieSettings>,
 }
 
 impl Config {
@@ -330,6 +392,7 @@ impl Config {
             pkcs11: None,
             grants,
             faults: FaultSettings::default(),
+            pcie: None,
         }
     }
 
@@ -437,7 +500,51 @@ impl Config {
         if let Some(v) = args.stall_ms {
             faults.stall_ms = v;
         }
+        let file_pcie = file.pcie.clone().unwrap_or_default();
+        let pcie = match args.pcie.clone().or(file_pcie.path.clone()) {
+            None => None,
+            Some(path) => {
+                let queues = args
+                    .pcie_queues
+                    .or(file_pcie.queues)
+                    .unwrap_or(PCIE_QUEUES_DEFAULT);
+                let queue_entries = args
+                    .pcie_queue_entries
+                    .or(file_pcie.queue_entries)
+                    .unwrap_or(PCIE_QUEUE_ENTRIES_DEFAULT);
+                let data_mib = args
+                    .pcie_data_mib
+                    .or(file_pcie.data_mib)
+                    .unwrap_or(PCIE_DATA_MIB_DEFAULT);
+                if queues == 0 || queues > crate::pcie::regs::QUEUES_MAX {
+                    return Err(ConfigError::Invalid(format!(
+                        "pcie queues {queues} not in 1..={}",
+                        crate::pcie::regs::QUEUES_MAX
+                    )));
+                }
+                if !queue_entries.is_power_of_two()
+                    || !(crate::pcie::regs::RING_ENTRIES_MIN..=crate::pcie::regs::RING_ENTRIES_MAX)
+                        .contains(&queue_entries)
+                {
+                    return Err(ConfigError::Invalid(format!(
+                        "pcie queue entries {queue_entries} not a power of two in 2..=1024"
+                    )));
+                }
+                if data_mib == 0 || data_mib > 64 {
+                    return Err(ConfigError::Invalid(format!(
+                        "pcie data MiB {data_mib} not in 1..=64"
+                    )));
+                }
+                Some(PcieSettings {
+                    path,
+                    queues,
+                    queue_entries,
+                    data_bytes: data_mib << 20,
+                })
+            }
+        };
         Ok(Self {
+            pcie,
             data_dir,
             listen,
             threads,

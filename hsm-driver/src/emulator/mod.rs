@@ -7,6 +7,8 @@
 //!   and appends the response frame to a buffer; tests drive it without sockets.
 //! - [`serve`] is the network shell: an accept thread, a reader thread per connection
 //!   and a pool of worker threads answering frames as they complete (out of order).
+//! - [`pcie`] serves the same device over the PCIe interface (docs/hsm-pcie.md): a
+//!   firmware thread polling shared-memory rings in a file mapping.
 //! - [`run_from_args`] is the `hsm-emu` binary (and the `appliance hsm-emu` subcommand).
 //!
 //! Durability: every change a response depends on (grants, returns, report marks,
@@ -15,6 +17,7 @@
 pub mod config;
 mod counters;
 mod faults;
+pub mod pcie;
 mod server;
 pub mod state;
 pub mod uploads;
@@ -38,8 +41,11 @@ use crate::proto::{
     UploadStatus, INVENTORY_SEGMENTS_MAX, TAX_CODES_BATCH_MAX, TAX_CODE_ITEM_BYTES,
 };
 
-pub use config::{Args, Config, ConfigError, FaultSettings, Grant, KeyBackendKind};
+pub use config::{
+    Args, Config, ConfigError, FaultSettings, Grant, KeyBackendKind, PcieFileConfig, PcieSettings,
+};
 pub use faults::Faults;
+pub use pcie::{serve_pcie, PcieServer};
 pub use server::{run_from_args, serve, ServeError, Server};
 use state::{DeviceState, GrantIndex, NumberCheck, Refusal, StateError};
 use uploads::{UploadLog, UploadRecord};

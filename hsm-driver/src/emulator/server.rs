@@ -60,6 +60,14 @@ pub enum ServeError {
     /// Writing the `listening` line failed.
     #[error("stdout: {0}")]
     Stdout(io::Error),
+    /// The PCIe region cannot be created or served.
+    #[error("PCIe region {path}: {reason}")]
+    Pcie {
+        /// The region file.
+        path: std::path::PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 struct Conn {
@@ -462,8 +470,10 @@ fn worker(shared: &Shared, rx: &Receiver<Job>) {
 }
 
 /// Runs `hsm-emu` with these arguments (the first is the program name): parses flags,
-/// sets up logging to stderr, opens the device, serves, prints `listening <addr>` on
-/// stdout, and blocks for the life of the process.
+/// sets up logging to stderr, opens the device, serves TCP (and the PCIe region with
+/// `--pcie`), prints `listening <addr>` on stdout (then, with `--pcie`,
+/// `pcie <path> queues <n>`; both transports are ready before the first line), and
+/// blocks for the life of the process.
 pub fn run_from_args<I, T>(args: I) -> Result<(), ServeError>
 where
     I: IntoIterator<Item = T>,
@@ -483,10 +493,24 @@ where
         .try_init();
     let config = Config::from_args(&args)?;
     let server = serve(&config)?;
+    let pcie = match &config.pcie {
+        Some(settings) => Some(super::pcie::serve_pcie(
+            Arc::clone(server.emulator()),
+            settings,
+            config.threads,
+        )?),
+        None => None,
+    };
     let mut stdout = io::stdout().lock();
+    // `listening` stays the first line: parents (appliance child.rs, tests) read it.
     writeln!(stdout, "listening {}", server.local_addr()).map_err(ServeError::Stdout)?;
+    if let Some(p) = &pcie {
+        writeln!(stdout, "pcie {} queues {}", p.path().display(), p.queues())
+            .map_err(ServeError::Stdout)?;
+    }
     stdout.flush().map_err(ServeError::Stdout)?;
     drop(stdout);
     server.join();
+    drop(pcie);
     Ok(())
 }

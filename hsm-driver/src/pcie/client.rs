@@ -25,10 +25,10 @@ use super::mem::{DeviceMemory, FileMapping, MemRegion};
 use super::queue::{EngineStats, Outcome, QueueEngine, SubmitError};
 use super::regs::{
     queue_reg, DeviceGeometry, QueueGeometry, DEVICE_MAGIC, INTERFACE_VERSION, QSTATUS_READY,
-    Q_CQ_HEAD, Q_CQ_OFFSET, Q_DATA_BYTES, Q_DATA_OFFSET, Q_ENABLE, Q_ENABLE_ACK, Q_ERROR,
-    Q_OWNER, Q_SQ_OFFSET, Q_SQ_TAIL, Q_STATUS, REG_CHUNK_BYTES, REG_DMA_BYTES,
-    REG_GENERATION, REG_HEARTBEAT, REG_MAGIC, REG_QUEUE_COUNT, REG_QUEUE_ENTRIES, REG_STATUS,
-    REG_VERSION, STATUS_READY,
+    Q_CQ_HEAD, Q_CQ_OFFSET, Q_DATA_BYTES, Q_DATA_OFFSET, Q_ENABLE, Q_ENABLE_ACK, Q_ERROR, Q_OWNER,
+    Q_SQ_OFFSET, Q_SQ_TAIL, Q_STATUS, REG_CHUNK_BYTES, REG_DMA_BYTES, REG_GENERATION,
+    REG_HEARTBEAT, REG_MAGIC, REG_QUEUE_COUNT, REG_QUEUE_ENTRIES, REG_STATUS, REG_VERSION,
+    STATUS_READY,
 };
 use super::{response_capacity, PcieClientConfig, QueueSelect};
 use crate::proto::{EncodeError, Request, Response, FRAME_BODY_BYTES_MAX};
@@ -72,11 +72,15 @@ struct Attached {
 
 impl Attached {
     fn u32_reg(&self, off: usize) -> u32 {
-        self.bar.u32_at(off).map_or(0, |r| r.load(Ordering::Acquire))
+        self.bar
+            .u32_at(off)
+            .map_or(0, |r| r.load(Ordering::Acquire))
     }
 
     fn u64_reg(&self, off: usize) -> u64 {
-        self.bar.u64_at(off).map_or(0, |r| r.load(Ordering::Acquire))
+        self.bar
+            .u64_at(off)
+            .map_or(0, |r| r.load(Ordering::Acquire))
     }
 
     /// Whether the device still runs this queue as we enabled it.
@@ -92,7 +96,10 @@ impl Attached {
         let q_status = self.u32_reg(queue_reg(self.queue, Q_STATUS));
         if q_status != QSTATUS_READY {
             let code = self.u32_reg(queue_reg(self.queue, Q_ERROR));
-            return Err(format!("queue {} stopped (status {q_status}, error {code})", self.queue));
+            return Err(format!(
+                "queue {} stopped (status {q_status}, error {code})",
+                self.queue
+            ));
         }
         if self.u64_reg(queue_reg(self.queue, Q_ENABLE_ACK)) != self.enable {
             return Err(format!("queue {} no longer enabled for us", self.queue));
@@ -323,7 +330,10 @@ async fn attach(
         QueueSelect::Index(q) => {
             return Err(HsmError::Io(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                format!("PCIe queue {q} does not exist ({} queues)", device.queue_count),
+                format!(
+                    "PCIe queue {q} does not exist ({} queues)",
+                    device.queue_count
+                ),
             )))
         }
         QueueSelect::Any => (0..device.queue_count)
@@ -331,7 +341,10 @@ async fn attach(
             .ok_or_else(|| {
                 HsmError::Io(std::io::Error::new(
                     std::io::ErrorKind::AddrInUse,
-                    format!("all {} PCIe queues are owned by live drivers", device.queue_count),
+                    format!(
+                        "all {} PCIe queues are owned by live drivers",
+                        device.queue_count
+                    ),
                 ))
             })?,
     };
@@ -345,13 +358,19 @@ async fn attach(
     .map_err(|e| HsmError::Malformed(e.to_string()))?;
     // Doorbells back to 0 before the enable, which the device reads with Acquire after
     // our Release: it starts from these, never from a stale tail.
-    bar.u32_at(queue_reg(queue, Q_SQ_TAIL)).map_err(oob)?.store(0, Ordering::Relaxed);
-    bar.u32_at(queue_reg(queue, Q_CQ_HEAD)).map_err(oob)?.store(0, Ordering::Relaxed);
+    bar.u32_at(queue_reg(queue, Q_SQ_TAIL))
+        .map_err(oob)?
+        .store(0, Ordering::Relaxed);
+    bar.u32_at(queue_reg(queue, Q_CQ_HEAD))
+        .map_err(oob)?
+        .store(0, Ordering::Relaxed);
     // A random token: a descriptor of any earlier enable (ours or a dead driver's)
     // carries another one and is refused.
     let token = rand::random::<u32>() | 1;
     let enable = (u64::from(generation) << 32) | u64::from(token);
-    bar.u64_at(queue_reg(queue, Q_ENABLE)).map_err(oob)?.store(enable, Ordering::Release);
+    bar.u64_at(queue_reg(queue, Q_ENABLE))
+        .map_err(oob)?
+        .store(enable, Ordering::Release);
     let mut wait = Duration::from_micros(20);
     loop {
         if reg64(queue_reg(queue, Q_ENABLE_ACK)).map_err(oob)? == enable {
@@ -430,10 +449,7 @@ impl PcieClient {
                     attached: None,
                     engine: None,
                     closed: false,
-                    backoff: Backoff::new(
-                        config.reattach_backoff_min,
-                        config.reattach_backoff_max,
-                    ),
+                    backoff: Backoff::new(config.reattach_backoff_min, config.reattach_backoff_max),
                     last_failure: LastFailure::Lost,
                     poller_waker: None,
                     waiters: Vec::new(),
@@ -460,7 +476,12 @@ impl PcieClient {
 
     /// The queue pair attached now, if any.
     pub fn queue(&self) -> Option<usize> {
-        self.shared.state.borrow().attached.as_ref().map(|a| a.queue)
+        self.shared
+            .state
+            .borrow()
+            .attached
+            .as_ref()
+            .map(|a| a.queue)
     }
 
     /// Whether a queue is attached now.
@@ -697,8 +718,14 @@ impl PcieClient {
             sleep_until(at).await;
         }
         let attach_deadline = deadline.min(Instant::now() + shared.config.connect_timeout);
-        match attach(&shared.path, shared.select, shared.owner, &shared.config, attach_deadline)
-            .await
+        match attach(
+            &shared.path,
+            shared.select,
+            shared.owner,
+            &shared.config,
+            attach_deadline,
+        )
+        .await
         {
             Ok((attached, geometry)) => {
                 let mut st = shared.state.borrow_mut();

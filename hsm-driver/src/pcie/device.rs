@@ -10,9 +10,9 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use super::mem::{MemRegion, OutOfBounds};
 use super::regs::{
-    queue_reg, CompletionEntry, QueueGeometry, SubmissionEntry, SubmissionError,
-    ValidSubmission, CQ_ENTRY_BYTES, CQ_FLAG_OVERFLOW, CQ_PHASE_OFFSET, QERR_CQ_HEAD,
-    QERR_DESCRIPTOR, QERR_DOORBELL, Q_CQ_HEAD, Q_SQ_TAIL, SQ_ENTRY_BYTES,
+    queue_reg, CompletionEntry, QueueGeometry, SubmissionEntry, SubmissionError, ValidSubmission,
+    CQ_ENTRY_BYTES, CQ_FLAG_OVERFLOW, CQ_PHASE_OFFSET, QERR_CQ_HEAD, QERR_DESCRIPTOR,
+    QERR_DOORBELL, Q_CQ_HEAD, Q_SQ_TAIL, SQ_ENTRY_BYTES,
 };
 
 /// One fetched submission.
@@ -106,7 +106,11 @@ impl DeviceSq {
 
     /// Copies the request body of `sub` out of the data area (the driver could change
     /// the shared bytes while the command runs; the copy cannot change).
-    pub fn read_request(&self, dma: &MemRegion, sub: &ValidSubmission) -> Result<Vec<u8>, OutOfBounds> {
+    pub fn read_request(
+        &self,
+        dma: &MemRegion,
+        sub: &ValidSubmission,
+    ) -> Result<Vec<u8>, OutOfBounds> {
         let mut body = vec![0u8; sub.request_len];
         dma.read(self.geometry.data_offset + sub.data_offset, &mut body)?;
         Ok(body)
@@ -200,7 +204,8 @@ impl DeviceCq {
         let slot = (self.tail & (self.geometry.entries - 1)) as usize;
         let at = self.geometry.cq_offset + slot * CQ_ENTRY_BYTES;
         dma.write(at, &entry.as_bytes()[..CQ_PHASE_OFFSET])?;
-        dma.u32_at(at + CQ_PHASE_OFFSET)?.store(word, Ordering::Release);
+        dma.u32_at(at + CQ_PHASE_OFFSET)?
+            .store(word, Ordering::Release);
         self.tail = self.tail.wrapping_add(1);
         if self.tail & (self.geometry.entries - 1) == 0 {
             self.phase = !self.phase;

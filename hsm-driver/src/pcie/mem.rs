@@ -107,7 +107,11 @@ impl MemRegion {
         // local buffer. A racing writer can only make the bytes wrong, which every
         // caller detects with a check or CRC.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.base.as_ptr().add(offset), out.as_mut_ptr(), out.len());
+            std::ptr::copy_nonoverlapping(
+                self.base.as_ptr().add(offset),
+                out.as_mut_ptr(),
+                out.len(),
+            );
         }
         Ok(())
     }
@@ -117,7 +121,11 @@ impl MemRegion {
         self.check(offset, bytes.len(), 1)?;
         // SAFETY: destination range checked inside the mapping; source is local.
         unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.base.as_ptr().add(offset), bytes.len());
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.base.as_ptr().add(offset),
+                bytes.len(),
+            );
         }
         Ok(())
     }
@@ -429,10 +437,16 @@ pub mod vfio {
             let container = rw("/dev/vfio/vfio")?;
             let cfd = container.as_raw_fd();
             if ioctl_val(cfd, VFIO_GET_API_VERSION, 0)? != VFIO_API_VERSION {
-                return Err(io::Error::new(io::ErrorKind::Unsupported, "VFIO API version"));
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "VFIO API version",
+                ));
             }
             if ioctl_val(cfd, VFIO_CHECK_EXTENSION, VFIO_TYPE1_IOMMU)? == 0 {
-                return Err(io::Error::new(io::ErrorKind::Unsupported, "no type-1 IOMMU"));
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "no type-1 IOMMU",
+                ));
             }
             let group_file = rw(&format!("/dev/vfio/{group}"))?;
             let gfd = group_file.as_raw_fd();
@@ -471,7 +485,10 @@ pub mod vfio {
             let bar_len = usize::try_from(info.size)
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "BAR size"))?;
             if bar_len < BAR_BYTES {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "BAR 0 too small"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "BAR 0 too small",
+                ));
             }
             // SAFETY: mapping the device's BAR region at the offset VFIO reported.
             let bar = unsafe {
@@ -574,8 +591,17 @@ mod tests {
         let path = dir.path().join("region");
         let a = FileMapping::create(&path, BAR_BYTES + 8192).expect("create");
         let b = FileMapping::open(&path).expect("open");
-        a.dma().u32_at(4096).expect("in range").store(0xFEED, Ordering::Release);
-        assert_eq!(b.dma().u32_at(4096).expect("in range").load(Ordering::Acquire), 0xFEED);
+        a.dma()
+            .u32_at(4096)
+            .expect("in range")
+            .store(0xFEED, Ordering::Release);
+        assert_eq!(
+            b.dma()
+                .u32_at(4096)
+                .expect("in range")
+                .load(Ordering::Acquire),
+            0xFEED
+        );
         // Never shrinks.
         let c = FileMapping::create(&path, BAR_BYTES).expect("reopen");
         assert_eq!(c.len(), BAR_BYTES + 8192);

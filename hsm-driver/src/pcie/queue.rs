@@ -329,7 +329,10 @@ impl QueueEngine {
                 self.token,
             );
             let slot = (self.sq_tail & (entries - 1)) as usize;
-            dma.write(self.geometry.sq_offset + slot * SQ_ENTRY_BYTES, entry.as_bytes())?;
+            dma.write(
+                self.geometry.sq_offset + slot * SQ_ENTRY_BYTES,
+                entry.as_bytes(),
+            )?;
             Ok(())
         };
         if let Err(e) = write() {
@@ -411,9 +414,16 @@ impl QueueEngine {
         }
     }
 
-    fn accept(&mut self, e: &CompletionEntry, word: u32, dma: &MemRegion) -> Result<(), QueueFault> {
+    fn accept(
+        &mut self,
+        e: &CompletionEntry,
+        word: u32,
+        dma: &MemRegion,
+    ) -> Result<(), QueueFault> {
         if !e.check_ok(word) {
-            return Err(QueueFault("corrupt completion descriptor (check mismatch)".into()));
+            return Err(QueueFault(
+                "corrupt completion descriptor (check mismatch)".into(),
+            ));
         }
         let tag = e.tag.get() as usize;
         let cid = e.correlation_id.get();
@@ -431,7 +441,9 @@ impl QueueEngine {
         // accept any head within one ring behind our tail, and only move forward.
         let head = e.sq_head.get();
         if self.sq_tail.wrapping_sub(head) > self.geometry.entries {
-            return Err(QueueFault(format!("completion reports submission head {head}")));
+            return Err(QueueFault(format!(
+                "completion reports submission head {head}"
+            )));
         }
         if head.wrapping_sub(self.sq_head) <= self.sq_tail.wrapping_sub(self.sq_head) {
             self.sq_head = head;

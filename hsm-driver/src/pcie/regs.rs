@@ -310,7 +310,8 @@ impl SubmissionEntry {
         if self.flags != 0 || self.reserved != [0; 24] {
             return Err(SubmissionError::Reserved);
         }
-        let offset = usize::try_from(self.data_offset.get()).map_err(|_| SubmissionError::Buffer)?;
+        let offset =
+            usize::try_from(self.data_offset.get()).map_err(|_| SubmissionError::Buffer)?;
         let bytes = self.buffer_bytes.get() as usize;
         let request_len = self.request_len.get() as usize;
         let end = offset.checked_add(bytes).ok_or(SubmissionError::Buffer)?;
@@ -424,8 +425,7 @@ impl DeviceGeometry {
         if queue_count == 0 || queue_count as usize > QUEUES_MAX {
             return Err(bad(format!("queue count {queue_count}")));
         }
-        if !entries.is_power_of_two() || !(RING_ENTRIES_MIN..=RING_ENTRIES_MAX).contains(&entries)
-        {
+        if !entries.is_power_of_two() || !(RING_ENTRIES_MIN..=RING_ENTRIES_MAX).contains(&entries) {
             return Err(bad(format!("ring entries {entries}")));
         }
         if chunk_bytes as usize != CHUNK_BYTES {
@@ -553,7 +553,10 @@ mod tests {
         let long = SubmissionEntry::new(0, 9, 1, 0, 10, 11, 0, 5);
         assert_eq!(long.validate(8, 5, 16384), Err(SubmissionError::Buffer));
         let wrap = SubmissionEntry::new(0, 9, 1, u64::MAX - 10, 4096, 1, 0, 5);
-        assert_eq!(wrap.validate(8, 5, usize::MAX), Err(SubmissionError::Buffer));
+        assert_eq!(
+            wrap.validate(8, 5, usize::MAX),
+            Err(SubmissionError::Buffer)
+        );
     }
 
     #[test]

@@ -1,0 +1,735 @@
+//! The emulator's PCIe "firmware": serves the device interface of docs/hsm-pcie.md in a
+//! shared file, with the same [`Emulator`] (state, keys, faults) as the TCP listener.
+//!
+//! - One firmware thread polls every enabled queue's submission doorbell, handles
+//!   enables, resets and the fault register, refreshes the heartbeat, and fetches and
+//!   validates descriptors. Cheap commands (Nop, DeviceInfo, SetFaults) run right there,
+//!   so the transport's own round trip is not a thread hand-off; the rest go to a pool
+//!   of worker threads, as over TCP, and complete out of order.
+//! - Completions are posted under a per-queue lock (several workers share one ring),
+//!   after checking that the queue was not reset since the command was fetched: a
+//!   reset drops every command in flight, which the driver sees as `ConnectionLost`.
+//! - Idle back-off: after the last work the firmware spins for `SPIN`, then sleeps
+//!   10 µs doubling to 1 ms, so an idle emulator does not burn a core.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use zerocopy::FromBytes;
+
+use super::server::{ServeError, JOBS_PER_THREAD};
+use super::{lock, Emulator, PcieSettings};
+use crate::pcie::device::{Corruption, DeviceCq, DeviceSq, Fetched};
+use crate::pcie::mem::{DeviceMemory, FileMapping, MemRegion};
+use crate::pcie::regs::{
+    plan_layout, queue_reg, CompletionEntry, QueueGeometry, SubmissionError, ValidSubmission,
+    BAR_BYTES, CHUNK_BYTES, DEVICE_MAGIC, FAULT_CORRUPT_DATA, FAULT_CORRUPT_DESCRIPTOR,
+    FAULT_QUEUE_ERROR, FAULT_RESET_DEVICE, INTERFACE_VERSION, QERR_DESCRIPTOR, QERR_INJECTED,
+    QSTATUS_DISABLED, QSTATUS_ERROR, QSTATUS_READY, Q_CQ_OFFSET, Q_DATA_BYTES, Q_DATA_OFFSET,
+    Q_ENABLE, Q_ENABLE_ACK, Q_ERROR, Q_OWNER, Q_SQ_OFFSET, Q_STATUS, REG_CHUNK_BYTES,
+    REG_DMA_BYTES, REG_FAULT_INJECT, REG_GENERATION, REG_HEARTBEAT, REG_MAGIC, REG_QUEUE_COUNT,
+    REG_QUEUE_ENTRIES, REG_RESET, REG_STATUS, REG_VERSION, STATUS_OFFLINE, STATUS_READY,
+    STATUS_RESETTING,
+};
+use crate::proto::{self, FrameHeader, Opcode, Status, FRAME_HEADER_BYTES};
+
+/// Busy-poll this long after the last work before sleeping.
+const SPIN: Duration = Duration::from_micros(100);
+/// First idle sleep of the firmware.
+const SLEEP_MIN: Duration = Duration::from_micros(10);
+/// Longest idle sleep of the firmware: bounds the first command's extra latency after
+/// a quiet spell, and the heartbeat period.
+const SLEEP_MAX: Duration = Duration::from_millis(1);
+/// How often idle workers look at the shutdown flag.
+const WORKER_POLL: Duration = Duration::from_millis(100);
+/// Slice of a stall or latency sleep.
+const SLEEP_SLICE: Duration = Duration::from_millis(50);
+
+const CORRUPT_NONE: u8 = 0;
+const CORRUPT_DATA: u8 = 1;
+const CORRUPT_DESCRIPTOR: u8 = 2;
+
+struct QueueCq {
+    cq: DeviceCq,
+    /// The epoch the ring was last (re)initialised under.
+    epoch: u64,
+}
+
+/// Device-side state of one queue shared by the firmware and the workers.
+struct DevQueue {
+    geometry: QueueGeometry,
+    /// Bumped (before the lock is taken) whenever the queue is reset, disabled or put
+    /// in error: a command fetched under another epoch is not answered.
+    epoch: AtomicU64,
+    cq: Mutex<QueueCq>,
+    /// A worker found the driver's head doorbell broken: the firmware stops the queue.
+    error: AtomicU32,
+    corrupt_next: AtomicU8,
+}
+
+struct Dev {
+    emulator: Arc<Emulator>,
+    // Keeps `bar` and `dma` valid.
+    _memory: Arc<FileMapping>,
+    bar: MemRegion,
+    dma: MemRegion,
+    queues: Vec<DevQueue>,
+    shutdown: AtomicBool,
+}
+
+/// One command on its way to a worker.
+struct Job {
+    queue: usize,
+    epoch: u64,
+    sub: ValidSubmission,
+    sq_head: u32,
+    body: Vec<u8>,
+}
+
+/// A running PCIe device.
+pub struct PcieServer {
+    dev: Arc<Dev>,
+    path: PathBuf,
+    queues: usize,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for PcieServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PcieServer")
+            .field("path", &self.path)
+            .field("queues", &self.queues)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PcieServer {
+    /// The region file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Queue pairs served.
+    pub fn queues(&self) -> usize {
+        self.queues
+    }
+
+    /// Stops the firmware and the workers and marks the device offline.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.dev.shutdown.store(true, Ordering::Release);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        reg32(&self.dev.bar, REG_STATUS).store(STATUS_OFFLINE, Ordering::Release);
+    }
+}
+
+impl Drop for PcieServer {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop();
+        }
+    }
+}
+
+/// A register the layout guarantees is in range; a fallback atomic otherwise (never
+/// reached: the BAR is at least `BAR_BYTES` and every offset is a constant below it).
+fn reg32(bar: &MemRegion, off: usize) -> &AtomicU32 {
+    static SINK: AtomicU32 = AtomicU32::new(0);
+    bar.u32_at(off).unwrap_or(&SINK)
+}
+
+fn reg64(bar: &MemRegion, off: usize) -> &AtomicU64 {
+    static SINK: AtomicU64 = AtomicU64::new(0);
+    bar.u64_at(off).unwrap_or(&SINK)
+}
+
+fn pcie_error(path: &Path, e: impl std::fmt::Display) -> ServeError {
+    ServeError::Pcie {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// Creates (or re-initialises in place) the region of `settings` and serves it with
+/// `emulator` on `threads` worker threads plus one firmware thread. The region is ready
+/// (status READY, new generation) when this returns.
+pub fn serve_pcie(
+    emulator: Arc<Emulator>,
+    settings: &PcieSettings,
+    threads: usize,
+) -> Result<PcieServer, ServeError> {
+    let path = &settings.path;
+    let data_bytes = settings.data_bytes.div_ceil(CHUNK_BYTES) * CHUNK_BYTES;
+    let (geometries, dma_bytes) = plan_layout(settings.queues, settings.queue_entries, data_bytes)
+        .map_err(|e| pcie_error(path, e))?;
+    let memory =
+        FileMapping::create(path, BAR_BYTES + dma_bytes).map_err(|e| pcie_error(path, e))?;
+    // One device per region, as one emulator per data dir.
+    // SAFETY: flock on the open descriptor; no memory passed.
+    let rc = unsafe {
+        libc::flock(
+            std::os::unix::io::AsRawFd::as_raw_fd(memory.file()),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    if rc != 0 {
+        return Err(pcie_error(path, "region is served by another emulator"));
+    }
+    let memory = Arc::new(memory);
+    let bar = memory.bar();
+    let dma = memory.dma();
+    // Re-initialise in place: drivers that still map the file see the generation move
+    // (or the status go through RESETTING) and re-attach.
+    let previous = (reg32(&bar, REG_MAGIC).load(Ordering::Acquire) == DEVICE_MAGIC)
+        .then(|| reg32(&bar, REG_GENERATION).load(Ordering::Acquire));
+    let same_shape = previous.is_some()
+        && reg32(&bar, REG_QUEUE_COUNT).load(Ordering::Acquire) as usize == settings.queues
+        && reg32(&bar, REG_QUEUE_ENTRIES).load(Ordering::Acquire) == settings.queue_entries
+        && reg64(&bar, REG_DMA_BYTES).load(Ordering::Acquire) == dma_bytes as u64;
+    reg32(&bar, REG_STATUS).store(STATUS_RESETTING, Ordering::Release);
+    reg32(&bar, REG_VERSION).store(INTERFACE_VERSION, Ordering::Relaxed);
+    reg32(&bar, REG_QUEUE_COUNT).store(settings.queues as u32, Ordering::Relaxed);
+    reg32(&bar, REG_QUEUE_ENTRIES).store(settings.queue_entries, Ordering::Relaxed);
+    reg32(&bar, REG_CHUNK_BYTES).store(CHUNK_BYTES as u32, Ordering::Relaxed);
+    reg64(&bar, REG_DMA_BYTES).store(dma_bytes as u64, Ordering::Relaxed);
+    reg32(&bar, REG_RESET).store(0, Ordering::Relaxed);
+    reg32(&bar, REG_FAULT_INJECT).store(0, Ordering::Relaxed);
+    reg64(&bar, REG_HEARTBEAT).store(0, Ordering::Relaxed);
+    for (q, g) in geometries.iter().enumerate() {
+        reg64(&bar, queue_reg(q, Q_SQ_OFFSET)).store(g.sq_offset as u64, Ordering::Relaxed);
+        reg64(&bar, queue_reg(q, Q_CQ_OFFSET)).store(g.cq_offset as u64, Ordering::Relaxed);
+        reg64(&bar, queue_reg(q, Q_DATA_OFFSET)).store(g.data_offset as u64, Ordering::Relaxed);
+        reg64(&bar, queue_reg(q, Q_DATA_BYTES)).store(g.data_bytes as u64, Ordering::Relaxed);
+        reg64(&bar, queue_reg(q, Q_ENABLE_ACK)).store(0, Ordering::Relaxed);
+        reg32(&bar, queue_reg(q, Q_STATUS)).store(QSTATUS_DISABLED, Ordering::Relaxed);
+        reg32(&bar, queue_reg(q, Q_ERROR)).store(0, Ordering::Relaxed);
+        if !same_shape {
+            // Claims on another layout mean nothing any more.
+            reg64(&bar, queue_reg(q, Q_OWNER)).store(0, Ordering::Relaxed);
+        }
+    }
+    let generation = match previous.map_or(1, |g| g.wrapping_add(1)) {
+        0 => 1,
+        g => g,
+    };
+    reg32(&bar, REG_GENERATION).store(generation, Ordering::Relaxed);
+    reg32(&bar, REG_MAGIC).store(DEVICE_MAGIC, Ordering::Relaxed);
+    // Release: every register above is visible to a driver that sees READY.
+    reg32(&bar, REG_STATUS).store(STATUS_READY, Ordering::Release);
+    let queues = geometries
+        .iter()
+        .enumerate()
+        .map(|(q, g)| DevQueue {
+            geometry: *g,
+            epoch: AtomicU64::new(0),
+            cq: Mutex::new(QueueCq {
+                cq: DeviceCq::new(*g, q),
+                epoch: 0,
+            }),
+            error: AtomicU32::new(0),
+            corrupt_next: AtomicU8::new(CORRUPT_NONE),
+        })
+        .collect();
+    let dev = Arc::new(Dev {
+        emulator,
+        _memory: memory,
+        bar,
+        dma,
+        queues,
+        shutdown: AtomicBool::new(false),
+    });
+    let (tx, rx) = bounded::<Job>(threads * JOBS_PER_THREAD);
+    let mut handles = Vec::with_capacity(threads + 1);
+    for i in 0..threads {
+        let dev = Arc::clone(&dev);
+        let rx = rx.clone();
+        handles.push(
+            thread::Builder::new()
+                .name(format!("hsm-emu-pcie-worker-{i}"))
+                .spawn(move || worker(&dev, &rx))
+                .map_err(ServeError::Spawn)?,
+        );
+    }
+    {
+        let dev = Arc::clone(&dev);
+        handles.push(
+            thread::Builder::new()
+                .name("hsm-emu-pcie-firmware".into())
+                .spawn(move || firmware(&dev, &tx, generation))
+                .map_err(ServeError::Spawn)?,
+        );
+    }
+    tracing::info!(
+        path = %path.display(),
+        queues = settings.queues,
+        entries = settings.queue_entries,
+        data_bytes,
+        generation,
+        "serving PCIe region"
+    );
+    Ok(PcieServer {
+        dev,
+        path: path.clone(),
+        queues: settings.queues,
+        threads: handles,
+    })
+}
+
+/// The firmware's private view of one queue.
+struct FwQueue {
+    sq: DeviceSq,
+    acked: u64,
+    token: u32,
+    enabled: bool,
+}
+
+struct Firmware<'a> {
+    dev: &'a Dev,
+    generation: u32,
+    queues: Vec<FwQueue>,
+}
+
+impl Firmware<'_> {
+    /// Stops queue `q`: commands in flight on it are not answered.
+    fn stop_queue(&mut self, q: usize, status: u32, error: u32) {
+        let dq = &self.dev.queues[q];
+        dq.epoch.fetch_add(1, Ordering::AcqRel);
+        reg32(&self.dev.bar, queue_reg(q, Q_ERROR)).store(error, Ordering::Relaxed);
+        reg32(&self.dev.bar, queue_reg(q, Q_STATUS)).store(status, Ordering::Release);
+        self.queues[q].enabled = false;
+        if status == QSTATUS_ERROR {
+            tracing::warn!(queue = q, error, "PCIe queue stopped on error");
+        }
+    }
+
+    fn reset_device(&mut self) {
+        let bar = &self.dev.bar;
+        reg32(bar, REG_STATUS).store(STATUS_RESETTING, Ordering::Release);
+        self.generation = match self.generation.wrapping_add(1) {
+            0 => 1,
+            g => g,
+        };
+        for q in 0..self.queues.len() {
+            self.stop_queue(q, QSTATUS_DISABLED, 0);
+            self.queues[q].acked = 0;
+            reg64(bar, queue_reg(q, Q_ENABLE_ACK)).store(0, Ordering::Release);
+        }
+        reg32(bar, REG_GENERATION).store(self.generation, Ordering::Release);
+        reg32(bar, REG_STATUS).store(STATUS_READY, Ordering::Release);
+        tracing::warn!(generation = self.generation, "PCIe device reset");
+    }
+
+    /// Follows the driver's enable register of queue `q`.
+    fn follow_enable(&mut self, q: usize) {
+        let bar = &self.dev.bar;
+        let request = reg64(bar, queue_reg(q, Q_ENABLE)).load(Ordering::Acquire);
+        if request == self.queues[q].acked {
+            return;
+        }
+        if request == 0 {
+            self.stop_queue(q, QSTATUS_DISABLED, 0);
+            self.queues[q].acked = 0;
+            reg64(bar, queue_reg(q, Q_ENABLE_ACK)).store(0, Ordering::Release);
+            return;
+        }
+        if (request >> 32) as u32 != self.generation {
+            // Written before a reset this driver has not noticed yet: wait for a fresh one.
+            return;
+        }
+        let dq = &self.dev.queues[q];
+        // Epoch first: a worker waiting for ring room gives up and frees the lock.
+        let epoch = dq.epoch.fetch_add(1, Ordering::AcqRel) + 1;
+        {
+            let mut cq = lock(&dq.cq);
+            cq.cq = DeviceCq::new(dq.geometry, q);
+            if let Err(e) = cq.cq.clear_ring(&self.dev.dma) {
+                tracing::error!(queue = q, error = %e, "cannot clear completion ring");
+                return;
+            }
+            cq.epoch = epoch;
+        }
+        dq.error.store(0, Ordering::Release);
+        let fw = &mut self.queues[q];
+        fw.sq = DeviceSq::new(dq.geometry, q);
+        fw.token = request as u32;
+        fw.enabled = true;
+        fw.acked = request;
+        reg32(bar, queue_reg(q, Q_ERROR)).store(0, Ordering::Relaxed);
+        reg32(bar, queue_reg(q, Q_STATUS)).store(QSTATUS_READY, Ordering::Release);
+        // Release: the cleared ring is visible before the driver sees the ack.
+        reg64(bar, queue_reg(q, Q_ENABLE_ACK)).store(request, Ordering::Release);
+        tracing::debug!(
+            queue = q,
+            generation = self.generation,
+            "PCIe queue enabled"
+        );
+    }
+
+    fn fault_register(&mut self) {
+        let value = reg32(&self.dev.bar, REG_FAULT_INJECT).swap(0, Ordering::AcqRel);
+        if value == 0 {
+            return;
+        }
+        if !self.dev.emulator.allows_fault_injection() {
+            tracing::warn!(
+                value,
+                "PCIe fault register written without --allow-fault-injection"
+            );
+            return;
+        }
+        let (op, q) = (value >> 16, (value & 0xFFFF) as usize);
+        tracing::info!(op, queue = q, "PCIe fault injected");
+        match op {
+            FAULT_RESET_DEVICE => self.reset_device(),
+            FAULT_QUEUE_ERROR if q < self.queues.len() => {
+                self.stop_queue(q, QSTATUS_ERROR, QERR_INJECTED)
+            }
+            FAULT_CORRUPT_DATA if q < self.queues.len() => self.dev.queues[q]
+                .corrupt_next
+                .store(CORRUPT_DATA, Ordering::Release),
+            FAULT_CORRUPT_DESCRIPTOR if q < self.queues.len() => self.dev.queues[q]
+                .corrupt_next
+                .store(CORRUPT_DESCRIPTOR, Ordering::Release),
+            _ => tracing::warn!(op, queue = q, "unknown PCIe fault"),
+        }
+    }
+}
+
+fn firmware(dev: &Dev, tx: &Sender<Job>, generation: u32) {
+    let mut fw = Firmware {
+        dev,
+        generation,
+        queues: dev
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(q, dq)| FwQueue {
+                sq: DeviceSq::new(dq.geometry, q),
+                acked: 0,
+                token: 0,
+                enabled: false,
+            })
+            .collect(),
+    };
+    let start = Instant::now();
+    let mut last_work = Instant::now();
+    let mut sleep = SLEEP_MIN;
+    let mut stalled: Option<Job> = None;
+    let mut last_beat = u64::MAX;
+    while !dev.shutdown.load(Ordering::Acquire) {
+        let beat = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if beat != last_beat {
+            reg64(&dev.bar, REG_HEARTBEAT).store(beat, Ordering::Release);
+            last_beat = beat;
+        }
+        if reg32(&dev.bar, REG_RESET).swap(0, Ordering::AcqRel) != 0 {
+            fw.reset_device();
+        }
+        fw.fault_register();
+        let mut worked = false;
+        if let Some(job) = stalled.take() {
+            match hand_off(dev, tx, job) {
+                Ok(()) => worked = true,
+                Err(job) => stalled = Some(job),
+            }
+        }
+        for q in 0..fw.queues.len() {
+            fw.follow_enable(q);
+            let code = dev.queues[q].error.swap(0, Ordering::AcqRel);
+            if code != 0 && fw.queues[q].enabled {
+                fw.stop_queue(q, QSTATUS_ERROR, code);
+            }
+            // With a job waiting for a worker, fetch nothing more: the commands stay in
+            // the rings (back-pressure), nothing is lost.
+            if !fw.queues[q].enabled || stalled.is_some() {
+                continue;
+            }
+            let pending = match fw.queues[q].sq.pending(&dev.bar) {
+                Ok(n) => n,
+                Err(code) => {
+                    fw.stop_queue(q, QSTATUS_ERROR, code);
+                    continue;
+                }
+            };
+            for _ in 0..pending {
+                let token = fw.queues[q].token;
+                let fetched = fw.queues[q].sq.fetch(&dev.dma, token);
+                worked = true;
+                match fetched {
+                    Err(code) => {
+                        fw.stop_queue(q, QSTATUS_ERROR, code);
+                        break;
+                    }
+                    Ok(Fetched::Refused {
+                        error: SubmissionError::Token | SubmissionError::Tag(_),
+                        ..
+                    }) => {
+                        // The tag cannot be answered safely: stop the queue.
+                        fw.stop_queue(q, QSTATUS_ERROR, QERR_DESCRIPTOR);
+                        break;
+                    }
+                    Ok(Fetched::Refused {
+                        tag,
+                        correlation_id,
+                        opcode,
+                        error,
+                        sq_head,
+                    }) => {
+                        let epoch = dev.queues[q].epoch.load(Ordering::Acquire);
+                        refuse(dev, q, epoch, tag, correlation_id, opcode, sq_head, &error);
+                    }
+                    Ok(Fetched::Valid { sub, sq_head }) => {
+                        let body = match fw.queues[q].sq.read_request(&dev.dma, &sub) {
+                            Ok(b) => b,
+                            Err(_) => {
+                                fw.stop_queue(q, QSTATUS_ERROR, QERR_DESCRIPTOR);
+                                break;
+                            }
+                        };
+                        let job = Job {
+                            queue: q,
+                            epoch: dev.queues[q].epoch.load(Ordering::Acquire),
+                            sub,
+                            sq_head,
+                            body,
+                        };
+                        if runs_inline(dev, sub.opcode) {
+                            execute(dev, job, &mut Vec::new());
+                        } else if let Err(job) = hand_off(dev, tx, job) {
+                            stalled = Some(job);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if worked {
+            last_work = Instant::now();
+            sleep = SLEEP_MIN;
+        } else if last_work.elapsed() < SPIN {
+            std::hint::spin_loop();
+        } else {
+            thread::sleep(sleep);
+            sleep = (sleep * 2).min(SLEEP_MAX);
+        }
+    }
+}
+
+fn hand_off(dev: &Dev, tx: &Sender<Job>, job: Job) -> Result<(), Job> {
+    match tx.try_send(job) {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Full(job)) => Err(job),
+        Err(TrySendError::Disconnected(_)) => {
+            dev.shutdown.store(true, Ordering::Release);
+            Ok(())
+        }
+    }
+}
+
+/// Commands that cost microseconds and hold no lock worth mentioning run on the
+/// firmware thread, unless a fault switch asks for delays (which must not stop the
+/// polling). SetFaults is never delayed anyway.
+fn runs_inline(dev: &Dev, opcode: u8) -> bool {
+    if opcode == Opcode::SetFaults.request_byte() {
+        return true;
+    }
+    let faults = dev.emulator.faults();
+    let quiet =
+        faults.latency().is_zero() && faults.stall_remaining().is_none() && !faults.refusing();
+    quiet && (opcode == Opcode::Nop.request_byte() || opcode == Opcode::DeviceInfo.request_byte())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn refuse(
+    dev: &Dev,
+    q: usize,
+    epoch: u64,
+    tag: u16,
+    correlation_id: u64,
+    opcode: u8,
+    sq_head: u32,
+    error: &SubmissionError,
+) {
+    tracing::debug!(queue = q, tag, %error, "PCIe descriptor refused");
+    let entry = CompletionEntry::new(
+        tag,
+        opcode | proto::RESPONSE_FLAG,
+        0,
+        Status::Malformed as u16,
+        correlation_id,
+        0,
+        crc32c::crc32c(&[]),
+        sq_head,
+    );
+    post(dev, q, epoch, None, entry);
+}
+
+fn sleep_while(dev: &Dev, mut remaining: Duration) {
+    while !remaining.is_zero() && !dev.shutdown.load(Ordering::Acquire) {
+        let slice = remaining.min(SLEEP_SLICE);
+        thread::sleep(slice);
+        remaining = remaining.saturating_sub(slice);
+    }
+}
+
+/// Runs one command as the TCP worker does (checksum, faults, `handle_frame`) and posts
+/// its completion.
+fn execute(dev: &Dev, job: Job, out: &mut Vec<u8>) {
+    out.clear();
+    let sub = job.sub;
+    let control = sub.opcode == Opcode::SetFaults.request_byte();
+    if crc32c::crc32c(&job.body) != sub.request_crc32c {
+        let _ = proto::encode_error(
+            out,
+            sub.opcode,
+            sub.correlation_id,
+            Status::ChecksumMismatch,
+            "request body CRC32C mismatch",
+        );
+    } else {
+        let faults = dev.emulator.faults();
+        if !control {
+            while let Some(left) = faults.stall_remaining() {
+                if dev.shutdown.load(Ordering::Acquire) {
+                    return;
+                }
+                thread::sleep(left.min(SLEEP_SLICE));
+            }
+            sleep_while(dev, faults.latency());
+        }
+        if !control && faults.refusing() {
+            let _ = proto::encode_error(
+                out,
+                sub.opcode,
+                sub.correlation_id,
+                Status::Busy,
+                "device refusing commands (fault)",
+            );
+        } else {
+            // Effects (reset of TCP connections) concern the TCP shell only.
+            let _ = dev
+                .emulator
+                .handle_frame(sub.opcode, sub.correlation_id, &job.body, out);
+        }
+    }
+    let Ok((header, body)) = FrameHeader::read_from_prefix(out) else {
+        return;
+    };
+    let q = job.queue;
+    let dq = &dev.queues[q];
+    let corruption = match dq.corrupt_next.swap(CORRUPT_NONE, Ordering::AcqRel) {
+        CORRUPT_DATA => Some(Corruption::DataCrc),
+        CORRUPT_DESCRIPTOR => Some(Corruption::Descriptor),
+        _ => None,
+    };
+    debug_assert_eq!(body.len(), out.len() - FRAME_HEADER_BYTES);
+    let entry = CompletionEntry::new(
+        sub.tag,
+        header.opcode,
+        0,
+        header.status.get(),
+        sub.correlation_id,
+        0,
+        header.body_crc32c.get(),
+        job.sq_head,
+    );
+    post_with_body(dev, q, job.epoch, &sub, body, corruption, entry);
+}
+
+fn post_with_body(
+    dev: &Dev,
+    q: usize,
+    epoch: u64,
+    sub: &ValidSubmission,
+    body: &[u8],
+    corruption: Option<Corruption>,
+    mut entry: CompletionEntry,
+) {
+    let dq = &dev.queues[q];
+    let mut cq = lock(&dq.cq);
+    if !wait_for_room(dev, q, epoch, &mut cq) {
+        return;
+    }
+    match cq.cq.write_response(&dev.dma, sub, body) {
+        Ok((flags, len)) => {
+            entry.flags = flags;
+            entry.response_len = len.into();
+        }
+        Err(e) => {
+            tracing::error!(queue = q, error = %e, "response outside the data area");
+            return;
+        }
+    }
+    if let Err(e) = cq.cq.post(&dev.dma, entry, corruption) {
+        tracing::error!(queue = q, error = %e, "completion outside the ring");
+    }
+}
+
+fn post(dev: &Dev, q: usize, epoch: u64, corruption: Option<Corruption>, entry: CompletionEntry) {
+    let dq = &dev.queues[q];
+    let mut cq = lock(&dq.cq);
+    if !wait_for_room(dev, q, epoch, &mut cq) {
+        return;
+    }
+    if let Err(e) = cq.cq.post(&dev.dma, entry, corruption) {
+        tracing::error!(queue = q, error = %e, "completion outside the ring");
+    }
+}
+
+/// Waits (holding the ring lock) until the completion ring has room. False if the
+/// command's queue was reset meanwhile (drop the completion) or the device stops.
+fn wait_for_room(dev: &Dev, q: usize, epoch: u64, cq: &mut QueueCq) -> bool {
+    let dq = &dev.queues[q];
+    let mut sleep = SLEEP_MIN;
+    loop {
+        if cq.epoch != epoch
+            || dq.epoch.load(Ordering::Acquire) != epoch
+            || dev.shutdown.load(Ordering::Acquire)
+        {
+            return false;
+        }
+        match cq.cq.has_room(&dev.bar) {
+            Ok(true) => return true,
+            Ok(false) => {
+                thread::sleep(sleep);
+                sleep = (sleep * 2).min(SLEEP_MAX);
+            }
+            Err(code) => {
+                dq.error.store(code, Ordering::Release);
+                return false;
+            }
+        }
+    }
+}
+
+fn worker(dev: &Dev, rx: &Receiver<Job>) {
+    let mut out = Vec::new();
+    loop {
+        match rx.recv_timeout(WORKER_POLL) {
+            Ok(job) => {
+                if dev.queues[job.queue].epoch.load(Ordering::Acquire) == job.epoch {
+                    execute(dev, job, &mut out);
+                }
+                // Do not keep a huge buffer around after one large batch.
+                if out.capacity() > proto::FRAME_BODY_BYTES_MAX / 4 {
+                    out = Vec::new();
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if dev.shutdown.load(Ordering::Acquire) {
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
