@@ -252,17 +252,50 @@ mod tests {
 
     #[test]
     fn typed_errors() {
-        assert!(matches!("udp://x:1".parse::<Route>(), Err(RouteError::UnknownScheme(_))));
-        assert!(matches!("127.0.0.1:1".parse::<Route>(), Err(RouteError::UnknownScheme(_))));
-        assert!(matches!("tcp://host".parse::<Route>(), Err(RouteError::BadTcpAddress(_))));
-        assert!(matches!("tcp://:80".parse::<Route>(), Err(RouteError::BadTcpAddress(_))));
-        assert!(matches!("tcp://::1:80".parse::<Route>(), Err(RouteError::BadTcpAddress(_))));
-        assert!(matches!("tcp://h:http".parse::<Route>(), Err(RouteError::BadPort(_))));
-        assert!(matches!("tcp://h:0".parse::<Route>(), Err(RouteError::BadPort(_))));
-        assert!(matches!("tcp://h:70000".parse::<Route>(), Err(RouteError::BadPort(_))));
-        assert!(matches!("pcie:rel/path".parse::<Route>(), Err(RouteError::RelativePath(_))));
-        assert!(matches!("pcie:".parse::<Route>(), Err(RouteError::RelativePath(_))));
-        assert!(matches!("pcie:/p#q".parse::<Route>(), Err(RouteError::BadQueue(_))));
+        assert!(matches!(
+            "udp://x:1".parse::<Route>(),
+            Err(RouteError::UnknownScheme(_))
+        ));
+        assert!(matches!(
+            "127.0.0.1:1".parse::<Route>(),
+            Err(RouteError::UnknownScheme(_))
+        ));
+        assert!(matches!(
+            "tcp://host".parse::<Route>(),
+            Err(RouteError::BadTcpAddress(_))
+        ));
+        assert!(matches!(
+            "tcp://:80".parse::<Route>(),
+            Err(RouteError::BadTcpAddress(_))
+        ));
+        assert!(matches!(
+            "tcp://::1:80".parse::<Route>(),
+            Err(RouteError::BadTcpAddress(_))
+        ));
+        assert!(matches!(
+            "tcp://h:http".parse::<Route>(),
+            Err(RouteError::BadPort(_))
+        ));
+        assert!(matches!(
+            "tcp://h:0".parse::<Route>(),
+            Err(RouteError::BadPort(_))
+        ));
+        assert!(matches!(
+            "tcp://h:70000".parse::<Route>(),
+            Err(RouteError::BadPort(_))
+        ));
+        assert!(matches!(
+            "pcie:rel/path".parse::<Route>(),
+            Err(RouteError::RelativePath(_))
+        ));
+        assert!(matches!(
+            "pcie:".parse::<Route>(),
+            Err(RouteError::RelativePath(_))
+        ));
+        assert!(matches!(
+            "pcie:/p#q".parse::<Route>(),
+            Err(RouteError::BadQueue(_))
+        ));
     }
 
     #[test]

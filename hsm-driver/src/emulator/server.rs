@@ -501,13 +501,15 @@ where
         )?),
         None => None,
     };
-    let mut stdout = io::stdout().lock();
-    // `listening` stays the first line: parents (appliance child.rs, tests) read it.
-    writeln!(stdout, "listening {}", server.local_addr()).map_err(ServeError::Stdout)?;
+    // `listening` stays the first line: parents (appliance child.rs, tests) read it. Both
+    // lines go out in one write: a parent that reads only the first line and closes the
+    // pipe must not make the second write fail (EPIPE) and stop the emulator.
+    let mut lines = format!("listening {}\n", server.local_addr());
     if let Some(p) = &pcie {
-        writeln!(stdout, "pcie {} queues {}", p.path().display(), p.queues())
-            .map_err(ServeError::Stdout)?;
+        lines.push_str(&format!("pcie {} queues {}\n", p.path().display(), p.queues()));
     }
+    let mut stdout = io::stdout().lock();
+    stdout.write_all(lines.as_bytes()).map_err(ServeError::Stdout)?;
     stdout.flush().map_err(ServeError::Stdout)?;
     drop(stdout);
     server.join();

@@ -159,6 +159,8 @@ pub enum Outcome {
 #[derive(Debug)]
 struct InFlight {
     cid: u64,
+    /// Free-running submission-ring position of the descriptor.
+    sq_pos: u32,
     opcode: Opcode,
     extent: Extent,
     waker: Option<Waker>,
@@ -339,6 +341,7 @@ impl QueueEngine {
             self.alloc.free(extent);
             return Err(SubmitError::Memory(e));
         }
+        let sq_pos = self.sq_tail;
         self.sq_tail = self.sq_tail.wrapping_add(1);
         let doorbell = bar
             .u32_at(queue_reg(self.queue, Q_SQ_TAIL))
@@ -348,6 +351,7 @@ impl QueueEngine {
         doorbell.store(self.sq_tail, Ordering::Release);
         self.slots[tag] = Slot::InFlight(InFlight {
             cid,
+            sq_pos,
             opcode,
             extent,
             waker: None,
@@ -435,14 +439,16 @@ impl QueueEngine {
                 )))
             }
         };
-        // The device fetches in order and completes only what it fetched: its head lies
-        // between what we knew and our tail.
-        // Completions come back out of order, so an older head may follow a newer one:
-        // accept any head within one ring behind our tail, and only move forward.
+        // The device fetched this command before completing it, and nothing we did not
+        // submit: its head lies in (position of this command, our tail]. Completions
+        // come back out of order, so an older head may follow a newer one; the known
+        // head only moves forward.
         let head = e.sq_head.get();
-        if self.sq_tail.wrapping_sub(head) > self.geometry.entries {
+        let first = call.sq_pos.wrapping_add(1);
+        if head.wrapping_sub(first) > self.sq_tail.wrapping_sub(first) {
             return Err(QueueFault(format!(
-                "completion reports submission head {head}"
+                "completion reports submission head {head}, outside {first}..={}",
+                self.sq_tail
             )));
         }
         if head.wrapping_sub(self.sq_head) <= self.sq_tail.wrapping_sub(self.sq_head) {

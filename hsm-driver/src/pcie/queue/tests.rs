@@ -54,18 +54,26 @@ impl Rig {
         let (bar, dma) = (self.mem.bar(), self.mem.dma());
         let n = self.sq.pending(&bar).expect("doorbell in range");
         (0..n)
-            .map(|_| match self.sq.fetch(&dma, TOKEN).expect("descriptor ok") {
-                Fetched::Valid { sub, sq_head } => {
-                    let body = self.sq.read_request(&dma, &sub).expect("in range");
-                    (sub, sq_head, body)
-                }
-                other => panic!("refused {other:?}"),
-            })
+            .map(
+                |_| match self.sq.fetch(&dma, TOKEN).expect("descriptor ok") {
+                    Fetched::Valid { sub, sq_head } => {
+                        let body = self.sq.read_request(&dma, &sub).expect("in range");
+                        (sub, sq_head, body)
+                    }
+                    other => panic!("refused {other:?}"),
+                },
+            )
             .collect()
     }
 
     /// Device: answer a Nop by echoing its body (optionally lying).
-    fn answer(&mut self, sub: &ValidSubmission, sq_head: u32, body: &[u8], corrupt: Option<Corruption>) {
+    fn answer(
+        &mut self,
+        sub: &ValidSubmission,
+        sq_head: u32,
+        body: &[u8],
+        corrupt: Option<Corruption>,
+    ) {
         let (bar, dma) = (self.mem.bar(), self.mem.dma());
         assert!(self.cq.has_room(&bar).expect("head ok"));
         let (flags, len) = self.cq.write_response(&dma, sub, body).expect("in range");
@@ -142,7 +150,10 @@ fn out_of_order_completions_reach_their_calls() {
     }
     assert_eq!(r.poll(), Ok(8));
     for (tag, cid) in tags {
-        assert_eq!(nop_answer(r.outcome(tag, cid)).expect("ok"), cid.to_le_bytes());
+        assert_eq!(
+            nop_answer(r.outcome(tag, cid)).expect("ok"),
+            cid.to_le_bytes()
+        );
     }
 }
 
@@ -186,7 +197,10 @@ fn corrupt_data_fails_only_that_call() {
     r.answer(&f[0].0, f[0].1, b"one", Some(Corruption::DataCrc));
     r.answer(&f[1].0, f[1].1, b"two", None);
     assert_eq!(r.poll(), Ok(2));
-    assert!(matches!(nop_answer(r.outcome(t1, 1)), Err(HsmError::Malformed(_))));
+    assert!(matches!(
+        nop_answer(r.outcome(t1, 1)),
+        Err(HsmError::Malformed(_))
+    ));
     assert_eq!(nop_answer(r.outcome(t2, 2)).expect("ok"), b"two");
     assert_eq!(r.engine.stats().rejected, 1);
 }
@@ -201,7 +215,10 @@ fn corrupt_descriptor_is_fatal_and_untrusted() {
     // The call is still in flight (the entry was not trusted); the shell fails it.
     assert!(r.outcome(t1, 1).is_none());
     assert_eq!(r.engine.fail_all(|| HsmError::ConnectionLost), 1);
-    assert!(matches!(nop_answer(r.outcome(t1, 1)), Err(HsmError::ConnectionLost)));
+    assert!(matches!(
+        nop_answer(r.outcome(t1, 1)),
+        Err(HsmError::ConnectionLost)
+    ));
     assert_eq!(r.engine.alloc.free_chunks(), r.engine.alloc.chunks());
 }
 
@@ -212,25 +229,61 @@ fn lying_completions_are_rejected_without_reading_outside() {
     let t = r.submit(1, b"x").expect("room");
     let f = r.fetch_all();
     let (sub, head, _) = f[0];
-    r.post_raw(CompletionEntry::new(sub.tag, 0x89, 0, 0, 1, u32::MAX, 0, head));
+    r.post_raw(CompletionEntry::new(
+        sub.tag,
+        0x89,
+        0,
+        0,
+        1,
+        u32::MAX,
+        0,
+        head,
+    ));
     assert_eq!(r.poll(), Ok(1));
-    assert!(matches!(nop_answer(r.outcome(t, 1)), Err(HsmError::Malformed(_))));
+    assert!(matches!(
+        nop_answer(r.outcome(t, 1)),
+        Err(HsmError::Malformed(_))
+    ));
 
     // Wrong opcode: that call fails.
     let t = r.submit(2, b"x").expect("room");
     let f = r.fetch_all();
     let (sub, head, _) = f[0];
-    r.post_raw(CompletionEntry::new(sub.tag, 0x81, 0, 0, 2, 0, crc32c::crc32c(&[]), head));
+    r.post_raw(CompletionEntry::new(
+        sub.tag,
+        0x81,
+        0,
+        0,
+        2,
+        0,
+        crc32c::crc32c(&[]),
+        head,
+    ));
     assert_eq!(r.poll(), Ok(1));
-    assert!(matches!(nop_answer(r.outcome(t, 2)), Err(HsmError::Malformed(_))));
+    assert!(matches!(
+        nop_answer(r.outcome(t, 2)),
+        Err(HsmError::Malformed(_))
+    ));
 
     // Unknown status code: that call fails.
     let t = r.submit(3, b"x").expect("room");
     let f = r.fetch_all();
     let (sub, head, _) = f[0];
-    r.post_raw(CompletionEntry::new(sub.tag, 0x89, 0, 999, 3, 0, crc32c::crc32c(&[]), head));
+    r.post_raw(CompletionEntry::new(
+        sub.tag,
+        0x89,
+        0,
+        999,
+        3,
+        0,
+        crc32c::crc32c(&[]),
+        head,
+    ));
     assert_eq!(r.poll(), Ok(1));
-    assert!(matches!(nop_answer(r.outcome(t, 3)), Err(HsmError::Malformed(_))));
+    assert!(matches!(
+        nop_answer(r.outcome(t, 3)),
+        Err(HsmError::Malformed(_))
+    ));
 
     // A device error is a device error.
     let t = r.submit(4, b"x").expect("room");
@@ -300,12 +353,18 @@ fn overflow_only_for_calls_that_allow_it() {
     let big = vec![1u8; 5000];
     r.answer(&f[0].0, f[0].1, &big, None);
     assert_eq!(r.poll(), Ok(1));
-    assert!(matches!(r.outcome(t, 1), Some(Outcome::Overflow { needed: 5000 })));
+    assert!(matches!(
+        r.outcome(t, 1),
+        Some(Outcome::Overflow { needed: 5000 })
+    ));
     let t = r.submit(2, b"").expect("room");
     let f = r.fetch_all();
     r.answer(&f[0].0, f[0].1, &big, None);
     assert_eq!(r.poll(), Ok(1));
-    assert!(matches!(nop_answer(r.outcome(t, 2)), Err(HsmError::Malformed(_))));
+    assert!(matches!(
+        nop_answer(r.outcome(t, 2)),
+        Err(HsmError::Malformed(_))
+    ));
 }
 
 #[test]
@@ -321,7 +380,10 @@ fn abandoned_call_keeps_its_buffer_until_completed() {
     assert_eq!(r.engine.in_flight(), 0);
     assert_eq!(r.engine.alloc.free_chunks(), 2);
     // Its outcome is gone: a poll of the old call is "lost", not someone else's answer.
-    assert!(matches!(nop_answer(r.outcome(t, 1)), Err(HsmError::ConnectionLost)));
+    assert!(matches!(
+        nop_answer(r.outcome(t, 1)),
+        Err(HsmError::ConnectionLost)
+    ));
 }
 
 #[test]
@@ -329,13 +391,19 @@ fn device_rejects_hostile_doorbells_and_descriptors() {
     let mut r = rig(4, 64 * 1024, 64);
     let bar = r.mem.bar();
     // Tail more than a ring ahead.
-    bar.u32_at(queue_reg(0, Q_SQ_TAIL)).expect("reg").store(9, Ordering::Release);
+    bar.u32_at(queue_reg(0, Q_SQ_TAIL))
+        .expect("reg")
+        .store(9, Ordering::Release);
     assert!(r.sq.pending(&bar).is_err());
     // Head doorbell ahead of the completion tail.
-    bar.u32_at(queue_reg(0, Q_CQ_HEAD)).expect("reg").store(3, Ordering::Release);
+    bar.u32_at(queue_reg(0, Q_CQ_HEAD))
+        .expect("reg")
+        .store(3, Ordering::Release);
     assert!(r.cq.has_room(&bar).is_err());
     // A scribbled descriptor.
-    bar.u32_at(queue_reg(0, Q_CQ_HEAD)).expect("reg").store(0, Ordering::Release);
+    bar.u32_at(queue_reg(0, Q_CQ_HEAD))
+        .expect("reg")
+        .store(0, Ordering::Release);
     r.submit(1, b"x").expect("room");
     let dma = r.mem.dma();
     let g = *r.engine.geometry();
@@ -469,4 +537,24 @@ proptest! {
         prop_assert_eq!(r.engine.in_flight(), 0);
         prop_assert_eq!(r.engine.alloc.free_chunks(), r.engine.alloc.chunks());
     }
+}
+
+#[test]
+fn slow_command_completes_after_the_ring_wrapped_many_times() {
+    // A long TaxCodes stays with the device while many quick commands go round the
+    // 4-entry ring; its completion's old submission head is still valid.
+    let mut r = rig(4, 64 * 1024, 64);
+    let slow = r.submit(1, b"slow").expect("room");
+    let f = r.fetch_all();
+    let (slow_sub, slow_head, _) = f[0];
+    for cid in 2..30u64 {
+        let t = r.submit(cid, b"quick").expect("room");
+        let f = r.fetch_all();
+        r.answer(&f[0].0, f[0].1, b"quick", None);
+        assert_eq!(r.poll(), Ok(1));
+        nop_answer(r.outcome(t, cid)).expect("quick");
+    }
+    r.answer(&slow_sub, slow_head, b"slow", None);
+    assert_eq!(r.poll(), Ok(1));
+    assert_eq!(nop_answer(r.outcome(slow, 1)).expect("slow"), b"slow");
 }
