@@ -133,8 +133,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let appliance =
         appliance_server::serve::Appliance::start(&config).map_err(|e| e.to_string())?;
+    // `listening <addr>` first: the line supervisors and tests wait for.
+    println!("listening {}", appliance.service_addr());
     println!(
-        "serving on {} (shard ports {:?}); control {}",
+        "serving {} shards on {} (shard ports {:?}); control {}",
+        appliance.shard_ports().len(),
         appliance.service_addr(),
         appliance.shard_ports(),
         appliance

@@ -15,7 +15,7 @@
 //!   `journal::JournalError::Poisoned`); requests get [`IssueFailure::ShardStopped`] and
 //!   a restart recovers from what is on disk.
 
-use crate::journal::{Journal, JournalConfig, JournalError, OpenError};
+use crate::journal::{Journal, JournalConfig, OpenError};
 use crate::metrics::{ShardMetrics, Stage};
 use appliance_core::journal::frame::{begin_commit, seal_commit};
 use appliance_core::journal::record::{decode_issued, RecordError};
@@ -30,6 +30,7 @@ use glommio::channels::local_channel::{LocalReceiver, LocalSender};
 use glommio::{LocalExecutorBuilder, Placement};
 use hsm_driver::proto::{
     InventoryScope, InvoiceBatch, Request, Response, Segment, TaxCodeItem, TaxCodeStatus,
+    TAX_CODES_BATCH_MAX,
 };
 use hsm_driver::tcp::{HsmError, TcpClient, TcpClientConfig};
 use std::cell::RefCell;
@@ -970,29 +971,39 @@ impl Shard {
         }))
     }
 
-    /// One TaxCodes command for the whole tick. Returns the per-item results, or why the
-    /// command as a whole failed.
+    /// The tick's tax codes: one TaxCodes command per [`TAX_CODES_BATCH_MAX`] items (a
+    /// tick may be larger than the device's batch), all in flight at once. Returns the
+    /// per-item results in tick order, or why a command as a whole failed.
     async fn tax_codes(&self, tick: &Tick) -> Result<Vec<TaxCodeResult>, String> {
-        let mut batch = InvoiceBatch::with_capacity(tick.item_count(), tick.canonical_bytes());
-        for item in tick.canonical_items() {
-            batch.push(item).map_err(|e| e.to_string())?;
+        let items: Vec<&[u8]> = tick.canonical_items().collect();
+        let mut calls = Vec::with_capacity(items.len().div_ceil(TAX_CODES_BATCH_MAX));
+        for chunk in items.chunks(TAX_CODES_BATCH_MAX) {
+            let bytes = chunk.iter().map(|c| c.len()).sum();
+            let mut batch = InvoiceBatch::with_capacity(chunk.len(), bytes);
+            for item in chunk {
+                batch.push(item).map_err(|e| e.to_string())?;
+            }
+            let hsm = Rc::clone(&self.hsm);
+            let expected = chunk.len();
+            calls.push(glommio::spawn_local(async move {
+                let response = hsm
+                    .call(&Request::TaxCodes(batch))
+                    .await
+                    .map_err(|e: HsmError| e.to_string())?;
+                let Response::TaxCodes(items) = response else {
+                    return Err("unexpected answer to TaxCodes".to_owned());
+                };
+                if items.len() != expected {
+                    return Err(format!("{} tax codes for {expected} invoices", items.len()));
+                }
+                Ok(items.iter().map(item_result).collect::<Vec<_>>())
+            }));
         }
-        let response = self
-            .hsm
-            .call(&Request::TaxCodes(batch))
-            .await
-            .map_err(|e: HsmError| e.to_string())?;
-        let Response::TaxCodes(items) = response else {
-            return Err("unexpected answer to TaxCodes".into());
-        };
-        if items.len() != tick.item_count() {
-            return Err(format!(
-                "{} tax codes for {} invoices",
-                items.len(),
-                tick.item_count()
-            ));
+        let mut results = Vec::with_capacity(items.len());
+        for call in calls {
+            results.extend(call.await?);
         }
-        Ok(items.iter().map(item_result).collect())
+        Ok(results)
     }
 }
 
@@ -1033,11 +1044,37 @@ async fn commit_loop(
                 count as u64,
             );
         }
+        // Replays need their invoices from the journal: one read per commit holding
+        // any of them, for the whole job.
+        let replay_seqs: Vec<u64> = job
+            .answers
+            .iter()
+            .filter_map(|a| match a {
+                Answer::Replay { seq, .. } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        let mut replays = if replay_seqs.is_empty() {
+            Vec::new()
+        } else {
+            journal
+                .read_records(&replay_seqs)
+                .await
+                .map_err(|e| ShardError::Journal {
+                    shard,
+                    message: format!("reading records to replay: {e}"),
+                })?
+        }
+        .into_iter();
         let mut answers = job.answers.into_iter();
         for slot in job.slots {
             let mut results = Vec::with_capacity(slot.len);
             for answer in answers.by_ref().take(slot.len) {
-                results.push(answer_one(shard, &journal, &metrics, answer).await?);
+                let replayed = match answer {
+                    Answer::Replay { .. } => replays.next(),
+                    _ => None,
+                };
+                results.push(answer_one(shard, &metrics, answer, replayed)?);
             }
             metrics.borrow_mut().record(
                 Stage::Total,
@@ -1053,11 +1090,12 @@ async fn commit_loop(
     })
 }
 
-async fn answer_one(
+/// The answer to one request; `replayed` is the journal record of a replay.
+fn answer_one(
     shard: u32,
-    journal: &Journal,
     metrics: &RefCell<ShardMetrics>,
     answer: Answer,
+    replayed: Option<(u8, Vec<u8>)>,
 ) -> Result<IssueResult, ShardError> {
     Ok(match answer {
         Answer::Issued { invoice, .. } => {
@@ -1072,10 +1110,7 @@ async fn answer_one(
                 shard,
                 message: format!("record {seq}: {e}"),
             };
-            let (_kind, body) = journal
-                .read_record(seq)
-                .await
-                .map_err(|e: JournalError| journal_error(e.to_string()))?;
+            let (_kind, body) = replayed.ok_or_else(|| journal_error("not read".into()))?;
             let invoice =
                 decode_issued(&body).map_err(|e: RecordError| journal_error(e.to_string()))?;
             // Assert on both sides of the disk boundary: the index and the record agree.

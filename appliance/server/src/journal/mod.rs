@@ -368,17 +368,58 @@ impl Journal {
     /// answering a replayed request: its kind and body. The commit's bytes are read from
     /// disk and the record's CRC32C is verified again.
     pub async fn read_record(&self, seq: u64) -> Result<(u8, Vec<u8>), JournalError> {
+        let mut records = self.read_records(&[seq]).await?;
+        Ok(records.pop().expect("one record per seq"))
+    }
+
+    /// Like [`Journal::read_record`] for many records at once, returned in the order of
+    /// `seqs`. Each index entry (a commit, or a part of one) holding any of them is read
+    /// once: a burst of replays after a restart reads each commit once, not once per
+    /// record.
+    pub async fn read_records(&self, seqs: &[u64]) -> Result<Vec<(u8, Vec<u8>)>, JournalError> {
         let first_seq = self.index.first().map_or(self.next_seq, |e| e.first_seq);
-        if seq < first_seq || seq >= self.next_seq {
+        if let Some(&seq) = seqs.iter().find(|&&s| s < first_seq || s >= self.next_seq) {
             return Err(JournalError::SeqNotFound {
                 seq,
                 first_seq,
                 next_seq: self.next_seq,
             });
         }
-        let at = self.index.partition_point(|e| e.first_seq <= seq);
-        assert!(at >= 1, "seq {seq} >= first indexed seq {first_seq}");
-        let entry = self.index[at - 1];
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_unstable_by_key(|&i| seqs[i]);
+        let mut out: Vec<Option<(u8, Vec<u8>)>> = vec![None; seqs.len()];
+        let mut next = 0usize;
+        while next < order.len() {
+            let at = self
+                .index
+                .partition_point(|e| e.first_seq <= seqs[order[next]]);
+            assert!(at >= 1, "seq >= first indexed seq {first_seq}");
+            let entry = self.index[at - 1];
+            let entry_end_seq = self.index.get(at).map_or(self.next_seq, |e| e.first_seq);
+            let group_end = next
+                + order[next..]
+                    .iter()
+                    .take_while(|&&i| seqs[i] < entry_end_seq)
+                    .count();
+            self.read_entry(entry, &order[next..group_end], seqs, &mut out)
+                .await?;
+            next = group_end;
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.expect("every seq was found or an error returned"))
+            .collect())
+    }
+
+    /// Reads one index entry and picks the records `wanted` (positions into `seqs`,
+    /// ascending by seq) out of it.
+    async fn read_entry(
+        &self,
+        entry: IndexEntry,
+        wanted: &[usize],
+        seqs: &[u64],
+        out: &mut [Option<(u8, Vec<u8>)>],
+    ) -> Result<(), JournalError> {
         let path = &self.segments[entry.segment as usize].path;
         let read_len = entry.len.div_ceil(BLOCK_BYTES as u64) * BLOCK_BYTES as u64;
         let is_current = entry.segment as usize + 1 == self.segments.len();
@@ -390,36 +431,52 @@ impl Journal {
             file.read_at_aligned(entry.offset, read_len as usize).await
         }
         .map_err(|e| io_err("read", path, entry.offset)(e.into()))?;
-        let mismatch = |detail: String| JournalError::ReadMismatch {
+        let mismatch = |seq: u64, detail: String| JournalError::ReadMismatch {
             path: path.clone(),
             offset: entry.offset,
             seq,
             detail,
         };
+        let first_wanted = seqs[wanted[0]];
         if (read.len() as u64) < entry.len {
-            return Err(mismatch(format!(
-                "short read: {} of {} bytes",
-                read.len(),
-                entry.len
-            )));
+            return Err(mismatch(
+                first_wanted,
+                format!("short read: {} of {} bytes", read.len(), entry.len),
+            ));
         }
         let bytes = &read[..entry.len as usize];
         let mut offset = 0usize;
+        let mut pending = wanted.iter().peekable();
         // Each step consumes at least one record header, so the walk ends.
         while offset < bytes.len() {
+            let Some(&&position) = pending.peek() else {
+                return Ok(());
+            };
+            let seq = seqs[position];
             let (record, next) = decode_record_at(bytes, offset)
-                .map_err(|e| mismatch(format!("{e} at entry offset {offset}")))?;
+                .map_err(|e| mismatch(seq, format!("{e} at entry offset {offset}")))?;
             if record.kind != KIND_PADDING && record.kind != KIND_COMMIT {
-                if record.seq == seq {
-                    return Ok((record.kind, record.body.to_vec()));
-                }
                 if record.seq > seq {
                     break;
+                }
+                // Equal seqs asked twice are served from the same record.
+                while let Some(&&position) = pending.peek() {
+                    if seqs[position] != record.seq {
+                        break;
+                    }
+                    out[position] = Some((record.kind, record.body.to_vec()));
+                    pending.next();
                 }
             }
             offset = next;
         }
-        Err(mismatch("record not found where the index points".into()))
+        match pending.peek() {
+            None => Ok(()),
+            Some(&&position) => Err(mismatch(
+                seqs[position],
+                "record not found where the index points".into(),
+            )),
+        }
     }
 
     /// The sequence number the next commit's first record must carry.

@@ -30,7 +30,7 @@ use quinn_proto::{
     VarInt, WriteError,
 };
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -38,10 +38,9 @@ use std::time::Instant;
 
 /// Connections one endpoint serves at once; more are refused at the handshake.
 pub const CONNECTIONS_MAX: usize = 1024;
-/// Bytes of unfinished request frames buffered per connection; beyond it the endpoint
-/// stops reading that connection's streams until a frame completes, so QUIC flow control
-/// pushes back on the client.
-pub const CONNECTION_INBOUND_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// Bytes of request frames being received per connection (reserved from their headers);
+/// a frame that would exceed it is refused with the retryable `Overloaded` error.
+pub const CONNECTION_INBOUND_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Datagrams queued between the receiver task and the driver.
 const INPUT_QUEUE_MAX: usize = 4096;
 /// Inputs the driver takes per turn before it drives the connections.
@@ -59,6 +58,8 @@ pub mod close_code {
     pub const FRAME_TOO_LARGE: u32 = 0x12;
     /// The request frame's header is invalid (STOP_SENDING on that stream).
     pub const MALFORMED: u32 = 0x13;
+    /// The connection has too many request bytes in flight (STOP_SENDING; retry later).
+    pub const OVERLOADED: u32 = 0x14;
 }
 
 /// What the endpoint knows about the appliance, shared by its exchanges.
@@ -91,7 +92,8 @@ enum Input {
 #[derive(Default)]
 struct Inbound {
     bytes: Vec<u8>,
-    header_checked: bool,
+    /// Bytes reserved against the connection's budget once the header arrived (0 before).
+    reserved: usize,
 }
 
 /// A reply being sent.
@@ -104,9 +106,8 @@ struct Conn {
     inner: quinn_proto::Connection,
     identity: Option<Rc<str>>,
     inbound: HashMap<StreamId, Inbound>,
+    /// Bytes reserved by the frames being received.
     inbound_bytes: usize,
-    /// Readable streams left unread while the connection was over its inbound budget.
-    paused: HashSet<StreamId>,
     outbound: HashMap<StreamId, Outbound>,
 }
 
@@ -279,7 +280,6 @@ impl Driver {
                                             identity: None,
                                             inbound: HashMap::new(),
                                             inbound_bytes: 0,
-                                            paused: HashSet::new(),
                                             outbound: HashMap::new(),
                                         },
                                     );
@@ -421,25 +421,28 @@ impl Driver {
     }
 
     /// Reads what arrived on a request stream; a finished frame is handled.
+    ///
+    /// Everything that arrives is read at once: data left unread inside quinn-proto would
+    /// hold connection-level flow-control credit that other streams need to finish. What
+    /// bounds memory is the reservation: once a frame's header is in, its announced size
+    /// is reserved against [`CONNECTION_INBOUND_BYTES_MAX`], and a frame that does not
+    /// fit is refused with the retryable [`ErrorCode::Overloaded`] (its stream stopped,
+    /// so the client stops sending it).
     fn read_stream(&mut self, ch: ConnectionHandle, id: StreamId) {
         let conn = self.conns.get_mut(&ch).expect("present");
         if conn.identity.is_none() {
             return; // closing, or not yet connected
         }
-        if conn.inbound_bytes >= CONNECTION_INBOUND_BYTES_MAX {
-            conn.paused.insert(id);
-            return;
-        }
         let inbound = conn.inbound.entry(id).or_default();
         let mut recv = conn.inner.recv_stream(id);
         let Ok(mut chunks) = recv.read(true) else {
-            conn.inbound.remove(&id);
+            let released = conn.inbound.remove(&id).map_or(0, |i| i.reserved);
+            conn.inbound_bytes -= released;
             return;
         };
         let mut finished = false;
         let mut reset = false;
         let mut too_large = false;
-        let mut added = 0usize;
         loop {
             match chunks.next(usize::MAX) {
                 Ok(Some(chunk)) => {
@@ -448,7 +451,6 @@ impl Driver {
                         break;
                     }
                     inbound.bytes.extend_from_slice(&chunk.bytes);
-                    added += chunk.bytes.len();
                 }
                 Ok(None) => {
                     finished = true;
@@ -462,7 +464,6 @@ impl Driver {
             }
         }
         let _ = chunks.finalize();
-        conn.inbound_bytes += added;
         // Check the header as soon as it is there, so that a frame announcing too much
         // or speaking another version is refused before its body is buffered.
         let mut refuse: Option<(ErrorCode, String)> = None;
@@ -471,47 +472,46 @@ impl Driver {
                 ErrorCode::FrameTooLarge,
                 format!("frame exceeds {FRAME_BYTES_MAX} bytes"),
             ));
-        } else if !inbound.header_checked && inbound.bytes.len() >= HEADER_BYTES {
-            inbound.header_checked = true;
-            if let Err(e) = Header::decode(&inbound.bytes) {
-                refuse = Some((header_error_code(&e), e.to_string()));
+        } else if inbound.reserved == 0 && inbound.bytes.len() >= HEADER_BYTES {
+            match Header::decode(&inbound.bytes) {
+                Err(e) => refuse = Some((header_error_code(&e), e.to_string())),
+                Ok(header) => {
+                    let need = HEADER_BYTES + header.body_bytes as usize;
+                    if conn.inbound_bytes + need > CONNECTION_INBOUND_BYTES_MAX {
+                        refuse = Some((
+                            ErrorCode::Overloaded,
+                            "too many request bytes in flight on this connection".into(),
+                        ));
+                    } else {
+                        inbound.reserved = need;
+                        conn.inbound_bytes += need;
+                    }
+                }
             }
         }
-        if reset {
-            let released = conn.inbound.remove(&id).map_or(0, |i| i.bytes.len());
-            conn.inbound_bytes -= released;
-            return;
+        if refuse.is_none() && inbound.reserved > 0 && inbound.bytes.len() > inbound.reserved {
+            refuse = Some((
+                ErrorCode::Malformed,
+                "more body bytes than the header announced".into(),
+            ));
         }
-        if let Some((code, message)) = refuse {
-            let released = conn.inbound.remove(&id).map_or(0, |i| i.bytes.len());
-            conn.inbound_bytes -= released;
-            let stop = if code == ErrorCode::FrameTooLarge {
-                close_code::FRAME_TOO_LARGE
-            } else {
-                close_code::MALFORMED
-            };
-            let _ = conn.inner.recv_stream(id).stop(VarInt::from_u32(stop));
-            self.refuse_stream(ch, id, code, &message);
-            return;
-        }
-        if finished {
+        if reset || refuse.is_some() || finished {
             let inbound = conn.inbound.remove(&id).expect("present");
-            conn.inbound_bytes -= inbound.bytes.len();
+            conn.inbound_bytes -= inbound.reserved;
+            if reset {
+                return;
+            }
+            if let Some((code, message)) = refuse {
+                let stop = match code {
+                    ErrorCode::FrameTooLarge => close_code::FRAME_TOO_LARGE,
+                    ErrorCode::Overloaded => close_code::OVERLOADED,
+                    _ => close_code::MALFORMED,
+                };
+                let _ = conn.inner.recv_stream(id).stop(VarInt::from_u32(stop));
+                self.refuse_stream(ch, id, code, &message);
+                return;
+            }
             self.handle_frame(ch, id, inbound.bytes);
-            self.resume_paused(ch);
-        }
-    }
-
-    fn resume_paused(&mut self, ch: ConnectionHandle) {
-        let Some(conn) = self.conns.get_mut(&ch) else {
-            return;
-        };
-        if conn.inbound_bytes >= CONNECTION_INBOUND_BYTES_MAX || conn.paused.is_empty() {
-            return;
-        }
-        let paused: Vec<StreamId> = conn.paused.drain().collect();
-        for id in paused {
-            self.read_stream(ch, id);
         }
     }
 
