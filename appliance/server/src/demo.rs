@@ -1,7 +1,9 @@
 //! The bulk demo (`appliance demo`, what `cargo run --release` runs): starts the
-//! tax-server emulator as a separate child process, starts one shard per core on a
-//! throw-away data dir, issues synthetic railway invoices in bulk through the in-process
-//! API, verifies every answer, and prints throughput and per-shard latency.
+//! tax-server emulator as a separate child process, generates a throw-away CA and
+//! certificates, starts the appliance (one shard per core, QUIC on loopback) on a
+//! throw-away data dir, issues synthetic railway invoices in bulk through the client
+//! library over QUIC with mutual TLS, verifies every answer, and prints throughput and
+//! per-shard latency.
 //!
 //! Verification: every invoice number is unique across the run; every check code derives
 //! from its tax code; a sample of invoices is uploaded to the tax server, which accepts
@@ -9,14 +11,18 @@
 //! comes back identical (idempotent replay) and issues nothing new.
 
 use crate::child::ListeningChild;
-use crate::journal::JournalConfig;
+use crate::config::{ApplianceConfig, Limits, ListenConfig, TaxServerConfig, TaxpayerEntry};
 use crate::metrics::{latency_table, ShardMetrics, Stage};
-use crate::shard::{IssueResult, ShardConfig, ShardHandle};
+use crate::quic::auth::ClientGrant;
+use crate::quic::tls::TlsFiles;
+use crate::serve::Appliance;
 use crate::workload::{invoice_code, seller, ticket_request};
+use appliance_client::pki::DevPki;
+use appliance_client::{Client, ClientConfig, Issued, ItemResult};
 use appliance_core::idempotency::INDEX_CAPACITY_MIN;
-use appliance_core::issuer::RETENTION_MS_DEFAULT;
-use appliance_core::{canonical, Invoice, IssueRequest, IssuerConfig, TaxpayerConfig};
+use appliance_core::{canonical, Invoice, IssueRequest};
 use appliance_proto::home_shard;
+use hdrhistogram::Histogram;
 use hsm_driver::proto::{Request, Response, UploadBatch, UploadStatus};
 use hsm_driver::tcp::{blocking, TcpClientConfig};
 use std::collections::HashSet;
@@ -153,128 +159,189 @@ fn run_in(options: &DemoOptions, data_dir: &std::path::Path) -> Result<DemoRepor
         emulator.addr()
     );
 
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    // A throw-away CA, the server's certificate and the demo client's certificate.
+    let pki = DevPki::generate(&data_dir.join("pki"), &["localhost"], &["demo"]).map_err(setup)?;
     let per_shard_orders =
         options.invoices / u64::from(options.shards) + options.invoices / 10 + 1_000;
     let index_capacity = (per_shard_orders.min(1 << 30) as u32).max(INDEX_CAPACITY_MIN);
-    let mut handles = Vec::new();
-    for shard_id in 0..options.shards {
-        let config = ShardConfig {
-            issuer: IssuerConfig {
-                shard_id,
-                taxpayers: sellers
-                    .iter()
-                    .map(|s| TaxpayerConfig {
-                        id: *s,
-                        // 100,000 yuan: above any ticket, so only malformed requests hit it.
-                        ceiling_fen: 10_000_000,
-                        low_watermark: 100_000,
-                        refill_count: 250_000,
-                    })
-                    .collect(),
-                retention_ms: RETENTION_MS_DEFAULT,
-                index_capacity_orders: index_capacity,
-                tick_requests_max: 8_192,
-            },
-            journal: JournalConfig::new(data_dir.join(format!("shard-{shard_id}"))),
-            cpu: options.pin.then_some(shard_id as usize % cpus),
-            hsm_addr: emulator.addr(),
-            hsm: TcpClientConfig::default(),
-        };
-        handles.push(ShardHandle::spawn(config).map_err(setup)?);
-    }
+    let config = ApplianceConfig {
+        data_dir: data_dir.join("journal"),
+        shards: Some(options.shards),
+        cpus: if options.pin { None } else { Some(Vec::new()) },
+        listen: ListenConfig {
+            service: "127.0.0.1:0".parse().expect("static address"),
+            shard_ports: Vec::new(),
+            control: "127.0.0.1:0".parse().expect("static address"),
+            control_disabled: false,
+        },
+        tls: TlsFiles {
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+            client_ca: pki.ca.clone(),
+        },
+        clients: vec![ClientGrant {
+            identity: "demo".into(),
+            sellers: vec!["*".into()],
+        }],
+        tax_server: TaxServerConfig {
+            route: format!("tcp://{}", emulator.addr()),
+            connect_timeout_ms: 1_000,
+            call_timeout_ms: 5_000,
+        },
+        taxpayers: sellers
+            .iter()
+            .map(|s| TaxpayerEntry {
+                id: s.to_string(),
+                // 100,000 yuan: above any ticket, so only malformed requests hit it.
+                ceiling_fen: 10_000_000,
+                low_watermark: 100_000,
+                refill_count: 250_000,
+            })
+            .collect(),
+        limits: Limits {
+            index_capacity_orders: index_capacity,
+            ..Limits::default()
+        },
+    };
+    let appliance = Appliance::start(&config).map_err(setup)?;
+    println!(
+        "demo: appliance serving QUIC on {} (shard ports {:?}), metrics on http://{}/metrics",
+        appliance.service_addr(),
+        appliance.shard_ports(),
+        appliance
+            .control_addr()
+            .map_or("-".to_owned(), |a| a.to_string())
+    );
 
-    // Requests are generated up front so that the timed phase measures the appliance.
+    // Requests are generated up front, grouped by home shard and cut into batches, so
+    // that the timed phase measures the appliance and the transport.
     let shards = options.shards;
     let mut per_shard: Vec<Vec<IssueRequest>> = vec![Vec::new(); shards as usize];
     for n in 0..options.invoices {
         let request = ticket_request(sellers[(n % u64::from(options.sellers)) as usize], "D", n);
         per_shard[home_shard(&request, shards) as usize].push(request);
     }
+    let batches: Vec<Vec<IssueRequest>> = per_shard
+        .iter()
+        .flat_map(|requests| requests.chunks(options.batch_requests).map(<[_]>::to_vec))
+        .collect();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(setup)?;
+    let mut client_config = ClientConfig::from_pem_files(
+        appliance.service_addr(),
+        "localhost",
+        &pki.ca,
+        Some((&pki.clients[0].cert, &pki.clients[0].key)),
+    )
+    .map_err(setup)?;
+    client_config.shard_aware = true;
+    let client = runtime
+        .block_on(Client::connect(client_config))
+        .map_err(setup)?;
 
     let start = Instant::now();
-    let issued: Vec<Result<Vec<Invoice>, DemoError>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = handles
-            .iter()
-            .zip(per_shard)
-            .map(|(handle, requests)| scope.spawn(move || drive(handle, requests, options)))
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().expect("driver thread"))
-            .collect()
-    });
+    let window = options.window_batches * shards as usize;
+    let (issued, batch_latency) = runtime.block_on(issue_batches(&client, batches, window))?;
     let elapsed = start.elapsed();
-    let mut invoices = Vec::with_capacity(options.invoices as usize);
-    for shard_invoices in issued {
-        invoices.extend(shard_invoices?);
-    }
-    let metrics: Vec<ShardMetrics> = handles
-        .iter()
-        .map(|h| h.metrics())
-        .collect::<Result<_, _>>()
-        .map_err(setup)?;
+    let metrics = appliance.metrics();
     let report = DemoReport {
-        invoices: invoices.len() as u64,
+        invoices: issued.len() as u64,
         elapsed,
         shards: metrics,
     };
 
-    verify_unique_and_check_codes(&invoices, options.invoices)?;
-    let sample: Vec<&Invoice> = invoices
+    verify_unique_and_check_codes(&issued, options.invoices)?;
+    let sample: Vec<&Invoice> = issued
         .iter()
-        .step_by((invoices.len() / options.sample_invoices.max(1)).max(1))
+        .step_by((issued.len() / options.sample_invoices.max(1)).max(1))
         .collect();
     verify_upload(emulator.addr(), &sample)?;
-    verify_replay(&handles, &sample, shards)?;
+    verify_replay(&runtime, &client, &appliance, &sample)?;
+    runtime.block_on(client.close());
 
     println!(
-        "demo: issued {} invoices in {:.2} s = {:.0} invoices/s (durable: O_DIRECT + fdatasync per tick; tax codes from the emulator)",
+        "demo: issued {} invoices in {:.2} s = {:.0} invoices/s over QUIC (durable: O_DIRECT + fdatasync per tick; tax codes from the emulator)",
         report.invoices,
         elapsed.as_secs_f64(),
         report.invoices_per_s()
     );
-    println!("demo: verified: {} unique numbers, check codes, {} uploaded and accepted by the tax server, {} replayed identically", invoices.len(), sample.len(), sample.len());
+    println!(
+        "demo: client-observed batch latency (ms): p50 {:.1}, p99 {:.1}, max {:.1}",
+        batch_latency.value_at_quantile(0.5) as f64 / 1000.0,
+        batch_latency.value_at_quantile(0.99) as f64 / 1000.0,
+        batch_latency.max() as f64 / 1000.0
+    );
+    println!("demo: verified: {} unique numbers, check codes, {} uploaded and accepted by the tax server, {} replayed identically", issued.len(), sample.len(), sample.len());
     for stage in Stage::ALL {
         println!("\nper-shard latency, stage {} (µs):", stage.name());
         print!("{}", latency_table(&report.shards, stage));
     }
-    for handle in handles {
-        handle.shutdown().map_err(setup)?;
-    }
+    let forwarded: u64 = report.shards.iter().map(|m| m.quic.forwarded_requests).sum();
+    println!("\ndemo: forwarded between shards: {forwarded} (a shard-aware client sends each order to its home shard)");
+    appliance.shutdown();
     drop(emulator);
     Ok(report)
 }
 
-/// Sends one shard its requests with a bounded window of batches in flight.
-fn drive(
-    handle: &ShardHandle,
-    requests: Vec<IssueRequest>,
-    options: &DemoOptions,
-) -> Result<Vec<Invoice>, DemoError> {
-    let mut out = Vec::with_capacity(requests.len());
-    let mut in_flight = std::collections::VecDeque::new();
-    let mut chunks = requests.chunks(options.batch_requests);
-    loop {
-        while in_flight.len() < options.window_batches {
-            let Some(chunk) = chunks.next() else { break };
-            in_flight.push_back(handle.submit(chunk.to_vec()).map_err(setup)?);
-        }
-        let Some(rx) = in_flight.pop_front() else {
-            break;
-        };
-        let results: Vec<IssueResult> = rx.recv().map_err(|_| setup("shard stopped"))?;
-        for result in results {
-            out.push(
-                result
-                    .map_err(|e| DemoError::Verify(format!("shard {}: {e}", handle.shard_id())))?
-                    .invoice,
-            );
+/// Sends every batch with at most `window` in flight; returns the issued invoices
+/// (rebuilt from request + answer) and the per-batch latency histogram (µs).
+async fn issue_batches(
+    client: &Client,
+    batches: Vec<Vec<IssueRequest>>,
+    window: usize,
+) -> Result<(Vec<Invoice>, Histogram<u64>), DemoError> {
+    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(window));
+    let mut tasks = tokio::task::JoinSet::new();
+    for batch in batches {
+        let permit = semaphore
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| setup(e.to_string()))?;
+        let client = client.clone();
+        tasks.spawn(async move {
+            let sent = Instant::now();
+            let outcomes = client.issue(batch.clone()).await;
+            drop(permit);
+            (batch, outcomes, sent.elapsed())
+        });
+    }
+    let mut invoices = Vec::new();
+    let mut latency =
+        Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).expect("static histogram bounds");
+    while let Some(joined) = tasks.join_next().await {
+        let (batch, outcomes, took) = joined.map_err(|e| setup(e.to_string()))?;
+        latency.saturating_record(took.as_micros() as u64);
+        for (request, outcome) in batch.into_iter().zip(outcomes) {
+            match outcome {
+                Ok(ItemResult::Issued(issued)) => invoices.push(rebuild(request, &issued)),
+                other => {
+                    return Err(DemoError::Verify(format!(
+                        "order {} not issued: {other:?}",
+                        request.order_id
+                    )))
+                }
+            }
         }
     }
-    Ok(out)
+    Ok((invoices, latency))
+}
+
+/// The full invoice from the request and the server's answer (what a ticketing system
+/// stores and prints).
+fn rebuild(request: IssueRequest, issued: &Issued) -> Invoice {
+    Invoice {
+        request,
+        code: issued.identity.code,
+        number: issued.identity.number,
+        issue_time_ms: issued.issue_time_ms,
+        tax_control_code: issued.tax_control_code,
+        check_code: issued.check_code,
+    }
 }
 
 fn verify_unique_and_check_codes(invoices: &[Invoice], expected: u64) -> Result<(), DemoError> {
@@ -336,42 +403,30 @@ fn verify_upload(addr: std::net::SocketAddr, sample: &[&Invoice]) -> Result<(), 
     Ok(())
 }
 
+/// Re-sends the sample through QUIC: every order must come back as a replay of the same
+/// invoice, and nothing new may be issued.
 fn verify_replay(
-    handles: &[ShardHandle],
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    appliance: &Appliance,
     sample: &[&Invoice],
-    shards: u32,
 ) -> Result<(), DemoError> {
-    let before: u64 = handles
-        .iter()
-        .map(|h| h.metrics().map(|m| m.issued_invoices).unwrap_or(0))
-        .sum();
-    for invoice in sample {
-        let shard = home_shard(&invoice.request, shards) as usize;
-        let results = handles[shard]
-            .issue(vec![invoice.request.clone()])
-            .map_err(setup)?;
-        match results.into_iter().next() {
-            Some(Ok(again)) if again.replayed && &again.invoice == *invoice => {}
-            Some(Ok(again)) => {
+    let issued_count = |a: &Appliance| a.metrics().iter().map(|m| m.issued_invoices).sum::<u64>();
+    let before = issued_count(appliance);
+    let requests: Vec<IssueRequest> = sample.iter().map(|i| i.request.clone()).collect();
+    let outcomes = runtime.block_on(client.issue(requests));
+    for (invoice, outcome) in sample.iter().zip(outcomes) {
+        match outcome {
+            Ok(ItemResult::Replayed(again)) if rebuild(invoice.request.clone(), &again) == **invoice => {}
+            other => {
                 return Err(DemoError::Verify(format!(
-                    "replay of {:?} answered {:?}",
-                    invoice.identity(),
-                    again.invoice.identity()
-                )))
-            }
-            Some(Err(e)) => {
-                return Err(DemoError::Verify(format!(
-                    "replay of {:?}: {e}",
+                    "replay of {:?} answered {other:?}",
                     invoice.identity()
                 )))
             }
-            None => return Err(DemoError::Verify("replay got no answer".into())),
         }
     }
-    let after: u64 = handles
-        .iter()
-        .map(|h| h.metrics().map(|m| m.issued_invoices).unwrap_or(0))
-        .sum();
+    let after = issued_count(appliance);
     if after != before {
         return Err(DemoError::Verify(format!(
             "replays issued {} new invoices",

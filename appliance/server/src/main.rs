@@ -2,6 +2,9 @@
 //!
 //! - `appliance` or `appliance demo`: the bulk demo (tax-server emulator as a child
 //!   process, shards on every core, throughput and per-shard latency).
+//! - `appliance serve --config appliance.toml`: the QUIC service (docs/operations.md).
+//! - `appliance issue --input orders.jsonl --output invoices.jsonl ...`: issue a file's
+//!   invoices through a running appliance.
 //! - `appliance hsm-emu ...`: the tax-server emulator (same flags as `hsm-emu`), so that
 //!   one binary can start its own tax server as a separate process.
 //! - `appliance issue-loop ...`: issues synthetic orders on one shard and prints each
@@ -40,6 +43,9 @@ enum Cmd {
     Demo(DemoArgs),
     /// Serve invoice requests over QUIC as configured (see docs/operations.md).
     Serve(ServeArgs),
+    /// Issue the invoices of a CSV or JSON-lines file through a running appliance and
+    /// write the issued invoices (or errors) as JSON lines (see docs/client.md).
+    Issue(appliance_client::cli::IssueArgs),
     /// Run the tax-server emulator (see `appliance hsm-emu --help`).
     #[command(disable_help_flag = true)]
     HsmEmu {
@@ -195,6 +201,9 @@ fn main() -> ExitCode {
         }
         Some(Cmd::IssueLoop(args)) => issue_loop(args),
         Some(Cmd::Serve(args)) => serve(args),
+        Some(Cmd::Issue(args)) => appliance_client::cli::run_issue(&args)
+            .map(|summary| println!("{summary}"))
+            .map_err(|e| e.to_string()),
         Some(Cmd::HsmEmu { .. }) => unreachable!("handled above"),
     };
     match result {
