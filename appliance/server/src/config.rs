@@ -299,7 +299,7 @@ connect_timeout_ms = 1000
 call_timeout_ms = 5000
 
 [[taxpayers]]
-id = "91110000000000001X"           # replace with the seller's credit code
+id = "91110000717000000B"           # the seller's unified social credit code
 ceiling_fen = 10000000              # single-invoice ceiling (100,000.00 yuan)
 low_watermark = 20000               # per shard
 refill_count = 100000               # per shard and requisition
@@ -310,3 +310,38 @@ index_capacity_orders = 4000000     # per shard, 64 B each
 retention_days = 35
 journal_segment_bytes = 1073741824
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_parses_and_passes_the_checks() {
+        let config: ApplianceConfig = toml::from_str(EXAMPLE).unwrap();
+        config.check().unwrap();
+        for taxpayer in &config.taxpayers {
+            appliance_core::TaxpayerId::parse(&taxpayer.id).unwrap();
+        }
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.listen, ListenConfig::default());
+    }
+
+    #[test]
+    fn inconsistent_settings_are_refused() {
+        let mut config: ApplianceConfig = toml::from_str(EXAMPLE).unwrap();
+        config.shards = Some(2);
+        config.cpus = Some(vec![0, 1, 2]);
+        assert!(matches!(config.check(), Err(ConfigError::Invalid(_))));
+        config.cpus = None;
+        config.limits.tick_requests_max = 100;
+        assert!(matches!(config.check(), Err(ConfigError::Invalid(_))));
+        config.limits.tick_requests_max = 8192;
+        config.tax_server.route = "udp://x".into();
+        assert!(matches!(config.check(), Err(ConfigError::Invalid(_))));
+        config.tax_server.route = "tcp://127.0.0.1:7300".into();
+        config.check().unwrap();
+        assert_eq!(config.shard_ports(), vec![4434, 4435]);
+        let unknown = EXAMPLE.replace("[limits]", "[limits]\nbogus = 1");
+        assert!(toml::from_str::<ApplianceConfig>(&unknown).is_err());
+    }
+}

@@ -280,7 +280,11 @@ fn run_in(options: &DemoOptions, data_dir: &std::path::Path) -> Result<DemoRepor
         println!("\nper-shard latency, stage {} (µs):", stage.name());
         print!("{}", latency_table(&report.shards, stage));
     }
-    let forwarded: u64 = report.shards.iter().map(|m| m.quic.forwarded_requests).sum();
+    let forwarded: u64 = report
+        .shards
+        .iter()
+        .map(|m| m.quic.forwarded_requests)
+        .sum();
     println!("\ndemo: forwarded between shards: {forwarded} (a shard-aware client sends each order to its home shard)");
     appliance.shutdown();
     drop(emulator);
@@ -417,7 +421,8 @@ fn verify_replay(
     let outcomes = runtime.block_on(client.issue(requests));
     for (invoice, outcome) in sample.iter().zip(outcomes) {
         match outcome {
-            Ok(ItemResult::Replayed(again)) if rebuild(invoice.request.clone(), &again) == **invoice => {}
+            Ok(ItemResult::Replayed(again))
+                if rebuild(invoice.request.clone(), &again) == **invoice => {}
             other => {
                 return Err(DemoError::Verify(format!(
                     "replay of {:?} answered {other:?}",

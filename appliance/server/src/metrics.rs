@@ -175,37 +175,8 @@ fn push_row(out: &mut String, label: &str, m: &ShardMetrics, stage: Stage) {
     );
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn merge_adds_counts_and_keeps_percentiles() {
-        let mut a = ShardMetrics::new(0);
-        let mut b = ShardMetrics::new(1);
-        a.record(Stage::Total, 100, 99);
-        b.record(Stage::Total, 10_000, 1);
-        a.issued_invoices = 99;
-        b.issued_invoices = 1;
-        let mut all = ShardMetrics::new(9);
-        all.merge(&a);
-        all.merge(&b);
-        assert_eq!(all.stage(Stage::Total).len(), 100);
-        assert_eq!(all.issued_invoices, 100);
-        assert!(all.stage(Stage::Total).value_at_quantile(0.5) < 200);
-        assert!(all.stage(Stage::Total).max() >= 9_990);
-        let table = latency_table(&[a, b], Stage::Total);
-        assert_eq!(table.lines().count(), 4, "{table}");
-    }
-
-    #[test]
-    fn out_of_range_latency_saturates() {
-        let mut m = ShardMetrics::new(0);
-        m.record(Stage::TaxCode, u64::MAX, 1);
-        m.record(Stage::TaxCode, 0, 1);
-        assert_eq!(m.stage(Stage::TaxCode).len(), 2);
-    }
-}
+/// A counter's name, help text and how to read it from a shard's metrics.
+type Counter = (&'static str, &'static str, fn(&ShardMetrics) -> u64);
 
 /// Renders every shard's metrics in the Prometheus text exposition format: per shard
 /// and stage a latency summary (quantiles 0.5, 0.99, 0.999 and 1 = max, in
@@ -248,7 +219,7 @@ pub fn prometheus_text(shards: &[ShardMetrics]) -> String {
             );
         }
     }
-    let counters: [(&str, &str, fn(&ShardMetrics) -> u64); 10] = [
+    let counters: [Counter; 10] = [
         (
             "einvoice_issued_invoices_total",
             "Invoices newly issued.",
@@ -308,4 +279,36 @@ pub fn prometheus_text(shards: &[ShardMetrics]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_adds_counts_and_keeps_percentiles() {
+        let mut a = ShardMetrics::new(0);
+        let mut b = ShardMetrics::new(1);
+        a.record(Stage::Total, 100, 99);
+        b.record(Stage::Total, 10_000, 1);
+        a.issued_invoices = 99;
+        b.issued_invoices = 1;
+        let mut all = ShardMetrics::new(9);
+        all.merge(&a);
+        all.merge(&b);
+        assert_eq!(all.stage(Stage::Total).len(), 100);
+        assert_eq!(all.issued_invoices, 100);
+        assert!(all.stage(Stage::Total).value_at_quantile(0.5) < 200);
+        assert!(all.stage(Stage::Total).max() >= 9_990);
+        let table = latency_table(&[a, b], Stage::Total);
+        assert_eq!(table.lines().count(), 4, "{table}");
+    }
+
+    #[test]
+    fn out_of_range_latency_saturates() {
+        let mut m = ShardMetrics::new(0);
+        m.record(Stage::TaxCode, u64::MAX, 1);
+        m.record(Stage::TaxCode, 0, 1);
+        assert_eq!(m.stage(Stage::TaxCode).len(), 2);
+    }
 }
