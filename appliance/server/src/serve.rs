@@ -63,6 +63,7 @@ impl Appliance {
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
+        check_layout(&config.data_dir, shards)?;
         let authorisation = Arc::new(Authorisation::new(&config.clients)?);
         let crypto = crate::quic::tls::server_crypto(&config.tls)?;
         let server_config = crate::quic::server_config(crypto);
@@ -163,6 +164,36 @@ impl Drop for Appliance {
             control.stop();
         }
         stop_all(&mut self.handles);
+    }
+}
+
+/// File in the data dir recording the shard count the journals were written with.
+pub const LAYOUT_FILE: &str = "shards";
+
+/// Refuses to start with another shard count than the data dir was written with: an
+/// order's home shard depends on the count, and each shard's idempotency index only
+/// knows its own orders, so a changed count could issue an order twice. A new data dir
+/// records the count.
+pub fn check_layout(data_dir: &std::path::Path, shards: u32) -> Result<(), ConfigError> {
+    let path = data_dir.join(LAYOUT_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => match text.trim().parse::<u32>() {
+            Ok(recorded) if recorded == shards => Ok(()),
+            Ok(recorded) => Err(ConfigError::Invalid(format!(
+                "{} was written by {recorded} shards; this configuration has {shards} (resharding is not supported)",
+                data_dir.display()
+            ))),
+            Err(_) => Err(ConfigError::Invalid(format!(
+                "{}: not a shard count",
+                path.display()
+            ))),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(data_dir)
+                .and_then(|()| std::fs::write(&path, format!("{shards}\n")))
+                .map_err(|source| ConfigError::Read { path, source })
+        }
+        Err(source) => Err(ConfigError::Read { path, source }),
     }
 }
 
@@ -272,4 +303,20 @@ fn serve_control(stream: TcpStream, senders: &[ShardSender]) -> std::io::Result<
         body.len()
     )?;
     stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shard_count_of_a_data_dir_cannot_change() {
+        let dir = tempfile::tempdir().unwrap();
+        check_layout(dir.path(), 2).unwrap();
+        check_layout(dir.path(), 2).unwrap();
+        assert!(matches!(
+            check_layout(dir.path(), 3),
+            Err(ConfigError::Invalid(_))
+        ));
+    }
 }
