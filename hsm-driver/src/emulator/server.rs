@@ -506,10 +506,16 @@ where
     // pipe must not make the second write fail (EPIPE) and stop the emulator.
     let mut lines = format!("listening {}\n", server.local_addr());
     if let Some(p) = &pcie {
-        lines.push_str(&format!("pcie {} queues {}\n", p.path().display(), p.queues()));
+        lines.push_str(&format!(
+            "pcie {} queues {}\n",
+            p.path().display(),
+            p.queues()
+        ));
     }
     let mut stdout = io::stdout().lock();
-    stdout.write_all(lines.as_bytes()).map_err(ServeError::Stdout)?;
+    stdout
+        .write_all(lines.as_bytes())
+        .map_err(ServeError::Stdout)?;
     stdout.flush().map_err(ServeError::Stdout)?;
     drop(stdout);
     server.join();

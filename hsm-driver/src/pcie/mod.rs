@@ -82,13 +82,15 @@ impl Default for PcieClientConfig {
             // As TcpClientConfig: a 4,096-invoice batch takes the emulator ~10 ms.
             call_timeout: Duration::from_secs(5),
             max_in_flight: 1024,
-            // 50 µs covers a Nop or a small TaxCodes round trip, so a ping-pong caller
-            // never pays a timer; longer work falls back to sleeping.
-            spin: Duration::from_micros(50),
-            backoff_min: Duration::from_micros(20),
-            // A 64-invoice batch takes ~200 µs of crypto; capping the sleep at 100 µs
-            // keeps the added latency well under that.
-            backoff_max: Duration::from_micros(100),
+            // 30 µs covers a Nop round trip, so a ping-pong caller never pays a
+            // timer; longer work falls back to sleeping, which leaves the core to the
+            // shard's other tasks (and, on a machine shared with the emulator, to the
+            // emulator's crypto).
+            spin: Duration::from_micros(30),
+            backoff_min: Duration::from_micros(10),
+            // A 64-invoice batch takes ~200 µs of crypto; capping the sleep at 50 µs
+            // keeps the added latency a fraction of that.
+            backoff_max: Duration::from_micros(50),
             // The firmware refreshes it every millisecond or so even when idle.
             heartbeat_timeout: Duration::from_millis(500),
             reattach_backoff_min: Duration::from_millis(10),

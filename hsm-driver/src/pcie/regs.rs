@@ -332,6 +332,7 @@ impl SubmissionEntry {
 
 impl CompletionEntry {
     /// A completion (its `phase_check` is set by [`CompletionEntry::seal`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         tag: u16,
         opcode: u8,
