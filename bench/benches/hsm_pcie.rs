@@ -64,7 +64,13 @@ fn start_emulator(path: &Path) -> Emulator {
     command
         .arg("--data-dir")
         .arg(data.path())
-        .args(["--listen", "127.0.0.1:0", "--pcie-queues", "2", "--taxpayer"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--pcie-queues",
+            "2",
+            "--taxpayer",
+        ])
         .arg(format!(
             "{}:{}:1:{GRANT_NUMBERS}",
             seller.as_str(),
@@ -129,6 +135,23 @@ fn check_tax_codes(response: Response, n: usize) {
     }
 }
 
+/// The default PCIe client settings; `HSM_PCIE_SPIN_US` and `HSM_PCIE_BACKOFF_MAX_US`
+/// override the polling policy for experiments.
+fn pcie_config() -> PcieClientConfig {
+    let env_us = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_micros)
+    };
+    let d = PcieClientConfig::default();
+    PcieClientConfig {
+        spin: env_us("HSM_PCIE_SPIN_US").unwrap_or(d.spin),
+        backoff_max: env_us("HSM_PCIE_BACKOFF_MAX_US").unwrap_or(d.backoff_max),
+        ..d
+    }
+}
+
 fn executor() -> LocalExecutor {
     // 1 MiB of io_uring registered memory: RLIMIT_MEMLOCK is 8 MiB on this machine and
     // shared with every other glommio process of the user.
@@ -157,7 +180,7 @@ fn bench(c: &mut Criterion) {
                 .expect("tcp connect"),
         );
         let pcie = HsmClient::Pcie(
-            PcieClient::connect(&region, QueueSelect::Any, PcieClientConfig::default())
+            PcieClient::connect(&region, QueueSelect::Any, pcie_config())
                 .await
                 .expect("pcie attach"),
         );
