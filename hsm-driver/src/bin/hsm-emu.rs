@@ -1,6 +1,7 @@
 //! `hsm-emu`: the tax-server (cipher machine) emulator as its own process.
 //!
-//! Prints exactly one line, `listening <addr>`, on stdout once it accepts connections;
+//! Prints `listening <addr>` on stdout once it accepts connections (with `--pcie`, then
+//! `pcie <path> queues <n>`: docs/hsm-pcie.md);
 //! logs go to stderr (`RUST_LOG` filters them). See docs/hsm-emulator.md.
 
 // mimalloc: the workers allocate one response buffer per frame from many threads, where
