@@ -597,4 +597,49 @@ mod tests {
         assert_eq!(file.taxpayer.len(), 1);
         assert_eq!(file.faults.latency_us, 5);
     }
+
+    #[test]
+    fn pcie_settings_from_file_and_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("emu.toml");
+        std::fs::write(
+            &path,
+            r#"
+            data_dir = "/tmp/x"
+            [[taxpayer]]
+            id = "91350100M000100Y43"
+            invoice_code = 144031900111
+            first = 1
+            count = 10
+            [pcie]
+            path = "/dev/shm/from-file"
+            queues = 3
+            "#,
+        )
+        .unwrap();
+        let args = |extra: &[&str]| {
+            let mut v = vec!["hsm-emu", "--config", path.to_str().unwrap()];
+            v.extend_from_slice(extra);
+            Config::from_args(&Args::try_parse_from(v).unwrap())
+        };
+        let c = args(&[]).unwrap();
+        let p = c.pcie.expect("pcie from the file");
+        assert_eq!(p.path, PathBuf::from("/dev/shm/from-file"));
+        assert_eq!((p.queues, p.queue_entries, p.data_bytes), (3, 64, 16 << 20));
+        let c = args(&["--pcie", "/dev/shm/flag", "--pcie-data-mib", "2"]).unwrap();
+        let p = c.pcie.expect("pcie from the flag");
+        assert_eq!(
+            (p.path, p.queues, p.data_bytes),
+            ("/dev/shm/flag".into(), 3, 2 << 20)
+        );
+        assert!(args(&["--pcie-queue-entries", "48"]).is_err());
+        assert!(args(&["--pcie-queues", "31"]).is_err());
+        assert!(args(&["--pcie-data-mib", "0"]).is_err());
+        assert!(
+            Config::from_args(&Args::try_parse_from(["hsm-emu", "--data-dir", "/x"]).unwrap())
+                .unwrap()
+                .pcie
+                .is_none()
+        );
+    }
 }
