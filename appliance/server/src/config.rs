@@ -4,7 +4,10 @@
 
 use crate::quic::auth::ClientGrant;
 use crate::quic::tls::TlsFiles;
+use appliance_core::TaxpayerId;
+use hsm_driver::route::Route;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -69,7 +72,9 @@ impl Default for ListenConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TaxServerConfig {
-    /// Route: `tcp://host:port`.
+    /// Route of the tax server serving every taxpayer without its own `route`:
+    /// `tcp://host:port`, or `pcie:/path/to/region` (a PCIe card's region; see
+    /// docs/hsm-pcie.md; each shard takes a free queue pair).
     pub route: String,
     /// Longest wait for one connect, ms. Default 1,000.
     #[serde(default = "default_connect_timeout_ms")]
@@ -100,6 +105,9 @@ pub struct TaxpayerEntry {
     /// Per shard: numbers asked for per requisition. Default 100,000.
     #[serde(default = "default_refill_count")]
     pub refill_count: u32,
+    /// This taxpayer's tax server, when it is not `tax_server.route` (same syntax).
+    #[serde(default)]
+    pub route: Option<String>,
 }
 
 fn default_low_watermark() -> u32 {
@@ -250,25 +258,38 @@ impl ApplianceConfig {
         if self.limits.retention_days == 0 {
             return invalid("limits.retention_days must be at least 1".into());
         }
-        self.tax_server_addr()?;
+        self.routes()?;
         Ok(())
     }
 
-    /// The tax server's address from its `tcp://host:port` route.
-    pub fn tax_server_addr(&self) -> Result<SocketAddr, ConfigError> {
-        let route = &self.tax_server.route;
-        let Some(rest) = route.strip_prefix("tcp://") else {
-            return Err(ConfigError::Invalid(format!(
-                "tax_server.route {route:?}: expected tcp://host:port"
-            )));
+    /// The tax servers (the default first) and the taxpayers served by another one than
+    /// the default (index into the list).
+    pub fn routes(&self) -> Result<(Vec<Route>, HashMap<TaxpayerId, usize>), ConfigError> {
+        let parse = |s: &str| {
+            s.parse::<Route>()
+                .map_err(|e| ConfigError::Invalid(format!("route {s:?}: {e}")))
         };
-        use std::net::ToSocketAddrs;
-        rest.to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| {
-                ConfigError::Invalid(format!("tax_server.route {route:?}: cannot resolve"))
-            })
+        let mut routes = vec![parse(&self.tax_server.route)?];
+        let mut taxpayer_routes = HashMap::new();
+        for taxpayer in &self.taxpayers {
+            let Some(route) = &taxpayer.route else {
+                continue;
+            };
+            let route = parse(route)?;
+            let index = match routes.iter().position(|r| *r == route) {
+                Some(i) => i,
+                None => {
+                    routes.push(route);
+                    routes.len() - 1
+                }
+            };
+            if index != 0 {
+                let id = TaxpayerId::parse(&taxpayer.id)
+                    .map_err(|e| ConfigError::Invalid(format!("taxpayer {}: {e}", taxpayer.id)))?;
+                taxpayer_routes.insert(id, index);
+            }
+        }
+        Ok((routes, taxpayer_routes))
     }
 }
 
@@ -294,7 +315,7 @@ identity = "ticketing"              # client certificate Common Name
 sellers = ["*"]                     # every seller; or a list of credit codes
 
 [tax_server]
-route = "tcp://127.0.0.1:7300"
+route = "tcp://127.0.0.1:7300"      # or "pcie:/dev/shm/hsm.pcie" for a card in this box
 connect_timeout_ms = 1000
 call_timeout_ms = 5000
 
@@ -303,6 +324,7 @@ id = "91110000717000000B"           # the seller's unified social credit code
 ceiling_fen = 10000000              # single-invoice ceiling (100,000.00 yuan)
 low_watermark = 20000               # per shard
 refill_count = 100000               # per shard and requisition
+# route = "tcp://10.0.0.9:7300"     # this taxpayer's own tax server, if not the default
 
 [limits]
 tick_requests_max = 8192
@@ -340,6 +362,23 @@ mod tests {
         assert!(matches!(config.check(), Err(ConfigError::Invalid(_))));
         config.tax_server.route = "tcp://127.0.0.1:7300".into();
         config.check().unwrap();
+        // A second taxpayer on its own PCIe tax server; a third on the default one.
+        let mut other = config.taxpayers[0].clone();
+        other.id = "91110000717000001E".into();
+        other.route = Some("pcie:/dev/shm/card.pcie".into());
+        let mut third = config.taxpayers[0].clone();
+        third.id = "91110000717000002H".into();
+        third.route = Some("tcp://127.0.0.1:7300".into());
+        config.taxpayers.push(other);
+        config.taxpayers.push(third);
+        let (routes, by_taxpayer) = config.routes().unwrap();
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[1].transport(), "pcie");
+        assert_eq!(by_taxpayer.len(), 1);
+        assert_eq!(
+            by_taxpayer[&TaxpayerId::parse("91110000717000001E").unwrap()],
+            1
+        );
         assert_eq!(config.shard_ports(), vec![4434, 4435]);
         let unknown = EXAMPLE.replace("[limits]", "[limits]\nbogus = 1");
         assert!(toml::from_str::<ApplianceConfig>(&unknown).is_err());

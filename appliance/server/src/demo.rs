@@ -51,6 +51,9 @@ pub struct DemoOptions {
     pub data_dir: Option<PathBuf>,
     /// Keep the data directory afterwards.
     pub keep_data: bool,
+    /// Reach the emulator over TCP instead of its PCIe interface (a shared-memory region
+    /// standing in for a card in this box; the default, as the emulator runs locally).
+    pub tcp: bool,
 }
 
 impl Default for DemoOptions {
@@ -67,6 +70,7 @@ impl Default for DemoOptions {
             sample_invoices: 1_000,
             data_dir: None,
             keep_data: false,
+            tcp: false,
         }
     }
 }
@@ -152,9 +156,27 @@ fn run_in(options: &DemoOptions, data_dir: &std::path::Path) -> Result<DemoRepor
             .arg("--taxpayer")
             .arg(format!("{}:{}:1:99999999", s, invoice_code(i as u32)));
     }
+    // The PCIe region lives in shared memory (/dev/shm), one queue pair per shard.
+    let region = PathBuf::from(format!(
+        "/dev/shm/einvoice-demo-{}.pcie",
+        std::process::id()
+    ));
+    if !options.tcp {
+        command
+            .arg("--pcie")
+            .arg(&region)
+            .arg("--pcie-queues")
+            .arg(options.shards.to_string());
+    }
     let emulator = ListeningChild::spawn(command, Duration::from_secs(60)).map_err(setup)?;
+    let _region = RemoveOnDrop(region.clone());
+    let route = if options.tcp {
+        format!("tcp://{}", emulator.addr())
+    } else {
+        format!("pcie:{}", region.display())
+    };
     println!(
-        "demo: tax-server emulator pid {} on {}",
+        "demo: tax-server emulator pid {} on tcp://{} (appliance uses {route})",
         emulator.pid(),
         emulator.addr()
     );
@@ -184,7 +206,7 @@ fn run_in(options: &DemoOptions, data_dir: &std::path::Path) -> Result<DemoRepor
             sellers: vec!["*".into()],
         }],
         tax_server: TaxServerConfig {
-            route: format!("tcp://{}", emulator.addr()),
+            route,
             connect_timeout_ms: 1_000,
             call_timeout_ms: 5_000,
         },
@@ -196,6 +218,7 @@ fn run_in(options: &DemoOptions, data_dir: &std::path::Path) -> Result<DemoRepor
                 ceiling_fen: 10_000_000,
                 low_watermark: 100_000,
                 refill_count: 250_000,
+                route: None,
             })
             .collect(),
         limits: Limits {
@@ -289,6 +312,15 @@ fn run_in(options: &DemoOptions, data_dir: &std::path::Path) -> Result<DemoRepor
     appliance.shutdown();
     drop(emulator);
     Ok(report)
+}
+
+/// Removes a file when dropped (the demo's PCIe region).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Sends every batch with at most `window` in flight; returns the issued invoices

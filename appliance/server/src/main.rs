@@ -95,6 +95,9 @@ struct DemoArgs {
     /// Keep the data directory.
     #[arg(long)]
     keep_data: bool,
+    /// Reach the tax-server emulator over TCP instead of its PCIe interface.
+    #[arg(long)]
+    tcp: bool,
 }
 
 #[derive(clap::Args)]
@@ -195,6 +198,7 @@ fn main() -> ExitCode {
                 sellers: args.sellers,
                 data_dir: args.data_dir,
                 keep_data: args.keep_data,
+                tcp: args.tcp,
                 ..defaults
             };
             demo::run(&options).map(|_| ()).map_err(|e| e.to_string())
@@ -238,8 +242,9 @@ fn issue_loop(args: IssueLoopArgs) -> Result<(), String> {
         },
         journal: JournalConfig::new(&args.data_dir),
         cpu: None,
-        hsm_addr: args.hsm,
-        hsm: TcpClientConfig::default(),
+        tax_servers: vec![hsm_driver::route::Route::tcp(args.hsm)],
+        taxpayer_routes: Default::default(),
+        hsm: TcpClientConfig::default().into(),
     };
     let shard = ShardHandle::spawn(config).map_err(|e| e.to_string())?;
     let mut stdout = std::io::stdout().lock();

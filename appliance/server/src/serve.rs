@@ -8,6 +8,7 @@ use crate::quic::auth::{AuthError, Authorisation};
 use crate::quic::tls::TlsError;
 use crate::shard::{stop_all, ShardConfig, ShardError, ShardHandle, ShardSender};
 use appliance_core::{IssuerConfig, TaxpayerConfig, TaxpayerId};
+use hsm_driver::route::HsmClientConfig;
 use hsm_driver::tcp::TcpClientConfig;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -75,12 +76,12 @@ impl Appliance {
         .map_err(ServeError::Bind)?;
         let service_addr = sockets.service_addr;
         let shard_ports = sockets.shard_ports.clone();
-        let hsm_addr = config.tax_server_addr()?;
-        let hsm = TcpClientConfig {
+        let (tax_servers, taxpayer_routes) = config.routes()?;
+        let hsm = HsmClientConfig::from(TcpClientConfig {
             connect_timeout: Duration::from_millis(config.tax_server.connect_timeout_ms),
             call_timeout: Duration::from_millis(config.tax_server.call_timeout_ms),
             ..TcpClientConfig::default()
-        };
+        });
         let mut journal = JournalConfig::new(config.data_dir.join("shard-0"));
         journal.segment_bytes_max = config.limits.journal_segment_bytes;
         let shard_configs = (0..shards)
@@ -97,7 +98,8 @@ impl Appliance {
                     ..journal.clone()
                 },
                 cpu: config.cpu_of(shard_id),
-                hsm_addr,
+                tax_servers: tax_servers.clone(),
+                taxpayer_routes: taxpayer_routes.clone(),
                 hsm,
             })
             .collect();

@@ -17,6 +17,7 @@
 
 use crate::journal::{Journal, JournalConfig, OpenError};
 use crate::metrics::{ShardMetrics, Stage};
+use appliance_core::canonical;
 use appliance_core::journal::frame::{begin_commit, seal_commit};
 use appliance_core::journal::record::{decode_issued, RecordError};
 use appliance_core::journal::replay::{Recovery, RecoveryError};
@@ -32,9 +33,10 @@ use hsm_driver::proto::{
     InventoryScope, InvoiceBatch, Request, Response, Segment, TaxCodeItem, TaxCodeStatus,
     TAX_CODES_BATCH_MAX,
 };
-use hsm_driver::tcp::{HsmError, TcpClient, TcpClientConfig};
+use hsm_driver::route::{HsmClient, HsmClientConfig, Route};
+use hsm_driver::tcp::HsmError;
 use std::cell::RefCell;
-use std::net::SocketAddr;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -57,10 +59,14 @@ pub struct ShardConfig {
     pub journal: JournalConfig,
     /// CPU to pin the executor to; `None` leaves it unpinned.
     pub cpu: Option<usize>,
-    /// Tax-server address.
-    pub hsm_addr: SocketAddr,
-    /// Tax-server client settings.
-    pub hsm: TcpClientConfig,
+    /// Tax servers: `tax_servers[0]` serves every seller not named in
+    /// `taxpayer_routes`.
+    pub tax_servers: Vec<Route>,
+    /// Sellers served by another tax server than the first: seller → index into
+    /// `tax_servers`.
+    pub taxpayer_routes: HashMap<TaxpayerId, usize>,
+    /// Tax-server client settings (both transports).
+    pub hsm: HsmClientConfig,
 }
 
 /// Why a request got no invoice.
@@ -456,7 +462,10 @@ const COMMIT_QUEUE_TICKS: usize = 1;
 struct Shard {
     id: u32,
     issuer: Issuer,
-    hsm: Rc<TcpClient>,
+    /// One client per tax server (index as in `ShardConfig::tax_servers`).
+    hsm: Vec<Rc<HsmClient>>,
+    /// Sellers not on tax server 0.
+    taxpayer_routes: HashMap<TaxpayerId, usize>,
     clock: ShardClock,
     metrics: Rc<RefCell<ShardMetrics>>,
     refills_tx: flume::Sender<RefillDone>,
@@ -553,14 +562,30 @@ async fn start(config: &ShardConfig) -> Result<(Shard, Journal), ShardError> {
             ),
         });
     }
-    let hsm = TcpClient::connect(config.hsm_addr, config.hsm)
-        .await
-        .map_err(|e| tax_server_error(id, e))?;
+    if config.tax_servers.is_empty()
+        || config
+            .taxpayer_routes
+            .values()
+            .any(|&i| i >= config.tax_servers.len())
+    {
+        return Err(ShardError::Config {
+            shard: id,
+            message: "a taxpayer route names no configured tax server".into(),
+        });
+    }
+    let mut hsm = Vec::with_capacity(config.tax_servers.len());
+    for route in &config.tax_servers {
+        let client = HsmClient::connect(route, config.hsm)
+            .await
+            .map_err(|e| tax_server_error(id, format!("{route}: {e}")))?;
+        hsm.push(Rc::new(client));
+    }
     let (refills_tx, refills_rx) = flume::unbounded();
     let mut shard = Shard {
         id,
         issuer,
-        hsm: Rc::new(hsm),
+        hsm,
+        taxpayer_routes: config.taxpayer_routes.clone(),
         clock,
         metrics: Rc::new(RefCell::new(ShardMetrics::new(id))),
         refills_tx,
@@ -618,23 +643,30 @@ impl Shard {
     /// crash between the grant and the journal commit of its reservation. Adopting them
     /// keeps every granted number accounted for.
     async fn adopt_granted_segments(&mut self, config: &ShardConfig) -> Result<(), ShardError> {
-        let response = self
-            .hsm
-            .call(&Request::Inventory(InventoryScope::All))
-            .await
-            .map_err(|e| tax_server_error(self.id, e))?;
-        let Response::Inventory(inventories) = response else {
-            return Err(tax_server_error(self.id, "unexpected answer to Inventory"));
-        };
+        let mut inventories = Vec::with_capacity(self.hsm.len());
+        for hsm in &self.hsm {
+            let response = hsm
+                .call(&Request::Inventory(InventoryScope::All))
+                .await
+                .map_err(|e| tax_server_error(self.id, e))?;
+            let Response::Inventory(inventory) = response else {
+                return Err(tax_server_error(self.id, "unexpected answer to Inventory"));
+            };
+            inventories.push(inventory);
+        }
         for seller_config in &config.issuer.taxpayers {
             let seller = seller_config.id;
-            let Some(inventory) = inventories
+            let route = self.route_of(&seller);
+            let Some(inventory) = inventories[route]
                 .iter()
                 .find(|i| &i.taxpayer == seller.as_bytes())
             else {
                 return Err(tax_server_error(
                     self.id,
-                    format!("tax server does not serve {seller}"),
+                    format!(
+                        "tax server {} does not serve {seller}",
+                        config.tax_servers[route]
+                    ),
                 ));
             };
             for held in inventory.segments.iter().filter(|h| h.holder == self.id) {
@@ -652,6 +684,11 @@ impl Shard {
         Ok(())
     }
 
+    /// Index of the tax server serving `seller`.
+    fn route_of(&self, seller: &TaxpayerId) -> usize {
+        self.taxpayer_routes.get(seller).copied().unwrap_or(0)
+    }
+
     /// Requisitions synchronously until every seller's pool is above its low watermark,
     /// so that the first requests do not find an empty pool.
     async fn fill_pools(&mut self, config: &ShardConfig) -> Result<(), ShardError> {
@@ -663,7 +700,8 @@ impl Shard {
                 .map(|a| a.available)
                 .unwrap_or(0);
             if available < u64::from(seller_config.low_watermark) || available == 0 {
-                let segment = requisition(&self.hsm, self.id, &seller, seller_config.refill_count)
+                let hsm = &self.hsm[self.route_of(&seller)];
+                let segment = requisition(hsm, self.id, &seller, seller_config.refill_count)
                     .await
                     .map_err(|e| tax_server_error(self.id, e))?;
                 self.issuer
@@ -839,7 +877,7 @@ impl Shard {
 
     fn spawn_refills(&mut self, requests: &[RefillRequest]) {
         for request in requests {
-            let hsm = Rc::clone(&self.hsm);
+            let hsm = Rc::clone(&self.hsm[self.route_of(&request.seller)]);
             let done = self.refills_tx.clone();
             let shard = self.id;
             let seller = request.seller;
@@ -971,39 +1009,61 @@ impl Shard {
         }))
     }
 
-    /// The tick's tax codes: one TaxCodes command per [`TAX_CODES_BATCH_MAX`] items (a
-    /// tick may be larger than the device's batch), all in flight at once. Returns the
-    /// per-item results in tick order, or why a command as a whole failed.
+    /// The tick's tax codes: per tax server, one TaxCodes command per
+    /// [`TAX_CODES_BATCH_MAX`] of its items (a tick may be larger than the device's
+    /// batch), all in flight at once. Returns the per-item results in tick order, or why
+    /// a command as a whole failed.
     async fn tax_codes(&self, tick: &Tick) -> Result<Vec<TaxCodeResult>, String> {
         let items: Vec<&[u8]> = tick.canonical_items().collect();
-        let mut calls = Vec::with_capacity(items.len().div_ceil(TAX_CODES_BATCH_MAX));
-        for chunk in items.chunks(TAX_CODES_BATCH_MAX) {
-            let bytes = chunk.iter().map(|c| c.len()).sum();
-            let mut batch = InvoiceBatch::with_capacity(chunk.len(), bytes);
-            for item in chunk {
-                batch.push(item).map_err(|e| e.to_string())?;
+        // Items per tax server, in tick order; with one tax server (the usual case) that
+        // is every item, without looking at them.
+        let mut groups: Vec<Vec<usize>> = vec![Vec::new(); self.hsm.len()];
+        if self.hsm.len() == 1 {
+            groups[0] = (0..items.len()).collect();
+        } else {
+            for (i, item) in items.iter().enumerate() {
+                let header = canonical::decode_header(item).map_err(|e| e.to_string())?;
+                let seller =
+                    TaxpayerId::from_bytes(&header.seller_taxpayer).map_err(|e| e.to_string())?;
+                groups[self.route_of(&seller)].push(i);
             }
-            let hsm = Rc::clone(&self.hsm);
-            let expected = chunk.len();
-            calls.push(glommio::spawn_local(async move {
-                let response = hsm
-                    .call(&Request::TaxCodes(batch))
-                    .await
-                    .map_err(|e: HsmError| e.to_string())?;
-                let Response::TaxCodes(items) = response else {
-                    return Err("unexpected answer to TaxCodes".to_owned());
-                };
-                if items.len() != expected {
-                    return Err(format!("{} tax codes for {expected} invoices", items.len()));
+        }
+        let mut calls = Vec::new();
+        for (route, positions) in groups.iter().enumerate() {
+            for chunk in positions.chunks(TAX_CODES_BATCH_MAX) {
+                let bytes = chunk.iter().map(|&i| items[i].len()).sum();
+                let mut batch = InvoiceBatch::with_capacity(chunk.len(), bytes);
+                for &i in chunk {
+                    batch.push(items[i]).map_err(|e| e.to_string())?;
                 }
-                Ok(items.iter().map(item_result).collect::<Vec<_>>())
-            }));
+                let hsm = Rc::clone(&self.hsm[route]);
+                let expected = chunk.len();
+                let call = glommio::spawn_local(async move {
+                    let response = hsm
+                        .call(&Request::TaxCodes(batch))
+                        .await
+                        .map_err(|e: HsmError| e.to_string())?;
+                    let Response::TaxCodes(items) = response else {
+                        return Err("unexpected answer to TaxCodes".to_owned());
+                    };
+                    if items.len() != expected {
+                        return Err(format!("{} tax codes for {expected} invoices", items.len()));
+                    }
+                    Ok(items.iter().map(item_result).collect::<Vec<_>>())
+                });
+                calls.push((chunk, call));
+            }
         }
-        let mut results = Vec::with_capacity(items.len());
-        for call in calls {
-            results.extend(call.await?);
+        let mut results: Vec<Option<TaxCodeResult>> = vec![None; items.len()];
+        for (chunk, call) in calls {
+            for (&i, result) in chunk.iter().zip(call.await?) {
+                results[i] = Some(result);
+            }
         }
-        Ok(results)
+        Ok(results
+            .into_iter()
+            .map(|r| r.expect("every item is in one group"))
+            .collect())
     }
 }
 
@@ -1150,7 +1210,7 @@ fn item_result(item: &TaxCodeItem) -> TaxCodeResult {
 }
 
 async fn requisition(
-    hsm: &TcpClient,
+    hsm: &HsmClient,
     shard: u32,
     seller: &TaxpayerId,
     count: u32,
