@@ -131,6 +131,24 @@ index_capacity_orders = 400000
     }
 }
 
+impl Setup {
+    /// A connected client with `identity`'s certificate.
+    fn connect(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        appliance: &ListeningChild,
+        identity: Option<&str>,
+        shard_aware: bool,
+    ) -> Client {
+        rt.block_on(Client::connect(self.client_config(
+            appliance.addr(),
+            identity,
+            shard_aware,
+        )))
+        .unwrap()
+    }
+}
+
 impl Drop for Setup {
     fn drop(&mut self) {
         self.emulator.kill();
@@ -194,13 +212,7 @@ fn bulk_issue_restart_and_identical_replays() {
     let setup = Setup::new("quic-e2e");
     let rt = runtime();
     let mut appliance = setup.start_appliance();
-    let client = rt
-        .block_on(Client::connect(setup.client_config(
-            appliance.addr(),
-            Some("ticketing"),
-            true,
-        )))
-        .unwrap();
+    let client = setup.connect(&rt, &appliance, Some("ticketing"), true);
     assert_eq!(client.shard_count(), 2);
     let requests = orders("E2E", 100_000);
     let first = issue_all(&client, &rt, requests.clone());
@@ -223,13 +235,7 @@ fn bulk_issue_restart_and_identical_replays() {
     // Kill (SIGKILL: nothing gets a chance to flush) and restart on the same data.
     appliance.kill();
     let appliance = setup.start_appliance();
-    let client = rt
-        .block_on(Client::connect(setup.client_config(
-            appliance.addr(),
-            Some("ticketing"),
-            true,
-        )))
-        .unwrap();
+    let client = setup.connect(&rt, &appliance, Some("ticketing"), true);
     let again = issue_all(&client, &rt, requests);
     for ((_, a), (replayed, b)) in first.iter().zip(&again) {
         assert!(replayed, "resent order must be a replay");
@@ -253,13 +259,7 @@ fn shard_unaware_client_gets_the_same_invoices_via_forwarding() {
     let setup = Setup::new("quic-unaware");
     let rt = runtime();
     let appliance = setup.start_appliance();
-    let unaware = rt
-        .block_on(Client::connect(setup.client_config(
-            appliance.addr(),
-            Some("ticketing"),
-            false,
-        )))
-        .unwrap();
+    let unaware = setup.connect(&rt, &appliance, Some("ticketing"), false);
     let requests = orders("UNAWARE", 5_000);
     let via_service = issue_all(&unaware, &rt, requests.clone());
     assert!(via_service.iter().all(|(r, _)| !r));
@@ -271,13 +271,7 @@ fn shard_unaware_client_gets_the_same_invoices_via_forwarding() {
         "requests landing on the wrong shard are forwarded: {metrics}"
     );
     // The same orders through a shard-aware client: identical invoices, as replays.
-    let aware = rt
-        .block_on(Client::connect(setup.client_config(
-            appliance.addr(),
-            Some("ticketing"),
-            true,
-        )))
-        .unwrap();
+    let aware = setup.connect(&rt, &appliance, Some("ticketing"), true);
     let via_shards = issue_all(&aware, &rt, requests);
     for ((_, a), (replayed, b)) in via_service.iter().zip(&via_shards) {
         assert!(replayed);
@@ -296,13 +290,7 @@ fn bad_input_gets_typed_errors_and_changes_nothing() {
     let setup = Setup::new("quic-bad");
     let rt = runtime();
     let appliance = setup.start_appliance();
-    let client = rt
-        .block_on(Client::connect(setup.client_config(
-            appliance.addr(),
-            Some("ticketing"),
-            true,
-        )))
-        .unwrap();
+    let client = setup.connect(&rt, &appliance, Some("ticketing"), true);
     let good = orders("GOOD", 10);
     let mut frame = Vec::new();
     encode_issue_frame(&mut frame, &good[..1]);
@@ -374,13 +362,7 @@ fn bad_input_gets_typed_errors_and_changes_nothing() {
     );
 
     // Authorised for seller 1 only.
-    let catering = rt
-        .block_on(Client::connect(setup.client_config(
-            appliance.addr(),
-            Some("catering"),
-            true,
-        )))
-        .unwrap();
+    let catering = setup.connect(&rt, &appliance, Some("catering"), true);
     let mixed = vec![
         ticket_request(seller(0), "CAT", 1),
         ticket_request(seller(1), "CAT", 2),
