@@ -443,7 +443,14 @@ fn announces_listening_first_then_the_region() {
     let mut child = std::process::Command::new(emulator_support::emu_bin())
         .arg("--data-dir")
         .arg(data.path())
-        .args(["--listen", "127.0.0.1:0", "--taxpayer", &grant(), "--pcie-queues", "3"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--taxpayer",
+            &grant(),
+            "--pcie-queues",
+            "3",
+        ])
         .arg("--pcie")
         .arg(&region)
         .stdout(std::process::Stdio::piped())
