@@ -90,7 +90,7 @@ pub struct Generator {
     red_pool: VecDeque<Feedback>,
     feedback: Option<Receiver<Feedback>>,
     buckets: Vec<Vec<(IssueRequest, Slot)>>,
-    /// Requests generated per kind: fresh, retry, red.
+    /// Requests put into frames, per kind: fresh, retry, red.
     pub generated: [u64; 3],
 }
 
@@ -240,7 +240,6 @@ impl Generator {
         if !self.retry_pool.is_empty() && self.chance(self.mix.retry_share) {
             let pick = (self.random() % self.retry_pool.len() as u64) as usize;
             let (n, issued) = self.retry_pool[pick];
-            self.generated[1] += 1;
             return (
                 self.blue(n),
                 Slot {
@@ -252,7 +251,6 @@ impl Generator {
         if !self.red_pool.is_empty() && self.chance(self.mix.red_share) {
             // Each original is offset once: taken out of the pool for good.
             let (n, issued) = self.red_pool.pop_front().expect("not empty");
-            self.generated[2] += 1;
             return (
                 self.red(n, &issued),
                 Slot {
@@ -263,7 +261,6 @@ impl Generator {
         }
         let n = self.next_order;
         self.next_order += 1;
-        self.generated[0] += 1;
         (
             self.blue(n),
             Slot {
@@ -294,6 +291,11 @@ impl Generator {
         for (request, slot) in &bucket {
             encode_request(&mut bytes, request);
             slots.push(*slot);
+            self.generated[match slot.expect {
+                Expect::Fresh => 0,
+                Expect::Retry(_) => 1,
+                Expect::Red => 2,
+            }] += 1;
         }
         finish_frame(&mut bytes, at);
         // Keep the bucket's allocation for the next frame of this shard.
@@ -383,7 +385,11 @@ mod tests {
         let mut g = Generator::new(vec![seller(0)], "T".into(), mix, 1, 1, 3, Some(rx));
         let mut reds = std::collections::HashSet::new();
         for i in 0..5_000u32 {
-            let (request, slot) = g.next_request();
+            let frame = g.next_frame();
+            let slot = frame.slots[0];
+            let (_, body) = appliance_proto::split_frame(&frame.bytes).unwrap();
+            let item = appliance_proto::split_items(body, 1).unwrap()[0];
+            let request = appliance_proto::decode_request(item).unwrap();
             match slot.expect {
                 Expect::Fresh => {
                     let issued = Issued {

@@ -50,6 +50,19 @@ impl Clock {
     }
 }
 
+/// CPU time (user + system) this process has used so far, seconds: what loadgen itself
+/// costs, for its overhead per request.
+pub fn process_cpu_s() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass and reads nothing else.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
 /// Pins the calling thread to `cpu` (Linux `sched_setaffinity`); false if refused.
 pub fn pin_current_thread(cpu: usize) -> bool {
     if cpu >= libc::CPU_SETSIZE as usize {
@@ -87,6 +100,19 @@ impl CpuPicker {
             cpus: std::sync::Arc::new(cpus.to_vec()),
             next: Default::default(),
         }
+    }
+
+    /// CPU time (user + system) this process has used so far, seconds: what loadgen itself
+    /// costs, for its overhead per request.
+    pub fn process_cpu_s() -> f64 {
+        // SAFETY: getrusage writes into the zeroed struct we pass and reads nothing else.
+        let usage = unsafe {
+            let mut usage: libc::rusage = std::mem::zeroed();
+            libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+            usage
+        };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(usage.ru_utime) + tv(usage.ru_stime)
     }
 
     /// Pins the calling thread to the next CPU of the list, if any.

@@ -125,6 +125,18 @@ pub struct RunReport {
     pub warmup_errors_total: u64,
     /// Distinct invoice numbers seen so far in the run (warm-up included).
     pub distinct_numbers: u64,
+    /// loadgen's own cost: CPU time of the whole process over the run (warm-up
+    /// included), seconds.
+    pub loadgen_cpu_s: f64,
+    /// Wall time of the whole run, seconds.
+    pub loadgen_wall_s: f64,
+    /// CPU cores loadgen kept busy on average (cpu / wall).
+    pub loadgen_cores: f64,
+    /// loadgen CPU per request sent (generation, encoding, QUIC, verification,
+    /// recording), µs.
+    pub loadgen_cpu_us_per_request: f64,
+    /// loadgen CPU per invoice sent, µs.
+    pub loadgen_cpu_us_per_invoice: f64,
     /// Per-interval throughput and latency.
     pub timeline: Vec<IntervalPoint>,
     /// Objective verdict.
@@ -175,8 +187,8 @@ impl RunReport {
             streams: scenario.streams,
             shard_aware: scenario.shard_aware,
             shards: target.shard_count,
-            requests_sent: sent.0,
-            invoices_sent: sent.1,
+            requests_sent: sent.requests,
+            invoices_sent: sent.invoices,
             requests_completed: c.requests,
             invoices_completed: c.invoices,
             invoices_issued: c.tally.issued,
@@ -191,9 +203,23 @@ impl RunReport {
             errors: c.tally.errors.clone(),
             warmup_errors_total: c.warmup_tally.errors_total(),
             distinct_numbers: c.verifier.numbers,
+            loadgen_cpu_s: 0.0,
+            loadgen_wall_s: 0.0,
+            loadgen_cores: 0.0,
+            loadgen_cpu_us_per_request: 0.0,
+            loadgen_cpu_us_per_invoice: 0.0,
             timeline: c.timeline.clone(),
             verdict,
         }
+    }
+
+    /// Records loadgen's own CPU use over the run.
+    pub fn set_cpu(&mut self, cpu_s: f64, wall_s: f64, sent: Sent) {
+        self.loadgen_cpu_s = cpu_s;
+        self.loadgen_wall_s = wall_s;
+        self.loadgen_cores = cpu_s / wall_s.max(1e-9);
+        self.loadgen_cpu_us_per_request = cpu_s * 1e6 / sent.requests_total.max(1) as f64;
+        self.loadgen_cpu_us_per_invoice = cpu_s * 1e6 / sent.invoices_total.max(1) as f64;
     }
 
     /// Writes the JSON summary.
@@ -277,6 +303,13 @@ impl RunReport {
         }
         if self.mode == Mode::Open {
             row(&mut s, "send lag", &self.send_lag);
+            if self.send_lag.p99_us > 1_000.0 {
+                let _ = writeln!(
+                    s,
+                    "WARNING: loadgen sent late (send lag p99 {:.3} ms): it may be the bottleneck; give it more cores (--threads, --cpus)",
+                    self.send_lag.p99_us / 1e3
+                );
+            }
         }
         if self.errors.is_empty() {
             let _ = writeln!(s, "errors: none");
@@ -286,6 +319,15 @@ impl RunReport {
                 let _ = writeln!(s, "  {kind:<32} {n}");
             }
         }
+        let _ = writeln!(
+            s,
+            "loadgen itself: {:.2} CPU s over {:.2} s ({:.2} cores), {:.2} µs CPU/request, {:.3} µs CPU/invoice",
+            self.loadgen_cpu_s,
+            self.loadgen_wall_s,
+            self.loadgen_cores,
+            self.loadgen_cpu_us_per_request,
+            self.loadgen_cpu_us_per_invoice
+        );
         if self.warmup_errors_total > 0 {
             let _ = writeln!(s, "warm-up errors: {}", self.warmup_errors_total);
         }

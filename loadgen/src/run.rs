@@ -171,6 +171,7 @@ pub fn run_once(
         std::fs::create_dir_all(dir)?;
     }
     let clock = Clock::start();
+    let cpu_start_s = crate::process_cpu_s();
     let warmup_ns = (scenario.warmup_s * 1e9) as u64;
     let duration_ns = (scenario.duration_s * 1e9) as u64;
     let measure_start_ns = LEAD_NS + warmup_ns;
@@ -240,7 +241,8 @@ pub fn run_once(
     if let Some(pb) = progress {
         pb.finish_and_clear();
     }
-    let report = RunReport::new(
+    let cpu_s = crate::process_cpu_s() - cpu_start_s;
+    let mut report = RunReport::new(
         scenario,
         target,
         match scenario.mode {
@@ -251,6 +253,7 @@ pub fn run_once(
         measure_start_ns,
         sent,
     );
+    report.set_cpu(cpu_s, clock.now_ns() as f64 / 1e9, sent);
     if let Some(dir) = out_dir {
         report.write_json(&dir.join("summary.json"))?;
         crate::plot::percentiles(
@@ -268,8 +271,36 @@ pub fn run_once(
     Ok(RunOutput { report, collected })
 }
 
-/// Requests sent by the run: (requests, invoices) in the measured window.
-pub type Sent = (u64, u64);
+/// What a run sent.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Sent {
+    /// Requests in the measured window.
+    pub requests: u64,
+    /// Invoices in them.
+    pub invoices: u64,
+    /// Requests including warm-up.
+    pub requests_total: u64,
+    /// Invoices including warm-up.
+    pub invoices_total: u64,
+}
+
+impl Sent {
+    fn add(&mut self, invoices: usize, measured: bool) {
+        self.requests_total += 1;
+        self.invoices_total += invoices as u64;
+        if measured {
+            self.requests += 1;
+            self.invoices += invoices as u64;
+        }
+    }
+
+    fn merge(&mut self, other: Sent) {
+        self.requests += other.requests;
+        self.invoices += other.invoices;
+        self.requests_total += other.requests_total;
+        self.invoices_total += other.invoices_total;
+    }
+}
 
 #[allow(clippy::too_many_arguments)]
 fn open_loop(
@@ -301,7 +332,7 @@ fn open_loop(
             scheduler_cpus.pin_next();
             crate::tighten_timer_slack();
             let mut generator = generator.lock().unwrap_or_else(|e| e.into_inner());
-            let mut sent: Sent = (0, 0);
+            let mut sent = Sent::default();
             let mut k: u64 = 0;
             loop {
                 // Intended times are computed from k, never from when the previous send
@@ -327,10 +358,7 @@ fn open_loop(
                     },
                 };
                 let measured = intended_ns >= measure_start_ns;
-                if measured {
-                    sent.0 += 1;
-                    sent.1 += slots.len() as u64;
-                }
+                sent.add(slots.len(), measured);
                 let client = clients[(k % clients.len() as u64) as usize].clone();
                 let tx = tx.clone();
                 let shard_arg = shard_aware.then_some(shard);
@@ -380,7 +408,7 @@ fn closed_loop(
             let tx = tx.clone();
             let shard_aware = target.shard_aware;
             tasks.spawn(async move {
-                let mut sent: Sent = (0, 0);
+                let mut sent = Sent::default();
                 loop {
                     let sent_ns = clock.now_ns();
                     if sent_ns >= end_ns {
@@ -395,10 +423,7 @@ fn closed_loop(
                         .unwrap_or_else(|e| e.into_inner())
                         .next_frame();
                     let measured = sent_ns >= measure_start_ns;
-                    if measured {
-                        sent.0 += 1;
-                        sent.1 += slots.len() as u64;
-                    }
+                    sent.add(slots.len(), measured);
                     let reply = client
                         .exchange_raw(shard_aware.then_some(shard), bytes)
                         .await;
@@ -417,11 +442,10 @@ fn closed_loop(
             });
         }
         drop(tx);
-        let mut total: Sent = (0, 0);
+        let mut total = Sent::default();
         while let Some(joined) = tasks.join_next().await {
-            if let Ok((r, i)) = joined {
-                total.0 += r;
-                total.1 += i;
+            if let Ok(sent) = joined {
+                total.merge(sent);
             }
         }
         total
