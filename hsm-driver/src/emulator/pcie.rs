@@ -39,11 +39,15 @@ use crate::pcie::regs::{
 use crate::proto::{self, FrameHeader, Opcode, Status, FRAME_HEADER_BYTES};
 
 /// Poll without sleeping this long after the last work (a driver that was just
-/// answered tends to submit again at once). The spin yields the CPU on every pass
-/// (`sched_yield`): on a machine whose cores the emulator shares with its clients (this
-/// one), a pure busy loop would take the core from the very worker computing the
-/// answer or the client about to submit.
-const SPIN: Duration = Duration::from_micros(50);
+/// answered tends to submit again at once). It must outlast the driver's whole polling
+/// ramp (30 µs of spinning, then sleeps of 10, 20, 40, 80, 100 µs: ~280 µs), or a
+/// ping-pong settles into both sides sleeping: the driver notices an answer late, so
+/// its next command finds the firmware asleep, which makes the next answer late too
+/// (measured: a steady 109 µs Nop round trip with 50 µs here, 3-7 µs with 200 µs).
+/// The spin yields the CPU on every pass (`sched_yield`): on a machine whose cores the
+/// emulator shares with its clients (this one), a pure busy loop would take the core
+/// from the very worker computing the answer or the client about to submit.
+const SPIN: Duration = Duration::from_micros(300);
 /// First idle sleep of the firmware.
 const SLEEP_MIN: Duration = Duration::from_micros(10);
 /// Longest idle sleep of the firmware: bounds the first command's extra latency after
