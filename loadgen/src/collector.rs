@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use appliance_client::ClientError;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
 use hdrhistogram::serialization::V2DeflateSerializer;
 use hdrhistogram::Histogram;
@@ -22,6 +22,9 @@ use crate::Clock;
 
 /// Largest latency recorded: one hour in ns (larger values are clamped to it).
 pub const LATENCY_NS_MAX: u64 = 3_600_000_000_000;
+
+/// How long the collector sleeps when its channel is empty.
+const POLL_INTERVAL: Duration = Duration::from_millis(2);
 
 /// A new latency histogram: ns, 1 ns .. 1 h, 3 significant digits.
 pub fn histogram() -> Histogram<u64> {
@@ -255,9 +258,13 @@ pub fn collect(
     };
     let mut any_measured = false;
     loop {
-        let completion = match rx.recv_timeout(Duration::from_millis(100)) {
+        let completion = match rx.try_recv() {
             Ok(c) => c,
-            Err(RecvTimeoutError::Timeout) => {
+            Err(TryRecvError::Empty) => {
+                // Poll rather than block: a receiver parked on the channel makes every
+                // send a futex wake-up and a context switch on loadgen's own core(s).
+                // Timestamps were taken by the senders, so the delay costs nothing.
+                std::thread::sleep(POLL_INTERVAL);
                 // Flush intervals that ended with nothing completing (a stalled server
                 // shows as empty intervals, live).
                 let now = config.clock.now_ns();
@@ -269,7 +276,7 @@ pub fn collect(
                 }
                 continue;
             }
-            Err(RecvTimeoutError::Disconnected) => break,
+            Err(TryRecvError::Disconnected) => break,
         };
         let Completion {
             intended_ns,
