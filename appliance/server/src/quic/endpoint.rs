@@ -485,6 +485,11 @@ impl Driver {
                     } else {
                         inbound.reserved = need;
                         conn.inbound_bytes += need;
+                        // One allocation for the whole frame instead of regrowing (and
+                        // copying) it chunk by chunk.
+                        inbound
+                            .bytes
+                            .reserve_exact(need.saturating_sub(inbound.bytes.len()));
                     }
                 }
             }
