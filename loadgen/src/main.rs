@@ -117,6 +117,10 @@ struct Flags {
     /// CPUs to pin loadgen's threads to, e.g. 0,1.
     #[arg(long, value_delimiter = ',')]
     cpus: Option<Vec<usize>>,
+    /// Open loop: scheduler on its own thread (µs precision) or a runtime task (ms ticks,
+    /// cheapest at high request rates on one core).
+    #[arg(long, value_enum)]
+    scheduler: Option<loadgen::scenario::Scheduler>,
     /// Open loop: most requests in flight.
     #[arg(long)]
     in_flight_max: Option<u32>,
@@ -209,6 +213,7 @@ impl Flags {
         set!(self.retry_share => s.mix.retry_share);
         set!(self.threads => s.threads);
         set!(self.cpus => s.cpus);
+        set!(self.scheduler => s.scheduler);
         set!(self.in_flight_max => s.in_flight_max);
         set!(self.timeout_ms => s.timeout_ms);
         if let Some(v) = &self.order_prefix {

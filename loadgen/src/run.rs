@@ -14,7 +14,7 @@ use tokio::sync::Semaphore;
 use crate::collector::{collect, Collected, CollectorConfig, Completion};
 use crate::gen::{Feedback, Frame, Generator};
 use crate::report::RunReport;
-use crate::scenario::{Mode, Scenario};
+use crate::scenario::{Mode, Scenario, Scheduler};
 use crate::verify::Verifier;
 use crate::{Clock, CpuPicker};
 
@@ -325,65 +325,117 @@ fn open_loop(
     let generator = state.generator.clone();
     let clients = target.clients.clone();
     let shard_aware = target.shard_aware;
-    let scheduler_cpus = cpus.clone();
-    let scheduler = std::thread::Builder::new()
-        .name("loadgen-scheduler".into())
-        .spawn(move || {
-            scheduler_cpus.pin_next();
-            crate::tighten_timer_slack();
-            let mut generator = generator.lock().unwrap_or_else(|e| e.into_inner());
+    // Sends request `k` (intended at `intended_ns`) on a new task; from the scheduler
+    // thread through `handle`, or from the scheduler task itself.
+    let send = move |handle: &tokio::runtime::Handle,
+                     k: u64,
+                     intended_ns: u64,
+                     frame: Frame,
+                     permit: tokio::sync::OwnedSemaphorePermit| {
+        let Frame {
+            shard,
+            bytes,
+            slots,
+        } = frame;
+        let measured = intended_ns >= measure_start_ns;
+        let invoices = slots.len();
+        let client = clients[(k % clients.len() as u64) as usize].clone();
+        let tx = tx.clone();
+        let shard_arg = shard_aware.then_some(shard);
+        handle.spawn(async move {
+            let sent_ns = clock.now_ns();
+            let reply = client.exchange_raw(shard_arg, bytes).await;
+            let done_ns = clock.now_ns();
+            drop(permit);
+            let _ = tx.send(Completion {
+                intended_ns,
+                sent_ns,
+                done_ns,
+                shard,
+                measured,
+                slots,
+                reply,
+            });
+        });
+        (invoices, measured)
+    };
+    // Intended times are computed from k, never from when the previous send happened:
+    // falling behind does not move them.
+    let intended = move |k: u64| LEAD_NS + (k as f64 * spacing_ns) as u64;
+    match scenario.scheduler {
+        Scheduler::Thread => {
+            let scheduler_cpus = cpus.clone();
+            let scheduler = std::thread::Builder::new()
+                .name("loadgen-scheduler".into())
+                .spawn(move || {
+                    scheduler_cpus.pin_next();
+                    crate::tighten_timer_slack();
+                    let mut generator = generator.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut sent = Sent::default();
+                    let mut k: u64 = 0;
+                    loop {
+                        let intended_ns = intended(k);
+                        if intended_ns >= end_ns {
+                            break;
+                        }
+                        let frame = generator.next_frame();
+                        let now = clock.now_ns();
+                        if intended_ns > now {
+                            std::thread::sleep(Duration::from_nanos(intended_ns - now));
+                        }
+                        let permit = match in_flight.clone().try_acquire_owned() {
+                            Ok(permit) => permit,
+                            Err(_) => match handle.block_on(in_flight.clone().acquire_owned()) {
+                                Ok(permit) => permit,
+                                Err(_) => break,
+                            },
+                        };
+                        let (invoices, measured) = send(&handle, k, intended_ns, frame, permit);
+                        sent.add(invoices, measured);
+                        k += 1;
+                    }
+                    sent
+                })?;
+            scheduler
+                .join()
+                .map_err(|_| RunError::Config("scheduler thread panicked".into()))
+        }
+        Scheduler::Runtime => Ok(rt.block_on(async move {
+            let handle = tokio::runtime::Handle::current();
             let mut sent = Sent::default();
             let mut k: u64 = 0;
             loop {
-                // Intended times are computed from k, never from when the previous send
-                // happened: falling behind does not move them.
-                let intended_ns = LEAD_NS + (k as f64 * spacing_ns) as u64;
+                let intended_ns = intended(k);
                 if intended_ns >= end_ns {
                     break;
                 }
-                let Frame {
-                    shard,
-                    bytes,
-                    slots,
-                } = generator.next_frame();
                 let now = clock.now_ns();
                 if intended_ns > now {
-                    std::thread::sleep(Duration::from_nanos(intended_ns - now));
+                    // The tokio timer ticks in milliseconds: everything that fell due
+                    // meanwhile goes out on waking, late by up to a tick (counted).
+                    tokio::time::sleep_until(clock.instant(intended_ns).into()).await;
                 }
-                let permit = match in_flight.clone().try_acquire_owned() {
+                let permit = match in_flight.clone().acquire_owned().await {
                     Ok(permit) => permit,
-                    Err(_) => match handle.block_on(in_flight.clone().acquire_owned()) {
-                        Ok(permit) => permit,
-                        Err(_) => break,
-                    },
+                    Err(_) => break,
                 };
-                let measured = intended_ns >= measure_start_ns;
-                sent.add(slots.len(), measured);
-                let client = clients[(k % clients.len() as u64) as usize].clone();
-                let tx = tx.clone();
-                let shard_arg = shard_aware.then_some(shard);
-                handle.spawn(async move {
-                    let sent_ns = clock.now_ns();
-                    let reply = client.exchange_raw(shard_arg, bytes).await;
-                    let done_ns = clock.now_ns();
-                    drop(permit);
-                    let _ = tx.send(Completion {
-                        intended_ns,
-                        sent_ns,
-                        done_ns,
-                        shard,
-                        measured,
-                        slots,
-                        reply,
-                    });
-                });
+                // Locked per frame: the guard must not live across the awaits (no one
+                // else takes it during an open-loop run, so it costs an uncontended lock).
+                let frame = generator
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .next_frame();
+                let (invoices, measured) = send(&handle, k, intended_ns, frame, permit);
+                sent.add(invoices, measured);
                 k += 1;
+                if k % 64 == 0 {
+                    // Let the sends just spawned (and replies) run on this worker.
+                    tokio::task::yield_now().await;
+                }
             }
             sent
-        })?;
-    scheduler
-        .join()
-        .map_err(|_| RunError::Config("scheduler thread panicked".into()))
+        })),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

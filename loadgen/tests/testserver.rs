@@ -208,3 +208,30 @@ fn sweep_finds_a_known_capacity_within_one_step() {
     assert!(out.join("sweep.json").exists() && out.join("sweep.svg").exists());
     assert!(out.join("step-01-500").join("latency.hlog").exists());
 }
+
+#[test]
+fn both_schedulers_send_exactly_the_planned_requests() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(TestServerOptions::default(), dir.path());
+    let rt = common::runtime(2);
+    for scheduler in [
+        loadgen::scenario::Scheduler::Thread,
+        loadgen::scenario::Scheduler::Runtime,
+    ] {
+        let mut scenario = common::scenario(server.addr, &server.pki.ca);
+        scenario.scheduler = scheduler;
+        scenario.rate = 2_000.0;
+        scenario.invoices_per_request = 2;
+        let r = run(&rt, &scenario, None).report;
+        // 1 s at 1,000 requests/s: the intended times fix the count.
+        assert!(
+            r.requests_sent.abs_diff(1_000) <= 1,
+            "{scheduler:?}: {}",
+            r.text()
+        );
+        assert_eq!(r.requests_completed, r.requests_sent);
+        assert_eq!(r.errors_total, 0, "{}", r.text());
+        assert!(r.verdict.met, "{scheduler:?}: {}", r.text());
+    }
+}
