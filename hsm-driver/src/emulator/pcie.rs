@@ -9,9 +9,10 @@
 //! - Completions are posted under a per-queue lock (several workers share one ring),
 //!   after checking that the queue was not reset since the command was fetched: a
 //!   reset drops every command in flight, which the driver sees as `ConnectionLost`.
-//! - Idle back-off: after the last work the firmware polls (yielding the CPU between
+//! - Idle back-off: after the last answer the firmware polls (yielding the CPU between
 //!   passes) for `SPIN`, then sleeps 10 µs doubling to 1 ms, so an idle emulator does
-//!   not burn a core.
+//!   not burn a core. Handing a command to a worker ends the hard polling (the worker
+//!   needs the core); the worker's completion unparks the firmware and restarts it.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -88,6 +89,11 @@ struct Dev {
     dma: MemRegion,
     queues: Vec<DevQueue>,
     shutdown: AtomicBool,
+    /// Completions posted by workers; the firmware restarts its polling window when it
+    /// moves (the driver answered is about to submit again).
+    posted: AtomicU64,
+    /// The firmware thread, unparked by a worker after it posts.
+    firmware_thread: std::sync::OnceLock<thread::Thread>,
 }
 
 /// One command on its way to a worker.
@@ -255,6 +261,8 @@ pub fn serve_pcie(
         dma,
         queues,
         shutdown: AtomicBool::new(false),
+        posted: AtomicU64::new(0),
+        firmware_thread: std::sync::OnceLock::new(),
     });
     let (tx, rx) = bounded::<Job>(threads * JOBS_PER_THREAD);
     let mut handles = Vec::with_capacity(threads + 1);
@@ -436,10 +444,12 @@ fn firmware(dev: &Dev, tx: &Sender<Job>, generation: u32) {
             .collect(),
     };
     let start = Instant::now();
-    let mut last_work = Instant::now();
     let mut sleep = SLEEP_MIN;
     let mut stalled: Option<Job> = None;
     let mut last_beat = u64::MAX;
+    let _ = dev.firmware_thread.set(thread::current());
+    let mut last_posted = 0u64;
+    let mut spin_until = Instant::now();
     while !dev.shutdown.load(Ordering::Acquire) {
         let beat = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
         if beat != last_beat {
@@ -450,10 +460,19 @@ fn firmware(dev: &Dev, tx: &Sender<Job>, generation: u32) {
             fw.reset_device();
         }
         fw.fault_register();
-        let mut worked = false;
+        // `answered`: a completion went out (here or by a worker): poll hard, the driver
+        // is about to submit again. `handed`: work went to a worker: stop polling hard
+        // so as not to take the core from it; the worker's completion restarts it.
+        let mut answered = false;
+        let mut handed = false;
+        let posted = dev.posted.load(Ordering::Acquire);
+        if posted != last_posted {
+            last_posted = posted;
+            answered = true;
+        }
         if let Some(job) = stalled.take() {
             match hand_off(dev, tx, job) {
-                Ok(()) => worked = true,
+                Ok(()) => handed = true,
                 Err(job) => stalled = Some(job),
             }
         }
@@ -478,7 +497,6 @@ fn firmware(dev: &Dev, tx: &Sender<Job>, generation: u32) {
             for _ in 0..pending {
                 let token = fw.queues[q].token;
                 let fetched = fw.queues[q].sq.fetch(&dev.dma, token);
-                worked = true;
                 match fetched {
                     Err(code) => {
                         fw.stop_queue(q, QSTATUS_ERROR, code);
@@ -501,6 +519,7 @@ fn firmware(dev: &Dev, tx: &Sender<Job>, generation: u32) {
                     }) => {
                         let epoch = dev.queues[q].epoch.load(Ordering::Acquire);
                         refuse(dev, q, epoch, tag, correlation_id, opcode, sq_head, &error);
+                        answered = true;
                     }
                     Ok(Fetched::Valid { sub, sq_head }) => {
                         let body = match fw.queues[q].sq.read_request(&dev.dma, &sub) {
@@ -519,21 +538,29 @@ fn firmware(dev: &Dev, tx: &Sender<Job>, generation: u32) {
                         };
                         if runs_inline(dev, sub.opcode, &job.body) {
                             execute(dev, job, &mut Vec::new());
-                        } else if let Err(job) = hand_off(dev, tx, job) {
-                            stalled = Some(job);
-                            break;
+                            answered = true;
+                        } else {
+                            handed = true;
+                            if let Err(job) = hand_off(dev, tx, job) {
+                                stalled = Some(job);
+                                break;
+                            }
                         }
                     }
                 }
             }
         }
-        if worked {
-            last_work = Instant::now();
+        if answered {
+            spin_until = Instant::now() + SPIN;
             sleep = SLEEP_MIN;
-        } else if last_work.elapsed() < SPIN {
+        } else if handed {
+            spin_until = Instant::now();
+            sleep = SLEEP_MIN;
+        } else if Instant::now() < spin_until {
             thread::yield_now();
         } else {
-            thread::sleep(sleep);
+            // A worker's completion unparks us early.
+            thread::park_timeout(sleep);
             sleep = (sleep * 2).min(SLEEP_MAX);
         }
     }
@@ -750,6 +777,11 @@ fn worker(dev: &Dev, rx: &Receiver<Job>) {
             Ok(job) => {
                 if dev.queues[job.queue].epoch.load(Ordering::Acquire) == job.epoch {
                     execute(dev, job, &mut out);
+                    dev.posted.fetch_add(1, Ordering::Release);
+                    // Cheap when the firmware is not parked (no system call).
+                    if let Some(t) = dev.firmware_thread.get() {
+                        t.unpark();
+                    }
                 }
                 // Do not keep a huge buffer around after one large batch.
                 if out.capacity() > proto::FRAME_BODY_BYTES_MAX / 4 {
