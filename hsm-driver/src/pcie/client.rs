@@ -32,6 +32,7 @@ use super::regs::{
 };
 use super::{response_capacity, PcieClientConfig, QueueSelect};
 use crate::proto::{EncodeError, Request, Response, FRAME_BODY_BYTES_MAX};
+use crate::tcp::client::{permit_until, sleep_until};
 use crate::tcp::pipeline::Backoff;
 use crate::tcp::HsmError;
 
@@ -222,31 +223,6 @@ impl std::fmt::Debug for PcieClient {
     }
 }
 
-async fn sleep_until(deadline: Instant) {
-    let wait = deadline.saturating_duration_since(Instant::now());
-    if !wait.is_zero() {
-        glommio::timer::sleep(wait).await;
-    }
-}
-
-async fn permit_until(
-    semaphore: &Semaphore,
-    deadline: Instant,
-) -> Result<glommio::sync::Permit<'_>, HsmError> {
-    or(
-        async {
-            semaphore
-                .acquire_permit(1)
-                .await
-                .map_err(|_| HsmError::Closed)
-        },
-        async {
-            sleep_until(deadline).await;
-            Err(HsmError::Timeout)
-        },
-    )
-    .await
-}
 
 fn pid_alive(pid: u32) -> bool {
     if pid == 0 {

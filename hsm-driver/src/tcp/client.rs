@@ -100,7 +100,8 @@ impl std::fmt::Debug for TcpClient {
     }
 }
 
-async fn sleep_until(deadline: Instant) {
+/// Sleeps until `deadline` (returns at once if it passed).
+pub(crate) async fn sleep_until(deadline: Instant) {
     let wait = deadline.saturating_duration_since(Instant::now());
     if !wait.is_zero() {
         glommio::timer::sleep(wait).await;
@@ -109,7 +110,7 @@ async fn sleep_until(deadline: Instant) {
 
 /// One permit of `semaphore`, or `Timeout` at `deadline` (`Closed` once the client closed
 /// the semaphore): every wait of a call counts against the call's one deadline.
-async fn permit_until(
+pub(crate) async fn permit_until(
     semaphore: &Semaphore,
     deadline: Instant,
 ) -> Result<glommio::sync::Permit<'_>, HsmError> {

@@ -11,7 +11,7 @@
 //! lives in [`pipeline`] so it is unit-tested without sockets or an executor.
 
 pub mod blocking;
-mod client;
+pub(crate) mod client;
 pub mod pipeline;
 
 use std::time::Duration;
