@@ -223,7 +223,6 @@ impl std::fmt::Debug for PcieClient {
     }
 }
 
-
 fn pid_alive(pid: u32) -> bool {
     if pid == 0 {
         return false;
