@@ -451,17 +451,19 @@ fn worker(shared: &Shared, rx: &Receiver<Job>) {
         // A SetFaults that resets connections resets them before its switches change:
         // otherwise a command of a connection being reset, already past its dead check,
         // could be answered under the new switches in between.
-        if control && shared.emulator.allows_fault_injection() && resets_connections(&job.body) {
+        let reset_first =
+            control && shared.emulator.allows_fault_injection() && resets_connections(&job.body);
+        if reset_first {
             shared.reset_all_except(job.conn.id);
         }
         let effects =
             shared
                 .emulator
                 .handle_frame(job.opcode, job.correlation_id, &job.body, &mut out);
+        // The reset happened above, before the answer: resetting again after answering
+        // would also kill connections the client opened after reading that answer.
+        debug_assert!(!effects.reset_connections || reset_first);
         job.conn.send(&out);
-        if effects.reset_connections {
-            shared.reset_all_except(job.conn.id);
-        }
         // Do not keep a huge buffer around after one large batch.
         if out.capacity() > 4 * proto::FRAME_BODY_BYTES_MAX / 16 {
             out = Vec::with_capacity(READ_CHUNK_BYTES);
