@@ -32,7 +32,7 @@ use super::regs::{
 };
 use super::{response_capacity, PcieClientConfig, QueueSelect};
 use crate::proto::{EncodeError, Request, Response, FRAME_BODY_BYTES_MAX};
-use crate::tcp::client::{permit_until, sleep_until};
+use crate::tcp::client::{permit_until, sleep_until, LastFailure};
 use crate::tcp::pipeline::Backoff;
 use crate::tcp::HsmError;
 
@@ -122,23 +122,6 @@ impl Attached {
         }
         if let Ok(r) = self.bar.u64_at(queue_reg(self.queue, Q_OWNER)) {
             let _ = r.compare_exchange(owner, 0, Ordering::AcqRel, Ordering::Acquire);
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum LastFailure {
-    Refused,
-    Timeout,
-    Lost,
-}
-
-impl LastFailure {
-    fn to_error(self) -> HsmError {
-        match self {
-            LastFailure::Refused => HsmError::Refused,
-            LastFailure::Timeout => HsmError::Timeout,
-            LastFailure::Lost => HsmError::ConnectionLost,
         }
     }
 }

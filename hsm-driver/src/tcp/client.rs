@@ -42,14 +42,15 @@ pub struct ClientStats {
 
 /// Why the last connect attempt failed, to answer calls that arrive during backoff.
 #[derive(Debug, Clone, Copy)]
-enum LastFailure {
+pub(crate) enum LastFailure {
     Refused,
     Timeout,
     Lost,
 }
 
 impl LastFailure {
-    fn to_error(self) -> HsmError {
+    /// The error a call gets while the client waits to retry after this failure.
+    pub(crate) fn to_error(self) -> HsmError {
         match self {
             LastFailure::Refused => HsmError::Refused,
             LastFailure::Timeout => HsmError::Timeout,

@@ -301,12 +301,7 @@ impl Driver {
                 }
                 self.buf = buf;
             }
-            Input::Reply { ch, stream, frame } => {
-                if let Some(conn) = self.conns.get_mut(&ch) {
-                    conn.outbound.insert(stream, Outbound { frame, written: 0 });
-                    write_reply(conn, stream);
-                }
-            }
+            Input::Reply { ch, stream, frame } => self.reply(ch, stream, frame),
         }
     }
 
