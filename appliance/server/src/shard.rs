@@ -483,7 +483,7 @@ async fn run(
 ) -> Result<(), ShardError> {
     let (mut shard, journal) = start(&config).await?;
     let endpoints = match quic {
-        Some(quic) => spawn_endpoints(&shard, quic, peers, &shutdown),
+        Some(quic) => spawn_endpoints(&shard, quic, peers, &shutdown)?,
         None => {
             drop(peers);
             Vec::new()
@@ -515,7 +515,7 @@ fn spawn_endpoints(
     quic: crate::quic::ShardQuic,
     peers: Vec<ShardSender>,
     shutdown: &flume::Receiver<()>,
-) -> Vec<glommio::task::JoinHandle<()>> {
+) -> Result<Vec<glommio::task::JoinHandle<()>>, ShardError> {
     let context = Rc::new(crate::quic::endpoint::EndpointContext {
         shard_id: shard.id,
         shards: peers,
@@ -526,14 +526,18 @@ fn spawn_endpoints(
     [quic.service_socket, quic.shard_socket]
         .into_iter()
         .map(|socket| {
-            let socket = glommio::net::UdpSocket::from(socket);
-            glommio::spawn_local(crate::quic::endpoint::serve(
+            let socket = crate::quic::udp::UdpIo::new(glommio::net::UdpSocket::from(socket))
+                .map_err(|e| ShardError::Config {
+                    shard: shard.id,
+                    message: format!("UDP socket: {e}"),
+                })?;
+            Ok(glommio::spawn_local(crate::quic::endpoint::serve(
                 socket,
                 Arc::clone(&quic.server_config),
                 Rc::clone(&context),
                 shutdown.clone(),
             ))
-            .detach()
+            .detach())
         })
         .collect()
 }

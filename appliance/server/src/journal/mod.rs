@@ -564,12 +564,24 @@ impl Journal {
                     });
                 }
                 match check_commit(bytes, 0, &header) {
-                    CommitCheck::Whole { .. } => {}
+                    // `check_commit` walked every record: CRCs, no nested header, and
+                    // seqs first..=last in order. Only where they start is left to check;
+                    // walking the records a second time would only repeat their CRCs.
+                    CommitCheck::Whole { last_seq, .. } => {
+                        let first = header.first_seq.get();
+                        if first != self.next_seq {
+                            return Err(CommitRejection::Sequence {
+                                offset: next,
+                                expected: self.next_seq,
+                                found: first,
+                            });
+                        }
+                        return Ok((first, last_seq));
+                    }
                     CommitCheck::Torn { error, .. } | CommitCheck::Corrupt { error } => {
                         return Err(CommitRejection::BadCommit { error });
                     }
                 }
-                offset = next;
             }
         }
         let mut expected = self.next_seq;

@@ -16,6 +16,7 @@
 //! queued between receiver and driver.
 
 use super::auth::Authorisation;
+use super::udp::{Received, RecvScratch, UdpIo};
 use crate::metrics::ShardMetrics;
 use crate::shard::{IssueFailure, IssueResult, ShardSender};
 use appliance_proto::{
@@ -24,14 +25,12 @@ use appliance_proto::{
     STREAMS_PER_CONNECTION_MAX,
 };
 use bytes::BytesMut;
-use glommio::net::UdpSocket;
 use quinn_proto::{
     ConnectionHandle, DatagramEvent, Dir, Event, ReadError, ServerConfig, StreamEvent, StreamId,
     VarInt, WriteError,
 };
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -41,12 +40,13 @@ pub const CONNECTIONS_MAX: usize = 1024;
 /// Bytes of request frames being received per connection (reserved from their headers);
 /// a frame that would exceed it is refused with the retryable `Overloaded` error.
 pub const CONNECTION_INBOUND_BYTES_MAX: usize = 64 * 1024 * 1024;
-/// Datagrams queued between the receiver task and the driver.
-const INPUT_QUEUE_MAX: usize = 4096;
+/// Inputs queued between the receiver task and the driver (a datagram input holds one
+/// GRO batch of up to 64 datagrams).
+const INPUT_QUEUE_MAX: usize = 1024;
 /// Inputs the driver takes per turn before it drives the connections.
-const INPUTS_PER_TURN_MAX: usize = 512;
-/// Largest UDP payload read.
-const DATAGRAM_BYTES_MAX: usize = 65_535;
+const INPUTS_PER_TURN_MAX: usize = 128;
+/// Bytes quinn-proto may lay out for one send (GSO batch or single datagram).
+const TRANSMIT_BYTES_MAX: usize = 64 * 1024;
 
 /// Application error codes of QUIC CONNECTION_CLOSE and STOP_SENDING frames.
 pub mod close_code {
@@ -77,10 +77,7 @@ pub struct EndpointContext {
 }
 
 enum Input {
-    Datagram {
-        data: BytesMut,
-        from: SocketAddr,
-    },
+    Datagrams(Received),
     Reply {
         ch: ConnectionHandle,
         stream: StreamId,
@@ -113,7 +110,7 @@ struct Conn {
 
 /// Runs one endpoint on `socket` until `shutdown` disconnects.
 pub async fn serve(
-    socket: UdpSocket,
+    socket: UdpIo,
     server_config: Arc<ServerConfig>,
     context: Rc<EndpointContext>,
     shutdown: flume::Receiver<()>,
@@ -136,24 +133,22 @@ pub async fn serve(
         conns: HashMap::new(),
         context,
         input_tx,
-        buf: Vec::with_capacity(DATAGRAM_BYTES_MAX),
+        buf: Vec::with_capacity(TRANSMIT_BYTES_MAX),
     };
     driver.run(input_rx, shutdown).await;
     receiver.cancel().await;
 }
 
-async fn receive(socket: Rc<UdpSocket>, inputs: Rc<flume::Sender<Input>>) {
-    let mut buf = vec![0u8; DATAGRAM_BYTES_MAX];
+async fn receive(socket: Rc<UdpIo>, inputs: Rc<flume::Sender<Input>>) {
+    let mut scratch = RecvScratch::default();
+    let mut received = Vec::new();
     loop {
-        match socket.recv_from(&mut buf).await {
-            Ok((len, from)) => {
-                let data = BytesMut::from(&buf[..len]);
-                if inputs
-                    .send_async(Input::Datagram { data, from })
-                    .await
-                    .is_err()
-                {
-                    return;
+        match socket.recv(&mut scratch, &mut received).await {
+            Ok(()) => {
+                for batch in received.drain(..) {
+                    if inputs.send_async(Input::Datagrams(batch)).await.is_err() {
+                        return;
+                    }
                 }
             }
             Err(e) => {
@@ -167,7 +162,7 @@ async fn receive(socket: Rc<UdpSocket>, inputs: Rc<flume::Sender<Input>>) {
 
 struct Driver {
     endpoint: quinn_proto::Endpoint,
-    socket: Rc<UdpSocket>,
+    socket: Rc<UdpIo>,
     local_ip: Option<std::net::IpAddr>,
     conns: HashMap<ConnectionHandle, Conn>,
     context: Rc<EndpointContext>,
@@ -239,70 +234,74 @@ impl Driver {
         self.drive_all().await;
     }
 
-    async fn send(&self, destination: SocketAddr, bytes: &[u8]) {
-        if let Err(e) = self.socket.send_to(bytes, destination).await {
-            tracing::debug!(error = %e, %destination, "udp send failed");
-        }
+    async fn send(&self, transmit: &quinn_proto::Transmit, contents: &[u8]) {
+        self.socket.send(transmit, contents).await;
     }
 
     async fn handle_input(&mut self, input: Input) {
         match input {
-            Input::Datagram { data, from } => {
-                let now = Instant::now();
-                let mut buf = std::mem::take(&mut self.buf);
-                buf.clear();
-                match self
-                    .endpoint
-                    .handle(now, from, self.local_ip, None, data, &mut buf)
-                {
-                    Some(DatagramEvent::ConnectionEvent(ch, event)) => {
-                        if let Some(conn) = self.conns.get_mut(&ch) {
-                            conn.inner.handle_event(event);
-                        }
-                    }
-                    Some(DatagramEvent::NewConnection(incoming)) => {
-                        if self.conns.len() >= CONNECTIONS_MAX {
-                            tracing::warn!(
-                                shard = self.context.shard_id,
-                                "connection limit reached; refusing"
-                            );
-                            let transmit = self.endpoint.refuse(incoming, &mut buf);
-                            self.send(transmit.destination, &buf[..transmit.size]).await;
-                        } else {
-                            match self.endpoint.accept(incoming, now, &mut buf, None) {
-                                Ok((ch, inner)) => {
-                                    self.context.metrics.borrow_mut().quic.connections_accepted +=
-                                        1;
-                                    self.conns.insert(
-                                        ch,
-                                        Conn {
-                                            inner,
-                                            identity: None,
-                                            inbound: HashMap::new(),
-                                            inbound_bytes: 0,
-                                            outbound: HashMap::new(),
-                                        },
-                                    );
-                                }
-                                Err(e) => {
-                                    tracing::debug!(cause = %e.cause, "accept failed");
-                                    if let Some(transmit) = e.response {
-                                        self.send(transmit.destination, &buf[..transmit.size])
-                                            .await;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    Some(DatagramEvent::Response(transmit)) => {
-                        self.send(transmit.destination, &buf[..transmit.size]).await;
-                    }
-                    None => {}
+            Input::Datagrams(mut batch) => {
+                while !batch.data.is_empty() {
+                    let datagram = batch.data.split_to(batch.stride.min(batch.data.len()));
+                    self.handle_datagram(&batch, datagram).await;
                 }
-                self.buf = buf;
             }
             Input::Reply { ch, stream, frame } => self.reply(ch, stream, frame),
         }
+    }
+
+    async fn handle_datagram(&mut self, batch: &Received, data: BytesMut) {
+        let now = Instant::now();
+        let local_ip = batch.local_ip.or(self.local_ip);
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.clear();
+        match self
+            .endpoint
+            .handle(now, batch.from, local_ip, batch.ecn, data, &mut buf)
+        {
+            Some(DatagramEvent::ConnectionEvent(ch, event)) => {
+                if let Some(conn) = self.conns.get_mut(&ch) {
+                    conn.inner.handle_event(event);
+                }
+            }
+            Some(DatagramEvent::NewConnection(incoming)) => {
+                if self.conns.len() >= CONNECTIONS_MAX {
+                    tracing::warn!(
+                        shard = self.context.shard_id,
+                        "connection limit reached; refusing"
+                    );
+                    let transmit = self.endpoint.refuse(incoming, &mut buf);
+                    self.send(&transmit, &buf[..transmit.size]).await;
+                } else {
+                    match self.endpoint.accept(incoming, now, &mut buf, None) {
+                        Ok((ch, inner)) => {
+                            self.context.metrics.borrow_mut().quic.connections_accepted += 1;
+                            self.conns.insert(
+                                ch,
+                                Conn {
+                                    inner,
+                                    identity: None,
+                                    inbound: HashMap::new(),
+                                    inbound_bytes: 0,
+                                    outbound: HashMap::new(),
+                                },
+                            );
+                        }
+                        Err(e) => {
+                            tracing::debug!(cause = %e.cause, "accept failed");
+                            if let Some(transmit) = e.response {
+                                self.send(&transmit, &buf[..transmit.size]).await;
+                            }
+                        }
+                    }
+                }
+            }
+            Some(DatagramEvent::Response(transmit)) => {
+                self.send(&transmit, &buf[..transmit.size]).await;
+            }
+            None => {}
+        }
+        self.buf = buf;
     }
 
     async fn drive_all(&mut self) {
@@ -362,13 +361,17 @@ impl Driver {
             }
         }
         let mut buf = std::mem::take(&mut self.buf);
+        let segments_max = self.socket.max_gso_segments();
         loop {
             buf.clear();
             let conn = self.conns.get_mut(&ch).expect("present");
-            let Some(transmit) = conn.inner.poll_transmit(now, 1, &mut buf) else {
+            // Room for as many full-size datagrams as one GSO send carries.
+            let segments = (TRANSMIT_BYTES_MAX / conn.inner.current_mtu().max(1) as usize)
+                .clamp(1, segments_max);
+            let Some(transmit) = conn.inner.poll_transmit(now, segments, &mut buf) else {
                 break;
             };
-            self.send(transmit.destination, &buf[..transmit.size]).await;
+            self.send(&transmit, &buf[..transmit.size]).await;
         }
         self.buf = buf;
         let conn = self.conns.get_mut(&ch).expect("present");

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod endpoint;
 pub mod tls;
+pub mod udp;
 
 use appliance_proto::{FRAME_BYTES_MAX, STREAMS_PER_CONNECTION_MAX};
 use quinn_proto::crypto::rustls::QuicServerConfig;
