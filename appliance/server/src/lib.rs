@@ -2,6 +2,7 @@
 //! the bulk demo.
 #![deny(missing_docs)]
 
+pub mod allocator;
 pub mod child;
 pub mod config;
 pub mod demo;

@@ -165,6 +165,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    appliance_server::allocator::keep_freed_memory();
     let cli = Cli::parse();
     if let Some(Cmd::HsmEmu { args }) = &cli.command {
         let argv = std::iter::once("hsm-emu".to_string()).chain(args.iter().cloned());
