@@ -29,6 +29,8 @@ pub fn keep_freed_memory() {
 }
 
 /// The purge delay in force, in milliseconds (-1: never).
+// `c_long` is `i64` here but 32 bits on other targets.
+#[allow(clippy::useless_conversion)]
 pub fn purge_delay_ms() -> i64 {
     // SAFETY: reads an option value.
     i64::from(unsafe { mi_option_get(PURGE_DELAY_OPTION) })
