@@ -50,7 +50,7 @@ use crate::idempotency::{
     TaxpayerIdHasher,
 };
 use crate::invoice::{Invoice, InvoiceIdentity, InvoiceKind, IssueRequest};
-use crate::journal::frame::encode_record;
+use crate::journal::frame::{encode_record, encode_record_with};
 use crate::journal::record::{encode_issued, is_check_code, Record, RecordKind};
 use crate::pool::{NumberAccounting, Pool, PoolError, RefillRequest};
 use crate::taxpayer::{InvoiceCode, InvoiceNumber, NumberSegment, TaxpayerId};
@@ -806,14 +806,14 @@ impl Issuer {
             let pool = &mut self.pools[item.pool as usize];
             let answer = match result {
                 Ok((tax_control_code, check_code)) if is_check_code(check_code) => {
-                    body.clear();
-                    encode_issued(
-                        &tick.canonical[item.canonical.clone()],
-                        tax_control_code,
-                        check_code,
-                        &mut body,
-                    );
-                    encode_record(journal, RecordKind::Issued as u8, seq, &body);
+                    encode_record_with(journal, RecordKind::Issued as u8, seq, |out| {
+                        encode_issued(
+                            &tick.canonical[item.canonical.clone()],
+                            tax_control_code,
+                            check_code,
+                            out,
+                        )
+                    });
                     pool.settle_issued();
                     self.index.insert(IndexEntry {
                         fingerprint: IndexEntry::split_fingerprint(item.fingerprint),

@@ -26,8 +26,8 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use appliance_core::journal::frame::{
-    check_commit, decode_record_at, pad_to_block, parse_commit_header, record_bytes, CommitCheck,
-    RawRecord, KIND_COMMIT, KIND_PADDING,
+    check_sealed_commit, decode_record_at, pad_to_block, parse_commit_header, record_bytes,
+    CommitCheck, RawRecord, KIND_COMMIT, KIND_PADDING,
 };
 use glommio::io::{Directory, DmaFile, OpenOptions};
 
@@ -563,9 +563,9 @@ impl Journal {
                         len,
                     });
                 }
-                match check_commit(bytes, 0, &header) {
-                    // `check_commit` walked every record: CRCs, no nested header, and
-                    // seqs first..=last in order. Only where they start is left to check;
+                match check_sealed_commit(bytes, 0, &header) {
+                    // `check_sealed_commit` walked every record: payload CRC, framing,
+                    // no nested header, and seqs first..=last in order. Only where they start is left to check;
                     // walking the records a second time would only repeat their CRCs.
                     CommitCheck::Whole { last_seq, .. } => {
                         let first = header.first_seq.get();
