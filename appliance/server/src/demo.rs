@@ -190,6 +190,7 @@ fn run_in(options: &DemoOptions, data_dir: &std::path::Path) -> Result<DemoRepor
         data_dir: data_dir.join("journal"),
         shards: Some(options.shards),
         cpus: if options.pin { None } else { Some(Vec::new()) },
+        spin_before_park_us: 0,
         listen: ListenConfig {
             service: "127.0.0.1:0".parse().expect("static address"),
             shard_ports: Vec::new(),

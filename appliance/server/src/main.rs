@@ -246,6 +246,7 @@ fn issue_loop(args: IssueLoopArgs) -> Result<(), String> {
         tax_servers: vec![hsm_driver::route::Route::tcp(args.hsm)],
         taxpayer_routes: Default::default(),
         hsm: TcpClientConfig::default().into(),
+        spin_before_park: std::time::Duration::ZERO,
     };
     let shard = ShardHandle::spawn(config).map_err(|e| e.to_string())?;
     let mut stdout = std::io::stdout().lock();

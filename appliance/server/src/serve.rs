@@ -101,6 +101,7 @@ impl Appliance {
                 tax_servers: tax_servers.clone(),
                 taxpayer_routes: taxpayer_routes.clone(),
                 hsm,
+                spin_before_park: Duration::from_micros(config.spin_before_park_us),
             })
             .collect();
         let quic = crate::quic::per_shard(sockets, server_config, authorisation);

@@ -67,6 +67,8 @@ pub struct ShardConfig {
     pub taxpayer_routes: HashMap<TaxpayerId, usize>,
     /// Tax-server client settings (both transports).
     pub hsm: HsmClientConfig,
+    /// How long the executor polls for work before it sleeps (zero: sleeps at once).
+    pub spin_before_park: Duration,
 }
 
 /// Why a request got no invoice.
@@ -271,9 +273,13 @@ impl ShardHandle {
                 .as_mut()
                 .and_then(|q| q.get_mut(shard_id as usize).and_then(Option::take));
             let peers = senders.clone();
-            let join = LocalExecutorBuilder::new(placement)
+            let mut builder = LocalExecutorBuilder::new(placement)
                 .name(&format!("shard-{shard_id}"))
-                .io_memory(IO_MEMORY_BYTES)
+                .io_memory(IO_MEMORY_BYTES);
+            if !config.spin_before_park.is_zero() {
+                builder = builder.spin_before_park(config.spin_before_park);
+            }
+            let join = builder
                 .spawn(move || async move {
                     run(config, rx, ready_tx, shutdown_rx, peers, shard_quic).await
                 })
