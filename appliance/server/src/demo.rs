@@ -245,9 +245,17 @@ fn run_in(options: &DemoOptions, data_dir: &std::path::Path) -> Result<DemoRepor
         let request = ticket_request(sellers[(n % u64::from(options.sellers)) as usize], "D", n);
         per_shard[home_shard(&request, shards) as usize].push(request);
     }
-    let batches: Vec<Vec<IssueRequest>> = per_shard
-        .iter()
-        .flat_map(|requests| requests.chunks(options.batch_requests).map(<[_]>::to_vec))
+    let batches: Vec<(u16, Vec<IssueRequest>)> = per_shard
+        .into_iter()
+        .enumerate()
+        .flat_map(|(shard, requests)| {
+            let mut requests = requests.into_iter();
+            std::iter::from_fn(move || {
+                let batch: Vec<IssueRequest> =
+                    requests.by_ref().take(options.batch_requests).collect();
+                (!batch.is_empty()).then_some((shard as u16, batch))
+            })
+        })
         .collect();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -324,16 +332,18 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Sends every batch with at most `window` in flight; returns the issued invoices
-/// (rebuilt from request + answer) and the per-batch latency histogram (µs).
+/// Sends every batch, as one frame to its home shard, with at most `window` in flight;
+/// returns the issued invoices (rebuilt from request + answer) and the per-batch latency
+/// histogram (µs). Frames are sent as they are (`issue_frame`: no regrouping, no
+/// retries): on loopback any failure is a finding, reported as such.
 async fn issue_batches(
     client: &Client,
-    batches: Vec<Vec<IssueRequest>>,
+    batches: Vec<(u16, Vec<IssueRequest>)>,
     window: usize,
 ) -> Result<(Vec<Invoice>, Histogram<u64>), DemoError> {
     let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(window));
     let mut tasks = tokio::task::JoinSet::new();
-    for batch in batches {
+    for (shard, batch) in batches {
         let permit = semaphore
             .clone()
             .acquire_owned()
@@ -342,7 +352,7 @@ async fn issue_batches(
         let client = client.clone();
         tasks.spawn(async move {
             let sent = Instant::now();
-            let outcomes = client.issue(batch.clone()).await;
+            let outcomes = client.issue_frame(Some(shard), &batch).await;
             drop(permit);
             (batch, outcomes, sent.elapsed())
         });
@@ -353,9 +363,11 @@ async fn issue_batches(
     while let Some(joined) = tasks.join_next().await {
         let (batch, outcomes, took) = joined.map_err(|e| setup(e.to_string()))?;
         latency.saturating_record(took.as_micros() as u64);
+        let outcomes = outcomes
+            .map_err(|e| DemoError::Verify(format!("a batch of {} failed: {e}", batch.len())))?;
         for (request, outcome) in batch.into_iter().zip(outcomes) {
             match outcome {
-                Ok(ItemResult::Issued(issued)) => invoices.push(rebuild(request, &issued)),
+                ItemResult::Issued(issued) => invoices.push(rebuild(request, &issued)),
                 other => {
                     return Err(DemoError::Verify(format!(
                         "order {} not issued: {other:?}",
