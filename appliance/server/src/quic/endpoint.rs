@@ -234,10 +234,6 @@ impl Driver {
         self.drive_all().await;
     }
 
-    async fn send(&self, transmit: &quinn_proto::Transmit, contents: &[u8]) {
-        self.socket.send(transmit, contents).await;
-    }
-
     async fn handle_input(&mut self, input: Input) {
         match input {
             Input::Datagrams(mut batch) => {
@@ -271,7 +267,7 @@ impl Driver {
                         "connection limit reached; refusing"
                     );
                     let transmit = self.endpoint.refuse(incoming, &mut buf);
-                    self.send(&transmit, &buf[..transmit.size]).await;
+                    self.socket.send(&transmit, &buf[..transmit.size]).await;
                 } else {
                     match self.endpoint.accept(incoming, now, &mut buf, None) {
                         Ok((ch, inner)) => {
@@ -290,14 +286,14 @@ impl Driver {
                         Err(e) => {
                             tracing::debug!(cause = %e.cause, "accept failed");
                             if let Some(transmit) = e.response {
-                                self.send(&transmit, &buf[..transmit.size]).await;
+                                self.socket.send(&transmit, &buf[..transmit.size]).await;
                             }
                         }
                     }
                 }
             }
             Some(DatagramEvent::Response(transmit)) => {
-                self.send(&transmit, &buf[..transmit.size]).await;
+                self.socket.send(&transmit, &buf[..transmit.size]).await;
             }
             None => {}
         }
@@ -371,7 +367,7 @@ impl Driver {
             let Some(transmit) = conn.inner.poll_transmit(now, segments, &mut buf) else {
                 break;
             };
-            self.send(&transmit, &buf[..transmit.size]).await;
+            self.socket.send(&transmit, &buf[..transmit.size]).await;
         }
         self.buf = buf;
         let conn = self.conns.get_mut(&ch).expect("present");
