@@ -322,6 +322,7 @@ fn open_loop(
     }
     let handle = rt.handle().clone();
     let in_flight = Arc::new(Semaphore::new(scenario.in_flight_max as usize));
+    let drained = in_flight.clone();
     let generator = state.generator.clone();
     let clients = target.clients.clone();
     let shard_aware = target.shard_aware;
@@ -346,7 +347,6 @@ fn open_loop(
             let sent_ns = clock.now_ns();
             let reply = client.exchange_raw(shard_arg, bytes).await;
             let done_ns = clock.now_ns();
-            drop(permit);
             let _ = tx.send(Completion {
                 intended_ns,
                 sent_ns,
@@ -356,15 +356,21 @@ fn open_loop(
                 slots,
                 reply,
             });
+            // Released after the completion is sent: the end-of-run drain waits for it.
+            drop(permit);
         });
         (invoices, measured)
     };
     // Intended times are computed from k, never from when the previous send happened:
     // falling behind does not move them.
     let intended = move |k: u64| LEAD_NS + (k as f64 * spacing_ns) as u64;
-    match scenario.scheduler {
+    let sent = match scenario.scheduler {
         Scheduler::Thread => {
             let scheduler_cpus = cpus.clone();
+            // The thread reports its count over a oneshot that the runtime awaits: a
+            // current-thread runtime runs the send tasks only while this thread is in
+            // `block_on`, so it must not simply sit in `join`.
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
             let scheduler = std::thread::Builder::new()
                 .name("loadgen-scheduler".into())
                 .spawn(move || {
@@ -394,14 +400,19 @@ fn open_loop(
                         sent.add(invoices, measured);
                         k += 1;
                     }
-                    sent
+                    let _ = done_tx.send(sent);
                 })?;
+            let sent = rt.block_on(done_rx);
             scheduler
                 .join()
-                .map_err(|_| RunError::Config("scheduler thread panicked".into()))
+                .map_err(|_| RunError::Config("scheduler thread panicked".into()))?;
+            sent.map_err(|_| RunError::Config("scheduler thread ended without a count".into()))
         }
-        Scheduler::Runtime => Ok(rt.block_on(async move {
+        Scheduler::Runtime => rt.block_on(async move {
             let handle = tokio::runtime::Handle::current();
+            // µs precision without leaving the runtime's thread (tokio's own timer ticks
+            // in ms); everything already due when the task runs goes out at once.
+            let timer = crate::timer::PreciseTimer::new()?;
             let mut sent = Sent::default();
             let mut k: u64 = 0;
             loop {
@@ -411,9 +422,7 @@ fn open_loop(
                 }
                 let now = clock.now_ns();
                 if intended_ns > now {
-                    // The tokio timer ticks in milliseconds: everything that fell due
-                    // meanwhile goes out on waking, late by up to a tick (counted).
-                    tokio::time::sleep_until(clock.instant(intended_ns).into()).await;
+                    timer.sleep_until(clock.instant(intended_ns)).await?;
                 }
                 let permit = match in_flight.clone().acquire_owned().await {
                     Ok(permit) => permit,
@@ -429,13 +438,20 @@ fn open_loop(
                 sent.add(invoices, measured);
                 k += 1;
                 if k % 64 == 0 {
-                    // Let the sends just spawned (and replies) run on this worker.
+                    // Falling behind, this loop never sleeps: let the sends just spawned
+                    // (and replies) run on this thread.
                     tokio::task::yield_now().await;
                 }
             }
-            sent
-        })),
-    }
+            Ok(sent)
+        }),
+    }?;
+    // Drive the runtime until every request sent has completed (each holds a permit until
+    // its completion is with the collector): a current-thread runtime runs its tasks only
+    // inside `block_on`, and the collector ends only when the last task is done. Bounded
+    // by the exchange timeout.
+    let _all = rt.block_on(drained.acquire_many_owned(scenario.in_flight_max));
+    Ok(sent)
 }
 
 #[allow(clippy::too_many_arguments)]
