@@ -445,6 +445,9 @@ pub enum InventoryScope {
     Taxpayer(Taxpayer),
 }
 
+/// What a TaxCodes batch's limit errors name.
+const TAX_CODES_ITEMS: &str = "tax codes batch items";
+
 /// One canonical-invoice batch in its wire layout (`len u16 + bytes` per item, optionally
 /// followed by a fixed-size suffix), with an offset table. Shared by [`InvoiceBatch`]
 /// and [`UploadBatch`].
@@ -552,6 +555,24 @@ impl RawBatch {
         suffix_len: usize,
         what: &'static str,
     ) -> Result<Self, DecodeError> {
+        let mut starts = Vec::new();
+        let (_, wire) = Self::walk(body, item_max, suffix_len, what, Some(&mut starts))?;
+        Ok(Self {
+            wire: wire.to_vec(),
+            starts,
+        })
+    }
+
+    /// Checks the layout [`RawBatch::decode`] accepts, with the same errors, without
+    /// copying anything; with `starts`, each item's offset in the wire bytes is pushed
+    /// there. Returns the count and the wire bytes (the body after the count).
+    fn walk<'a>(
+        body: &'a [u8],
+        item_max: usize,
+        suffix_len: usize,
+        what: &'static str,
+        mut starts: Option<&mut Vec<u32>>,
+    ) -> Result<(usize, &'a [u8]), DecodeError> {
         let mut r = Reader::new(body);
         let count = r.u32("batch count")? as usize;
         if count > item_max {
@@ -561,8 +582,10 @@ impl RawBatch {
                 max: item_max as u64,
             });
         }
+        if let Some(starts) = starts.as_deref_mut() {
+            starts.reserve_exact(count);
+        }
         let wire = r.rest();
-        let mut starts = Vec::with_capacity(count);
         let mut pos = 0usize;
         for _ in 0..count {
             let len_bytes = wire
@@ -587,16 +610,15 @@ impl RawBatch {
                 value: pos as u64,
                 max: u32::MAX as u64,
             })?;
-            starts.push(start);
+            if let Some(starts) = starts.as_deref_mut() {
+                starts.push(start);
+            }
             pos = end;
         }
         if pos != wire.len() {
             return Err(DecodeError::TrailingBytes(wire.len() - pos));
         }
-        Ok(Self {
-            wire: wire.to_vec(),
-            starts,
-        })
+        Ok((count, wire))
     }
 }
 
@@ -615,6 +637,22 @@ impl<'a> RawIter<'a> {
             remaining: raw.starts.len(),
             suffix_len,
         }
+    }
+}
+
+impl<'a> Invoices<'a> {
+    /// Checks a `TaxCodes` request body exactly as [`Request::decode`] does (same
+    /// errors) and iterates its invoices in place: no copy of the body and no offset
+    /// table. The emulator's hot path uses it instead of building an [`InvoiceBatch`].
+    pub fn decode(body: &'a [u8]) -> Result<Self, DecodeError> {
+        let (count, wire) = RawBatch::walk(body, TAX_CODES_BATCH_MAX, 0, TAX_CODES_ITEMS, None)?;
+        Ok(Self {
+            raw: RawIter {
+                wire,
+                remaining: count,
+                suffix_len: 0,
+            },
+        })
     }
 }
 
@@ -713,7 +751,7 @@ impl InvoiceBatch {
     /// would exceed [`FRAME_BODY_BYTES_MAX`].
     pub fn push(&mut self, canonical: &[u8]) -> Result<(), EncodeError> {
         self.raw
-            .push(TAX_CODES_BATCH_MAX, canonical, &[], "tax codes batch items")
+            .push(TAX_CODES_BATCH_MAX, canonical, &[], TAX_CODES_ITEMS)
     }
 
     /// Appends one invoice written in place by `write` (which appends its canonical bytes
@@ -721,7 +759,7 @@ impl InvoiceBatch {
     /// batch is unchanged.
     pub fn push_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) -> Result<(), EncodeError> {
         self.raw
-            .push_with(TAX_CODES_BATCH_MAX, "tax codes batch items", write)
+            .push_with(TAX_CODES_BATCH_MAX, TAX_CODES_ITEMS, write)
     }
 
     /// Number of invoices.
@@ -981,6 +1019,38 @@ pub enum Request {
     SetFaults(FaultConfig),
 }
 
+/// A request body as two borrowed pieces whose concatenation is exactly what
+/// [`Request::encode_body`] appends: a short head (a batch's item count, or nothing) and
+/// the bulk, already in wire layout ([`Request::body_parts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyParts<'a> {
+    head: [u8; 4],
+    head_len: usize,
+    bulk: &'a [u8],
+}
+
+impl<'a> BodyParts<'a> {
+    /// The head (0 or 4 bytes).
+    pub fn head(&self) -> &[u8] {
+        &self.head[..self.head_len]
+    }
+
+    /// The bulk bytes after the head.
+    pub fn bulk(&self) -> &'a [u8] {
+        self.bulk
+    }
+
+    /// Body bytes in all.
+    pub fn len(&self) -> usize {
+        self.head_len + self.bulk.len()
+    }
+
+    /// Whether the body is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A successful answer of the tax server.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
@@ -1221,6 +1291,36 @@ impl Request {
         Ok(())
     }
 
+    /// The body of the bulk commands (TaxCodes, Upload, Nop) as [`BodyParts`] borrowed
+    /// from the request, checked as [`Request::encode_body`] checks it; `Ok(None)` for
+    /// the other commands, whose bodies are small (encode those). A transport copies the
+    /// parts straight to their destination (the PCIe data area) instead of encoding a
+    /// ~1 MB batch into a buffer and copying that again.
+    pub fn body_parts(&self) -> Result<Option<BodyParts<'_>>, EncodeError> {
+        fn batch(raw: &RawBatch) -> BodyParts<'_> {
+            // Pushes keep the count within the batch maxima, far below u32::MAX.
+            let count = (raw.starts.len() as u32).to_le_bytes();
+            BodyParts {
+                head: count,
+                head_len: count.len(),
+                bulk: &raw.wire,
+            }
+        }
+        Ok(match self {
+            Request::TaxCodes(b) => Some(batch(&b.raw)),
+            Request::Upload(b) => Some(batch(&b.raw)),
+            Request::Nop(bytes) => {
+                limit("nop bytes", bytes.len(), NOP_BYTES_MAX)?;
+                Some(BodyParts {
+                    head: [0; 4],
+                    head_len: 0,
+                    bulk: bytes,
+                })
+            }
+            _ => None,
+        })
+    }
+
     /// Decodes a request body for `opcode` (the header's opcode byte).
     pub fn decode(opcode: u8, body: &[u8]) -> Result<Request, DecodeError> {
         if opcode & RESPONSE_FLAG != 0 {
@@ -1231,7 +1331,7 @@ impl Request {
         match op {
             Opcode::TaxCodes => {
                 return Ok(Request::TaxCodes(InvoiceBatch {
-                    raw: RawBatch::decode(body, TAX_CODES_BATCH_MAX, 0, "tax codes batch items")?,
+                    raw: RawBatch::decode(body, TAX_CODES_BATCH_MAX, 0, TAX_CODES_ITEMS)?,
                 }))
             }
             Opcode::Upload => {
@@ -1964,6 +2064,72 @@ mod tests {
             assert_eq!(frame.header.opcode, req.opcode() as u8);
             let back = Request::decode(frame.header.opcode, frame.body).expect("decode");
             assert_eq!(back, req);
+        }
+    }
+
+    /// The borrowed parts a transport copies are byte for byte the encoded body.
+    #[test]
+    fn body_parts_concatenate_to_the_encoded_body() {
+        let mut bulk = 0;
+        for req in sample_requests() {
+            let mut encoded = Vec::new();
+            req.encode_body(&mut encoded).expect("encode");
+            match req.body_parts().expect("parts") {
+                Some(parts) => {
+                    bulk += 1;
+                    assert_eq!([parts.head(), parts.bulk()].concat(), encoded, "{req:?}");
+                    assert_eq!(parts.len(), encoded.len());
+                    assert_eq!(parts.is_empty(), encoded.is_empty());
+                }
+                None => assert!(!matches!(
+                    req,
+                    Request::TaxCodes(_) | Request::Upload(_) | Request::Nop(_)
+                )),
+            }
+        }
+        assert_eq!(bulk, 5);
+    }
+
+    /// The in-place TaxCodes decoder accepts and refuses exactly what `Request::decode`
+    /// does, with the same errors, and yields the same invoices.
+    #[test]
+    fn in_place_tax_codes_decode_matches_request_decode() {
+        let op = Opcode::TaxCodes.request_byte();
+        let mut bodies = Vec::new();
+        for n in [0, 1, 17] {
+            let mut b = Vec::new();
+            Request::TaxCodes(sample_batch(n))
+                .encode_body(&mut b)
+                .expect("encode");
+            bodies.push(b);
+        }
+        let good = bodies[2].clone();
+        // Every truncation, trailing bytes, a lying count, an oversized count and item.
+        for cut in 0..good.len() {
+            bodies.push(good[..cut].to_vec());
+        }
+        bodies.push([good.as_slice(), &[0]].concat());
+        let mut lying = good.clone();
+        lying[..4].copy_from_slice(&18u32.to_le_bytes());
+        bodies.push(lying);
+        let mut lying = good.clone();
+        lying[..4].copy_from_slice(&16u32.to_le_bytes());
+        bodies.push(lying);
+        let mut huge = good.clone();
+        huge[..4].copy_from_slice(&(TAX_CODES_BATCH_MAX as u32 + 1).to_le_bytes());
+        bodies.push(huge);
+        let mut long_item = good.clone();
+        long_item[4..6].copy_from_slice(&u16::MAX.to_le_bytes());
+        bodies.push(long_item);
+        for body in bodies {
+            match (Request::decode(op, &body), Invoices::decode(&body)) {
+                (Ok(Request::TaxCodes(batch)), Ok(items)) => {
+                    assert_eq!(items.len(), batch.len());
+                    assert!(items.eq(batch.iter()));
+                }
+                (Err(a), Err(b)) => assert_eq!(a, b),
+                (a, b) => panic!("decoders disagree: {a:?} / {:?}", b.map(|i| i.len())),
+            }
         }
     }
 

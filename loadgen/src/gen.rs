@@ -11,8 +11,7 @@ use std::collections::VecDeque;
 
 use appliance_core::money::tax_fen;
 use appliance_core::{InvoiceKind, IssueRequest, LineItem, RedReference, TaxRate, TaxpayerId};
-use appliance_proto::frame::{begin_frame, finish_frame};
-use appliance_proto::{encode_request, FrameKind, Issued};
+use appliance_proto::{encode_request, FrameKind, Header, Issued, HEADER_BYTES};
 use crossbeam_channel::Receiver;
 
 use crate::scenario::Mix;
@@ -75,6 +74,16 @@ const STATIONS: [&str; 8] = [
     "成都东",
 ];
 
+/// One shard's frame under construction: requests are encoded as they are generated.
+#[derive(Default)]
+struct Bucket {
+    /// Header (filled in when the frame is taken) and the encoded requests.
+    bytes: Vec<u8>,
+    slots: Vec<Slot>,
+    /// Size of this shard's previous frame: the next one's allocation, made once.
+    last_bytes: usize,
+}
+
 /// Builds requests and frames.
 pub struct Generator {
     sellers: Vec<TaxpayerId>,
@@ -89,9 +98,34 @@ pub struct Generator {
     retry_next: usize,
     red_pool: VecDeque<Feedback>,
     feedback: Option<Receiver<Feedback>>,
-    buckets: Vec<Vec<(IssueRequest, Slot)>>,
+    buckets: Vec<Bucket>,
+    /// The request being generated, rebuilt in place for every request so that its
+    /// strings and lines keep their allocations (a fresh `IssueRequest` per invoice was
+    /// five allocations and four `format!`s, the largest part of loadgen's CPU per
+    /// invoice in bulk).
+    scratch: IssueRequest,
     /// Requests put into frames, per kind: fresh, retry, red.
     pub generated: [u64; 3],
+}
+
+/// Appends `value` in decimal, zero-padded to at least `width` digits (as `{:0width$}`),
+/// without the formatting machinery.
+fn push_decimal(out: &mut String, mut value: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        // `value % 10` < 10: the cast cannot truncate.
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    let start = at.min(digits.len().saturating_sub(width));
+    // ASCII digits are UTF-8: one push_str, not a char-by-char push (which encodes each
+    // char and checks capacity, a measurable share of the bulk generator).
+    out.push_str(std::str::from_utf8(&digits[start..]).unwrap_or_default());
 }
 
 impl Generator {
@@ -108,6 +142,7 @@ impl Generator {
     ) -> Generator {
         assert!(!sellers.is_empty() && shard_count > 0 && per_frame > 0);
         let rate = TaxRate::from_bp(mix.tax_rate_bp).expect("scenario validated the rate");
+        let scratch = Self::empty_request(sellers[0], rate);
         Generator {
             sellers,
             prefix,
@@ -121,8 +156,26 @@ impl Generator {
             retry_next: 0,
             red_pool: VecDeque::new(),
             feedback,
-            buckets: (0..shard_count).map(|_| Vec::new()).collect(),
+            buckets: (0..shard_count).map(|_| Bucket::default()).collect(),
+            scratch,
             generated: [0; 3],
+        }
+    }
+
+    /// A request with empty strings and no lines (allocates nothing), to be filled in.
+    fn empty_request(seller: TaxpayerId, rate: TaxRate) -> IssueRequest {
+        IssueRequest {
+            seller,
+            order_id: String::new(),
+            buyer_name: String::new(),
+            buyer_taxpayer: None,
+            lines: Vec::new(),
+            tax_rate: rate,
+            issuer_ref: String::new(),
+            amount_fen: 0,
+            tax_fen: 0,
+            total_fen: 0,
+            kind: InvoiceKind::Blue,
         }
     }
 
@@ -138,45 +191,74 @@ impl Generator {
 
     /// The order id of blue order `n`.
     pub fn order_id(&self, n: u64) -> String {
-        format!("{}{n:012}", self.prefix)
+        let mut id = String::with_capacity(self.prefix.len() + 12);
+        self.push_order_id(&mut id, n);
+        id
+    }
+
+    fn push_order_id(&self, out: &mut String, n: u64) {
+        out.push_str(&self.prefix);
+        push_decimal(out, n, 12);
     }
 
     /// Blue order `n`: deterministic in `n`.
     pub fn blue(&self, n: u64) -> IssueRequest {
+        let mut request = Self::empty_request(self.sellers[0], self.rate);
+        self.fill_blue(n, &mut request);
+        request
+    }
+
+    /// Makes `r` blue order `n`, reusing its strings' and lines' allocations.
+    fn fill_blue(&self, n: u64, r: &mut IssueRequest) {
         let h = mix64(n);
-        let seller = self.sellers[(n % self.sellers.len() as u64) as usize];
         let span = u64::from(self.mix.lines_max - self.mix.lines_min) + 1;
-        let lines_count = self.mix.lines_min as u64 + h % span;
+        let lines_count = (self.mix.lines_min as u64 + h % span) as usize;
         let price_span = (self.mix.price_max_fen - self.mix.price_min_fen) as u64 + 1;
         let train = 1 + (h >> 8) % 9_000;
-        let mut lines = Vec::with_capacity(lines_count as usize);
+        r.lines.truncate(lines_count);
+        while r.lines.len() < lines_count {
+            r.lines.push(LineItem {
+                name: String::new(),
+                quantity: 1,
+                unit_price_fen: 0,
+            });
+        }
         let mut amount: i64 = 0;
-        for l in 0..lines_count {
-            let hl = mix64(h ^ l);
+        for (l, line) in r.lines.iter_mut().enumerate() {
+            let hl = mix64(h ^ l as u64);
             let from = STATIONS[(hl % 8) as usize];
             let to = STATIONS[((hl >> 3) % 8) as usize];
             let unit_price_fen = self.mix.price_min_fen + ((hl >> 16) % price_span) as i64;
             amount += unit_price_fen;
-            lines.push(LineItem {
-                name: format!("铁路客票 G{train} {from}-{to}"),
-                quantity: 1,
-                unit_price_fen,
-            });
+            // "铁路客票 G{train} {from}-{to}"
+            line.name.clear();
+            line.name.push_str("铁路客票 G");
+            push_decimal(&mut line.name, train, 0);
+            line.name.push(' ');
+            line.name.push_str(from);
+            line.name.push('-');
+            line.name.push_str(to);
+            line.quantity = 1;
+            line.unit_price_fen = unit_price_fen;
         }
         let tax = tax_fen(amount, self.rate);
-        IssueRequest {
-            seller,
-            order_id: self.order_id(n),
-            buyer_name: format!("旅客{}", h % 100_000),
-            buyer_taxpayer: None,
-            lines,
-            tax_rate: self.rate,
-            issuer_ref: format!("G{train}"),
-            amount_fen: amount,
-            tax_fen: tax,
-            total_fen: amount + tax,
-            kind: InvoiceKind::Blue,
-        }
+        r.seller = self.sellers[(n % self.sellers.len() as u64) as usize];
+        r.order_id.clear();
+        self.push_order_id(&mut r.order_id, n);
+        // "旅客{h % 100_000}"
+        r.buyer_name.clear();
+        r.buyer_name.push_str("旅客");
+        push_decimal(&mut r.buyer_name, h % 100_000, 0);
+        r.buyer_taxpayer = None;
+        r.tax_rate = self.rate;
+        // "G{train}"
+        r.issuer_ref.clear();
+        r.issuer_ref.push('G');
+        push_decimal(&mut r.issuer_ref, train, 0);
+        r.amount_fen = amount;
+        r.tax_fen = tax;
+        r.total_fen = amount + tax;
+        r.kind = InvoiceKind::Blue;
     }
 
     /// The red invoice offsetting blue order `n` (issued as `original`) in full.
@@ -234,74 +316,92 @@ impl Generator {
         }
     }
 
-    /// The next request and its slot.
-    pub fn next_request(&mut self) -> (IssueRequest, Slot) {
+    /// Makes `r` the next request; returns its slot.
+    fn next_request_into(&mut self, r: &mut IssueRequest) -> Slot {
         self.drain_feedback();
         if !self.retry_pool.is_empty() && self.chance(self.mix.retry_share) {
             let pick = (self.random() % self.retry_pool.len() as u64) as usize;
             let (n, issued) = self.retry_pool[pick];
-            return (
-                self.blue(n),
-                Slot {
-                    order: n,
-                    expect: Expect::Retry(issued),
-                },
-            );
+            self.fill_blue(n, r);
+            return Slot {
+                order: n,
+                expect: Expect::Retry(issued),
+            };
         }
         if !self.red_pool.is_empty() && self.chance(self.mix.red_share) {
             // Each original is offset once: taken out of the pool for good.
             let (n, issued) = self.red_pool.pop_front().expect("not empty");
-            return (
-                self.red(n, &issued),
-                Slot {
-                    order: n,
-                    expect: Expect::Red,
-                },
-            );
+            // Red invoices are a small share: built afresh (allocations and all).
+            *r = self.red(n, &issued);
+            return Slot {
+                order: n,
+                expect: Expect::Red,
+            };
         }
         let n = self.next_order;
         self.next_order += 1;
-        (
-            self.blue(n),
-            Slot {
-                order: n,
-                expect: Expect::Fresh,
-            },
-        )
+        self.fill_blue(n, r);
+        Slot {
+            order: n,
+            expect: Expect::Fresh,
+        }
+    }
+
+    /// The next request and its slot.
+    pub fn next_request(&mut self) -> (IssueRequest, Slot) {
+        let mut request = Self::empty_request(self.sellers[0], self.rate);
+        let slot = self.next_request_into(&mut request);
+        (request, slot)
     }
 
     /// The next frame: `per_frame` requests that share a home shard.
     pub fn next_frame(&mut self) -> Frame {
         let shard = loop {
-            if let Some(full) = self.buckets.iter().position(|b| b.len() >= self.per_frame) {
+            if let Some(full) = self
+                .buckets
+                .iter()
+                .position(|b| b.slots.len() >= self.per_frame)
+            {
                 break full;
             }
-            let (request, slot) = self.next_request();
+            // The scratch request is taken out while `self` fills it, and put back.
+            let mut request = std::mem::replace(
+                &mut self.scratch,
+                Self::empty_request(self.sellers[0], self.rate),
+            );
+            let slot = self.next_request_into(&mut request);
             let home = if self.shard_count == 1 {
                 0
             } else {
                 appliance_proto::home_shard(&request, u32::from(self.shard_count)) as usize
             };
-            self.buckets[home].push((request, slot));
-        };
-        let bucket = std::mem::take(&mut self.buckets[shard]);
-        let mut bytes = Vec::with_capacity(16 + 192 * bucket.len());
-        let at = begin_frame(&mut bytes, FrameKind::Issue, bucket.len() as u32);
-        let mut slots = Vec::with_capacity(bucket.len());
-        for (request, slot) in &bucket {
-            encode_request(&mut bytes, request);
-            slots.push(*slot);
+            let bucket = &mut self.buckets[home];
+            if bucket.slots.is_empty() {
+                let hint = bucket.last_bytes.max(HEADER_BYTES + 192 * self.per_frame);
+                bucket.bytes = Vec::with_capacity(hint);
+                bucket.slots = Vec::with_capacity(self.per_frame);
+                // The header is written when the frame is taken, its count known.
+                bucket.bytes.resize(HEADER_BYTES, 0);
+            }
+            encode_request(&mut bucket.bytes, &request);
+            bucket.slots.push(slot);
             self.generated[match slot.expect {
                 Expect::Fresh => 0,
                 Expect::Retry(_) => 1,
                 Expect::Red => 2,
             }] += 1;
-        }
-        finish_frame(&mut bytes, at);
-        // Keep the bucket's allocation for the next frame of this shard.
-        let mut bucket = bucket;
-        bucket.clear();
-        self.buckets[shard] = bucket;
+            self.scratch = request;
+        };
+        let bucket = &mut self.buckets[shard];
+        let mut bytes = std::mem::take(&mut bucket.bytes);
+        let slots = std::mem::take(&mut bucket.slots);
+        bucket.last_bytes = bytes.len();
+        let header = Header {
+            kind: FrameKind::Issue,
+            count: slots.len() as u32,
+            body_bytes: (bytes.len() - HEADER_BYTES) as u32,
+        };
+        bytes[..HEADER_BYTES].copy_from_slice(&header.encode());
         Frame {
             shard: shard as u16,
             bytes,

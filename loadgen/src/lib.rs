@@ -21,6 +21,7 @@ pub mod run;
 pub mod scenario;
 pub mod sweep;
 pub mod testserver;
+pub mod timer;
 pub mod verify;
 
 use std::time::Instant;
@@ -128,11 +129,26 @@ impl CpuPicker {
     }
 }
 
-/// A tokio runtime with `threads` workers, each pinned by `cpus`.
+/// The runtime loadgen sends from. One thread: a current-thread runtime, driven by the
+/// thread that calls `block_on` (pinned here to the picker's next CPU), so that quinn's
+/// endpoint and connection drivers, the scheduler and every request task share that one
+/// thread and hand work to each other without a futex wake-up or a context switch (with
+/// a multi-thread runtime of one worker, half of loadgen's CPU per request went to
+/// those). More threads: a multi-thread runtime with `threads` workers, each pinned by
+/// `cpus`.
+///
+/// A current-thread runtime runs tasks only inside `block_on`: everything in [`run`]
+/// drives it that way while a run is on.
 pub fn runtime(threads: usize, cpus: &CpuPicker) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads <= 1 {
+        cpus.pin_next();
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
     let picker = cpus.clone();
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
+        .worker_threads(threads)
         .enable_all()
         .on_thread_start(move || picker.pin_next())
         .build()

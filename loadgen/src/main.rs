@@ -117,13 +117,16 @@ struct Flags {
     /// CPUs to pin loadgen's threads to, e.g. 0,1.
     #[arg(long, value_delimiter = ',')]
     cpus: Option<Vec<usize>>,
-    /// Open loop: scheduler on its own thread (µs precision) or a runtime task (ms ticks,
-    /// cheapest at high request rates on one core).
+    /// Open loop: scheduler as a runtime task (default: no thread hand-off per request,
+    /// wakes at most every 100 µs) or on its own thread (a wake-up per request).
     #[arg(long, value_enum)]
     scheduler: Option<loadgen::scenario::Scheduler>,
     /// Open loop: most requests in flight.
     #[arg(long)]
     in_flight_max: Option<u32>,
+    /// Open loop: most invoices in flight (never below the streams in use).
+    #[arg(long)]
+    in_flight_invoices_max: Option<u32>,
     /// Reply timeout, ms.
     #[arg(long)]
     timeout_ms: Option<u64>,
@@ -215,6 +218,7 @@ impl Flags {
         set!(self.cpus => s.cpus);
         set!(self.scheduler => s.scheduler);
         set!(self.in_flight_max => s.in_flight_max);
+        set!(self.in_flight_invoices_max => s.in_flight_invoices_max);
         set!(self.timeout_ms => s.timeout_ms);
         if let Some(v) = &self.order_prefix {
             s.order_prefix = Some(v.clone());

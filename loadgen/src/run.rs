@@ -153,6 +153,14 @@ pub struct RunOutput {
     pub collected: Collected,
 }
 
+/// Shortest time between two wake-ups of the runtime scheduler. Arming a timer is a
+/// costly syscall on a VM (the hrtimer reprogramming traps to the hypervisor: a fifth of
+/// loadgen's CPU at 100,000 requests/s when it woke for every request), so at high rates
+/// requests due within this spacing go out together, up to this late (the lateness is
+/// in the send-lag histogram and, open loop, in the latency). At rates below one request
+/// per spacing every request still gets its own, precise wake-up.
+const SLEEP_SPACING_NS: u64 = 100_000;
+
 /// Head start before the first intended send: connections are up, threads started.
 const LEAD_NS: u64 = 20_000_000;
 
@@ -302,6 +310,26 @@ impl Sent {
     }
 }
 
+/// The open loop's cap on requests in flight: `in_flight_max`, and
+/// `in_flight_invoices_max` in whole requests but never below the streams that could be
+/// in use at once (so the invoice cap never throttles the exchanges themselves).
+fn in_flight_requests_max(scenario: &Scenario, shard_count: u16) -> u32 {
+    let streams = u64::from(scenario.connections)
+        * u64::from(scenario.streams)
+        * if scenario.shard_aware {
+            u64::from(shard_count)
+        } else {
+            1
+        };
+    let by_invoices = u64::from(scenario.in_flight_invoices_max)
+        .div_ceil(u64::from(scenario.invoices_per_request.max(1)))
+        .max(streams);
+    u64::from(scenario.in_flight_max)
+        .min(by_invoices)
+        .try_into()
+        .unwrap_or(u32::MAX)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn open_loop(
     rt: &tokio::runtime::Runtime,
@@ -321,7 +349,9 @@ fn open_loop(
         return Err(RunError::Config(format!("rate {rate} too high")));
     }
     let handle = rt.handle().clone();
-    let in_flight = Arc::new(Semaphore::new(scenario.in_flight_max as usize));
+    let in_flight_max = in_flight_requests_max(scenario, target.shard_count);
+    let in_flight = Arc::new(Semaphore::new(in_flight_max as usize));
+    let drained = in_flight.clone();
     let generator = state.generator.clone();
     let clients = target.clients.clone();
     let shard_aware = target.shard_aware;
@@ -346,7 +376,6 @@ fn open_loop(
             let sent_ns = clock.now_ns();
             let reply = client.exchange_raw(shard_arg, bytes).await;
             let done_ns = clock.now_ns();
-            drop(permit);
             let _ = tx.send(Completion {
                 intended_ns,
                 sent_ns,
@@ -356,15 +385,21 @@ fn open_loop(
                 slots,
                 reply,
             });
+            // Released after the completion is sent: the end-of-run drain waits for it.
+            drop(permit);
         });
         (invoices, measured)
     };
     // Intended times are computed from k, never from when the previous send happened:
     // falling behind does not move them.
     let intended = move |k: u64| LEAD_NS + (k as f64 * spacing_ns) as u64;
-    match scenario.scheduler {
+    let sent = match scenario.scheduler {
         Scheduler::Thread => {
             let scheduler_cpus = cpus.clone();
+            // The thread reports its count over a oneshot that the runtime awaits: a
+            // current-thread runtime runs the send tasks only while this thread is in
+            // `block_on`, so it must not simply sit in `join`.
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
             let scheduler = std::thread::Builder::new()
                 .name("loadgen-scheduler".into())
                 .spawn(move || {
@@ -394,16 +429,23 @@ fn open_loop(
                         sent.add(invoices, measured);
                         k += 1;
                     }
-                    sent
+                    let _ = done_tx.send(sent);
                 })?;
+            let sent = rt.block_on(done_rx);
             scheduler
                 .join()
-                .map_err(|_| RunError::Config("scheduler thread panicked".into()))
+                .map_err(|_| RunError::Config("scheduler thread panicked".into()))?;
+            sent.map_err(|_| RunError::Config("scheduler thread ended without a count".into()))
         }
-        Scheduler::Runtime => Ok(rt.block_on(async move {
+        Scheduler::Runtime => rt.block_on(async move {
             let handle = tokio::runtime::Handle::current();
+            // µs precision without leaving the runtime's thread (tokio's own timer ticks
+            // in ms); everything already due when the task runs goes out at once.
+            let timer = crate::timer::PreciseTimer::new()?;
             let mut sent = Sent::default();
             let mut k: u64 = 0;
+            // End of the last sleep: the next may not end before it + SLEEP_SPACING_NS.
+            let mut woke_ns: u64 = 0;
             loop {
                 let intended_ns = intended(k);
                 if intended_ns >= end_ns {
@@ -411,9 +453,9 @@ fn open_loop(
                 }
                 let now = clock.now_ns();
                 if intended_ns > now {
-                    // The tokio timer ticks in milliseconds: everything that fell due
-                    // meanwhile goes out on waking, late by up to a tick (counted).
-                    tokio::time::sleep_until(clock.instant(intended_ns).into()).await;
+                    let wake_ns = intended_ns.max(woke_ns + SLEEP_SPACING_NS);
+                    timer.sleep_until(clock.instant(wake_ns)).await?;
+                    woke_ns = wake_ns;
                 }
                 let permit = match in_flight.clone().acquire_owned().await {
                     Ok(permit) => permit,
@@ -429,13 +471,20 @@ fn open_loop(
                 sent.add(invoices, measured);
                 k += 1;
                 if k % 64 == 0 {
-                    // Let the sends just spawned (and replies) run on this worker.
+                    // Falling behind, this loop never sleeps: let the sends just spawned
+                    // (and replies) run on this thread.
                     tokio::task::yield_now().await;
                 }
             }
-            sent
-        })),
-    }
+            Ok(sent)
+        }),
+    }?;
+    // Drive the runtime until every request sent has completed (each holds a permit until
+    // its completion is with the collector): a current-thread runtime runs its tasks only
+    // inside `block_on`, and the collector ends only when the last task is done. Bounded
+    // by the exchange timeout.
+    let _all = rt.block_on(drained.acquire_many_owned(in_flight_max));
+    Ok(sent)
 }
 
 #[allow(clippy::too_many_arguments)]

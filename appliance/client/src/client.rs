@@ -10,6 +10,7 @@ use appliance_proto::{
     decode_error, decode_results, encode_hello_frame, encode_request, split_frame, FrameKind,
     Header, HelloReply, ItemResult, BATCH_REQUESTS_MAX, FRAME_BYTES_MAX, HEADER_BYTES,
 };
+use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use crate::config::ClientConfig;
@@ -169,15 +170,17 @@ impl Link {
 }
 
 /// One exchange on one new stream: write the frame, finish, read the reply to its end.
+/// The frame is handed to quinn as an owned chunk: no copy into its send buffer (a bulk
+/// frame is ~200 KB).
 async fn stream_exchange(
     connection: &quinn::Connection,
-    frame: &[u8],
+    frame: Bytes,
 ) -> Result<Vec<u8>, ClientError> {
     let (mut send, mut recv) = connection
         .open_bi()
         .await
         .map_err(|e| connection_error(&e))?;
-    match send.write_all(frame).await {
+    match send.write_chunk(frame).await {
         // `finish` fails only if the stream was already stopped; the read below tells why.
         Ok(()) => drop(send.finish()),
         // A server refusing a frame early (too large) stops our side and still answers
@@ -232,7 +235,8 @@ async fn hello_on(
 ) -> Result<HelloReply, ClientError> {
     let mut frame = Vec::with_capacity(HEADER_BYTES);
     encode_hello_frame(&mut frame);
-    let reply = match tokio::time::timeout(timeout, stream_exchange(connection, &frame)).await {
+    let reply = match tokio::time::timeout(timeout, stream_exchange(connection, frame.into())).await
+    {
         Err(_) => return Err(ClientError::Timeout(timeout)),
         // TLS failures surface here when the server refuses our certificate after our side
         // of the handshake completed (TLS 1.3 client auth): keep them typed as Tls.
@@ -421,7 +425,7 @@ impl Client {
     }
 
     /// One exchange on `link`, bounded by the link's stream permits and the timeout.
-    async fn exchange_on(&self, link: &Link, frame: &[u8]) -> Result<Vec<u8>, ClientError> {
+    async fn exchange_on(&self, link: &Link, frame: Bytes) -> Result<Vec<u8>, ClientError> {
         // The permit wait is outside the timeout: it is our own queue, not the server's.
         let _permit = link
             .permits
@@ -446,7 +450,7 @@ impl Client {
         frame: Vec<u8>,
     ) -> Result<Vec<u8>, ClientError> {
         let link = self.link(shard)?;
-        self.exchange_on(link, &frame).await
+        self.exchange_on(link, frame.into()).await
     }
 
     /// Sends `requests` as one issue frame to shard `shard` (as in
@@ -464,7 +468,7 @@ impl Client {
         let link = self.link(shard)?;
         let mut frame = Vec::with_capacity(HEADER_BYTES + 256 * requests.len());
         appliance_proto::encode_issue_frame(&mut frame, requests);
-        let reply = self.exchange_on(link, &frame).await?;
+        let reply = self.exchange_on(link, frame.into()).await?;
         decode_issue_reply(&reply, requests.len())
     }
 
@@ -543,7 +547,8 @@ impl Client {
         let retry = self.inner.config.retry;
         let mut done = Vec::with_capacity(plan.indices.len());
         let mut pending = plan.indices;
-        let mut frame = plan.frame;
+        // Bytes: each attempt hands quinn the same buffer (a reference count, no copy).
+        let mut frame = Bytes::from(plan.frame);
         let link = match self.link(Some(plan.shard)) {
             Ok(link) => link.clone(),
             Err(e) => return pending.into_iter().map(|i| (i, Err(e.clone()))).collect(),
@@ -551,7 +556,7 @@ impl Client {
         let mut attempt = 1;
         loop {
             let last = attempt >= retry.attempts_max;
-            let result = match self.exchange_on(&link, &frame).await {
+            let result = match self.exchange_on(&link, frame.clone()).await {
                 Ok(reply) => decode_issue_reply(&reply, pending.len()),
                 Err(e) => Err(e),
             };
@@ -581,16 +586,17 @@ impl Client {
             tokio::time::sleep(retry.backoff(attempt)).await;
             attempt += 1;
             // The same requests, re-encoded: only the frame's composition may shrink.
-            frame = Vec::with_capacity(frame.len());
+            let mut next = Vec::with_capacity(frame.len());
             let at = appliance_proto::frame::begin_frame(
-                &mut frame,
+                &mut next,
                 FrameKind::Issue,
                 again.len() as u32,
             );
             for &index in &again {
-                encode_request(&mut frame, &requests[index]);
+                encode_request(&mut next, &requests[index]);
             }
-            appliance_proto::frame::finish_frame(&mut frame, at);
+            appliance_proto::frame::finish_frame(&mut next, at);
+            frame = next.into();
             pending = again;
         }
     }

@@ -25,7 +25,7 @@ use zerocopy::FromBytes;
 
 use super::server::{ServeError, JOBS_PER_THREAD};
 use super::{lock, Emulator, PcieSettings};
-use crate::pcie::device::{Corruption, DeviceCq, DeviceSq, Fetched};
+use crate::pcie::device::{self, Corruption, DeviceCq, DeviceSq, Fetched};
 use crate::pcie::mem::{DeviceMemory, FileMapping, MemRegion};
 use crate::pcie::regs::{
     plan_layout, queue_reg, CompletionEntry, QueueGeometry, SubmissionError, ValidSubmission,
@@ -96,13 +96,14 @@ struct Dev {
     firmware_thread: std::sync::OnceLock<thread::Thread>,
 }
 
-/// One command on its way to a worker.
+/// One command on its way to a worker: only its descriptor. The request body stays in
+/// the data area until the thread that runs the command copies it out (so the firmware
+/// thread never spends its time copying a large batch).
 struct Job {
     queue: usize,
     epoch: u64,
     sub: ValidSubmission,
     sq_head: u32,
-    body: Vec<u8>,
 }
 
 /// A running PCIe device.
@@ -450,6 +451,8 @@ fn firmware(dev: &Dev, tx: &Sender<Job>, generation: u32) {
     let _ = dev.firmware_thread.set(thread::current());
     let mut last_posted = 0u64;
     let mut spin_until = Instant::now();
+    // The inline commands' request copy and response frame, reused.
+    let mut scratch = Scratch::default();
     while !dev.shutdown.load(Ordering::Acquire) {
         let beat = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
         if beat != last_beat {
@@ -522,22 +525,15 @@ fn firmware(dev: &Dev, tx: &Sender<Job>, generation: u32) {
                         answered = true;
                     }
                     Ok(Fetched::Valid { sub, sq_head }) => {
-                        let body = match fw.queues[q].sq.read_request(&dev.dma, &sub) {
-                            Ok(b) => b,
-                            Err(_) => {
-                                fw.stop_queue(q, QSTATUS_ERROR, QERR_DESCRIPTOR);
-                                break;
-                            }
-                        };
                         let job = Job {
                             queue: q,
                             epoch: dev.queues[q].epoch.load(Ordering::Acquire),
                             sub,
                             sq_head,
-                            body,
                         };
-                        if runs_inline(dev, sub.opcode, &job.body) {
-                            execute(dev, job, &mut Vec::new());
+                        if runs_inline(dev, q, &sub) {
+                            execute(dev, job, &mut scratch);
+                            scratch.trim();
                             answered = true;
                         } else {
                             handed = true;
@@ -587,19 +583,29 @@ const INLINE_TAX_CODES_MAX: u32 = 64;
 /// fault switch asks for delays, which must not stop the polling. SetFaults is never
 /// delayed anyway. Everything else (durable writes, signatures, large batches) goes to
 /// the workers, so one queue's long command does not hold up the others.
-fn runs_inline(dev: &Dev, opcode: u8, body: &[u8]) -> bool {
+fn runs_inline(dev: &Dev, q: usize, sub: &ValidSubmission) -> bool {
+    let opcode = sub.opcode;
     if opcode == Opcode::SetFaults.request_byte() {
         return true;
     }
     let faults = dev.emulator.faults();
     let quiet =
         faults.latency().is_zero() && faults.stall_remaining().is_none() && !faults.refusing();
+    // The item count is the body's first 4 bytes: read just those (a private copy, as
+    // everything read from the shared area). The count only picks the thread; the
+    // command itself is decoded from the copy the executing thread makes.
     let small_batch = || {
+        let mut count = [0u8; 4];
         opcode == Opcode::TaxCodes.request_byte()
-            && body
-                .get(..4)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .is_some_and(|c| u32::from_le_bytes(c) <= INLINE_TAX_CODES_MAX)
+            && sub.request_len >= count.len()
+            && dev
+                .dma
+                .read(
+                    dev.queues[q].geometry.data_offset + sub.data_offset,
+                    &mut count,
+                )
+                .is_ok()
+            && u32::from_le_bytes(count) <= INLINE_TAX_CODES_MAX
     };
     quiet
         && (opcode == Opcode::Nop.request_byte()
@@ -640,13 +646,50 @@ fn sleep_while(dev: &Dev, mut remaining: Duration) {
     }
 }
 
+/// A command thread's reusable buffers: the private copy of the request and the
+/// response frame. Kept across commands so that a bulk run allocates (and the kernel
+/// zeroes pages) once, not per command.
+#[derive(Default)]
+struct Scratch {
+    request: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Scratch {
+    /// Drops buffers grown by an unusually large command (a 16 MiB Nop), so that one
+    /// such command does not pin that much memory per thread; a TaxCodes of 4,096
+    /// invoices (~1 MB) stays below the bound and keeps its buffer.
+    fn trim(&mut self) {
+        if self.request.capacity() > proto::FRAME_BODY_BYTES_MAX / 4 {
+            self.request = Vec::new();
+        }
+        if self.out.capacity() > proto::FRAME_BODY_BYTES_MAX / 4 {
+            self.out = Vec::new();
+        }
+    }
+}
+
 /// Runs one command as the TCP worker does (checksum, faults, `handle_frame`) and posts
-/// its completion.
-fn execute(dev: &Dev, job: Job, out: &mut Vec<u8>) {
-    out.clear();
+/// its completion. The request is copied out of the data area here, on the thread that
+/// runs it, with its CRC32C computed on the copy as it is made.
+fn execute(dev: &Dev, job: Job, scratch: &mut Scratch) {
     let sub = job.sub;
+    let q = job.queue;
+    let dq = &dev.queues[q];
+    let crc = match device::read_request_into(&dq.geometry, &dev.dma, &sub, &mut scratch.request) {
+        Ok(crc) => crc,
+        Err(_) => {
+            // The descriptor was checked against the data area; a copy outside it means
+            // the queue cannot be trusted: the firmware stops it.
+            dq.error.store(QERR_DESCRIPTOR, Ordering::Release);
+            return;
+        }
+    };
+    let body = &scratch.request[..sub.request_len];
+    let out = &mut scratch.out;
+    out.clear();
     let control = sub.opcode == Opcode::SetFaults.request_byte();
-    if crc32c::crc32c(&job.body) != sub.request_crc32c {
+    if crc != sub.request_crc32c {
         let _ = proto::encode_error(
             out,
             sub.opcode,
@@ -677,14 +720,12 @@ fn execute(dev: &Dev, job: Job, out: &mut Vec<u8>) {
             // Effects (reset of TCP connections) concern the TCP shell only.
             let _ = dev
                 .emulator
-                .handle_frame(sub.opcode, sub.correlation_id, &job.body, out);
+                .handle_frame(sub.opcode, sub.correlation_id, body, out);
         }
     }
     let Ok((header, body)) = FrameHeader::read_from_prefix(out) else {
         return;
     };
-    let q = job.queue;
-    let dq = &dev.queues[q];
     let corruption = match dq.corrupt_next.swap(CORRUPT_NONE, Ordering::AcqRel) {
         CORRUPT_DATA => Some(Corruption::DataCrc),
         CORRUPT_DESCRIPTOR => Some(Corruption::Descriptor),
@@ -771,22 +812,19 @@ fn wait_for_room(dev: &Dev, q: usize, epoch: u64, cq: &mut QueueCq) -> bool {
 }
 
 fn worker(dev: &Dev, rx: &Receiver<Job>) {
-    let mut out = Vec::new();
+    let mut scratch = Scratch::default();
     loop {
         match rx.recv_timeout(WORKER_POLL) {
             Ok(job) => {
                 if dev.queues[job.queue].epoch.load(Ordering::Acquire) == job.epoch {
-                    execute(dev, job, &mut out);
+                    execute(dev, job, &mut scratch);
                     dev.posted.fetch_add(1, Ordering::Release);
                     // Cheap when the firmware is not parked (no system call).
                     if let Some(t) = dev.firmware_thread.get() {
                         t.unpark();
                     }
                 }
-                // Do not keep a huge buffer around after one large batch.
-                if out.capacity() > proto::FRAME_BODY_BYTES_MAX / 4 {
-                    out = Vec::new();
-                }
+                scratch.trim();
             }
             Err(RecvTimeoutError::Timeout) => {
                 if dev.shutdown.load(Ordering::Acquire) {

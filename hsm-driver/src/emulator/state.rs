@@ -458,6 +458,26 @@ struct IndexedRange {
     returned: Vec<(u32, u32)>,
 }
 
+/// The grant range and seller of an earlier held number ([`GrantIndex::check_hinted`]),
+/// so that the next number of the same segment is checked without a search. Starts
+/// empty; only ever used with the index that filled it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantHint {
+    range: usize,
+    seller: [u8; TAXPAYER_BYTES],
+    slot: usize,
+}
+
+impl Default for GrantHint {
+    fn default() -> Self {
+        Self {
+            range: usize::MAX,
+            seller: [0; TAXPAYER_BYTES],
+            slot: usize::MAX,
+        }
+    }
+}
+
 /// Outcome of checking one invoice's number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NumberCheck {
@@ -507,10 +527,56 @@ impl GrantIndex {
         self.taxpayers.iter().position(|t| t == taxpayer)
     }
 
+    /// [`GrantIndex::check`] that first tries the range in `hint` (the previous item's):
+    /// a batch's numbers usually run consecutively through one segment, so that costs
+    /// one comparison of the seller instead of the taxpayer scan and the binary search.
+    /// Same answer as `check` for every input (segments of one code never overlap, so a
+    /// range holding the number is the one the search would find); `hint` is updated
+    /// to the range of a held number.
+    pub fn check_hinted(
+        &self,
+        hint: &mut GrantHint,
+        seller: &[u8; TAXPAYER_BYTES],
+        code: u64,
+        number: u32,
+    ) -> NumberCheck {
+        if let Some(r) = self.ranges.get(hint.range) {
+            // The hint's slot is what the taxpayer scan gave for this very seller, and
+            // a range holding (code, number) is the one the search would find.
+            if hint.seller == *seller
+                && r.code == code
+                && number >= r.first
+                && u64::from(number) < r.end
+                && !r.is_returned(number)
+            {
+                return NumberCheck::Held(hint.slot);
+            }
+        }
+        let (check, range) = self.check_at(seller, code, number);
+        if let (NumberCheck::Held(slot), Some(range)) = (check, range) {
+            *hint = GrantHint {
+                range,
+                seller: *seller,
+                slot,
+            };
+        }
+        check
+    }
+
     /// Checks that `number` of `code` is held for `seller`.
     pub fn check(&self, seller: &[u8; TAXPAYER_BYTES], code: u64, number: u32) -> NumberCheck {
+        self.check_at(seller, code, number).0
+    }
+
+    /// `check`, with the index of the range that holds the number (for a held one).
+    fn check_at(
+        &self,
+        seller: &[u8; TAXPAYER_BYTES],
+        code: u64,
+        number: u32,
+    ) -> (NumberCheck, Option<usize>) {
         let Some(slot) = self.taxpayer_slot(seller) else {
-            return NumberCheck::UnknownTaxpayer;
+            return (NumberCheck::UnknownTaxpayer, None);
         };
         // Segments never overlap, so the candidate is the last one starting at or
         // before (code, number).
@@ -518,19 +584,24 @@ impl GrantIndex {
             .ranges
             .partition_point(|r| (r.code, r.first) <= (code, number));
         if idx == 0 {
-            return NumberCheck::NotGranted;
+            return (NumberCheck::NotGranted, None);
         }
         let r = &self.ranges[idx - 1];
         let inside = r.code == code && u64::from(number) < r.end && r.taxpayer == slot;
-        let returned = r
-            .returned
-            .iter()
-            .any(|&(f, c)| number >= f && u64::from(number) < u64::from(f) + u64::from(c));
-        if inside && !returned {
-            NumberCheck::Held(slot)
+        if inside && !r.is_returned(number) {
+            (NumberCheck::Held(slot), Some(idx - 1))
         } else {
-            NumberCheck::NotGranted
+            (NumberCheck::NotGranted, None)
         }
+    }
+}
+
+impl IndexedRange {
+    /// Whether `number` lies in one of the returned ranges.
+    fn is_returned(&self, number: u32) -> bool {
+        self.returned
+            .iter()
+            .any(|&(f, c)| number >= f && u64::from(number) < u64::from(f) + u64::from(c))
     }
 }
 
@@ -608,6 +679,62 @@ mod tests {
             idx.check(&tp("91110000100000001X"), 11001, 1),
             NumberCheck::UnknownTaxpayer
         );
+    }
+
+    /// `check_hinted` answers exactly as `check`, whatever the hint holds: a walk over
+    /// numbers in and around every segment, two sellers, returned ranges, and hints left
+    /// by every kind of earlier answer.
+    #[test]
+    fn hinted_check_equals_check() {
+        const B: &str = "91110000100000001X";
+        let dir = tempfile::tempdir().unwrap();
+        let mut g = grants();
+        g.push(Grant {
+            taxpayer: tp(B),
+            invoice_code: 11001,
+            first: 200,
+            count: 100,
+        });
+        let mut s = DeviceState::open(dir.path(), &g, "dev").unwrap();
+        s.requisition(A, 30, 0, 1).unwrap();
+        s.requisition(A, 30, 0, 2).unwrap();
+        s.requisition(A, 5, 1, 3).unwrap();
+        s.requisition(B, 50, 0, 4).unwrap();
+        s.requisition(B, 20, 0, 5).unwrap();
+        s.return_range(A, 11001, 10, 5).unwrap();
+        s.return_range(B, 11001, 260, 3).unwrap();
+        let idx = GrantIndex::build(&s);
+        let sellers = [tp(A), tp(B), tp("91110000100000002Y")];
+        let mut probes = Vec::new();
+        for code in [11000, 11001, 11002, 11003] {
+            for number in (0..320).chain(495..520) {
+                for seller in &sellers {
+                    probes.push((*seller, code, number));
+                }
+            }
+        }
+        // Interleave probes in a scrambled order so hints come from every kind of answer.
+        let mut hint = GrantHint::default();
+        let n = probes.len();
+        let mut held = 0;
+        for i in 0..n * 3 {
+            let (seller, code, number) = probes[(i * 7_919) % n];
+            let want = idx.check(&seller, code, number);
+            held += usize::from(matches!(want, NumberCheck::Held(_)));
+            assert_eq!(
+                idx.check_hinted(&mut hint, &seller, code, number),
+                want,
+                "{seller:?} {code} {number}"
+            );
+        }
+        // In order, as a batch usually is.
+        for &(seller, code, number) in &probes {
+            assert_eq!(
+                idx.check_hinted(&mut hint, &seller, code, number),
+                idx.check(&seller, code, number)
+            );
+        }
+        assert!(held > 0);
     }
 
     #[test]

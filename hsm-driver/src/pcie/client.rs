@@ -506,19 +506,29 @@ impl PcieClient {
     }
 
     async fn call_until(&self, request: &Request, deadline: Instant) -> Result<Response, HsmError> {
-        let mut body = Vec::new();
-        request.encode_body(&mut body)?;
-        if body.len() > FRAME_BODY_BYTES_MAX {
+        // The bulk commands' bodies (a TaxCodes batch is ~1 MB) are copied from the
+        // request straight into the data area; only the small ones are encoded here.
+        let mut encoded = Vec::new();
+        let bulk = request.body_parts()?;
+        let parts: [&[u8]; 2] = match &bulk {
+            Some(parts) => [parts.head(), parts.bulk()],
+            None => {
+                request.encode_body(&mut encoded)?;
+                [&encoded, &[]]
+            }
+        };
+        let body_len = parts[0].len() + parts[1].len();
+        if body_len > FRAME_BODY_BYTES_MAX {
             return Err(HsmError::InvalidRequest(EncodeError::LimitExceeded {
                 what: "frame body bytes",
-                value: body.len() as u64,
+                value: body_len as u64,
                 max: FRAME_BODY_BYTES_MAX as u64,
             }));
         }
         let (mut capacity, mut allow_overflow) = response_capacity(request);
         loop {
             let (tag, cid) = self
-                .submit_until(request, &body, capacity, allow_overflow, deadline)
+                .submit_until(request, &parts, capacity, allow_overflow, deadline)
                 .await?;
             let shared = &*self.shared;
             let mut guard = AbandonGuard {
@@ -568,7 +578,7 @@ impl PcieClient {
     async fn submit_until(
         &self,
         request: &Request,
-        body: &[u8],
+        parts: &[&[u8]],
         capacity: usize,
         allow_overflow: bool,
         deadline: Instant,
@@ -595,12 +605,12 @@ impl PcieClient {
                         }
                     }
                     let cid = st.next_cid;
-                    match engine.submit(
+                    match engine.submit_parts(
                         &a.bar,
                         &a.dma,
                         request.opcode(),
                         cid,
-                        body,
+                        parts,
                         capacity,
                         allow_overflow,
                     ) {

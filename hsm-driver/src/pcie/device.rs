@@ -117,6 +117,38 @@ impl DeviceSq {
     }
 }
 
+/// Bytes copied (and then checksummed) at a time by [`read_request_into`]: small enough
+/// that the CRC reads the piece from L1/L2 right after the copy wrote it, instead of a
+/// second trip through memory for a ~1 MB batch.
+const COPY_PIECE_BYTES: usize = 16 * 1024;
+
+/// Copies the request body of `sub` out of the data area of the queue with `geometry`
+/// into `buf` (the private copy a command runs on: the driver could change the shared
+/// bytes meanwhile) and returns the CRC32C of that copy, computed piece by piece as it
+/// is written. `buf` is reused from command to command: it keeps its largest length,
+/// so a buffer that has been as large before is neither reallocated nor zeroed again.
+/// The body is `buf[..sub.request_len]`.
+pub fn read_request_into(
+    geometry: &QueueGeometry,
+    dma: &MemRegion,
+    sub: &ValidSubmission,
+    buf: &mut Vec<u8>,
+) -> Result<u32, OutOfBounds> {
+    let len = sub.request_len;
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    let base = geometry.data_offset + sub.data_offset;
+    let mut crc = 0u32;
+    let mut at = 0usize;
+    for piece in buf[..len].chunks_mut(COPY_PIECE_BYTES) {
+        dma.read(base + at, piece)?;
+        crc = crc32c::crc32c_append(crc, piece);
+        at += piece.len();
+    }
+    Ok(crc)
+}
+
 /// Deliberate damage to one completion (emulator fault injection and tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Corruption {
