@@ -207,28 +207,29 @@ pub fn verify(key: &TaxCodeKey, canonical: &[u8], code: &TaxCode) -> bool {
 ///
 /// Computed without u128 division (which compiles to `__udivti3`/`__umodti3` calls with
 /// a hardware `div` inside, a visible share of the emulator's per-item work): the head
-/// is divided by 10^9 twice by schoolbook long division over four 32-bit limbs, whose
-/// every step divides a u64 by a constant (a multiply and a shift). The three
-/// remainders are the low 9 digits, the next 9 and, mod 100, the top 2 of the low 20:
-/// exactly `head % 10^20` in decimal (tests compare it with the u128 formula).
+/// is divided by 10^8 three times by schoolbook long division over four 32-bit limbs,
+/// whose every step divides a u64 by a constant (a multiply and a shift). The
+/// remainders are the low 8 digits, the next 8 and, mod 10^4, the top 4 of the low 20:
+/// exactly `head % 10^20` in decimal (tests compare it with the u128 formula). Digits
+/// are written two at a time from a table.
 pub fn check_code(code: &TaxCode) -> CheckCode {
-    const GROUP: u32 = 1_000_000_000;
+    const GROUP: u32 = 100_000_000;
     let mut limbs = [0u32; 4];
     for (limb, bytes) in limbs.iter_mut().zip(code[..16].chunks_exact(4)) {
         *limb = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     }
     let low = div_rem_limbs(&mut limbs, GROUP);
     let mid = div_rem_limbs(&mut limbs, GROUP);
-    let top = div_rem_limbs(&mut limbs, 100);
+    let top = div_rem_limbs(&mut limbs, 10_000);
     let mut digits = [b'0'; CHECK_CODE_DIGITS];
-    write_digits(&mut digits[..2], top);
-    write_digits(&mut digits[2..11], mid);
-    write_digits(&mut digits[11..], low);
+    write_digit_pairs(&mut digits[..4], top);
+    write_digit_pairs(&mut digits[4..12], mid);
+    write_digit_pairs(&mut digits[12..], low);
     digits
 }
 
-/// Divides the big-endian 128-bit number in `limbs` by `divisor` (at most 10^9, so
-/// that `remainder << 32 | limb` < 2^62 fits a u64 and every quotient limb fits a
+/// Divides the big-endian 128-bit number in `limbs` by `divisor` (at most 10^8, so
+/// that `remainder << 32 | limb` < 2^59 fits a u64 and every quotient limb fits a
 /// u32) in place, returning the remainder.
 #[inline(always)]
 fn div_rem_limbs(limbs: &mut [u32; 4], divisor: u32) -> u32 {
@@ -240,18 +241,30 @@ fn div_rem_limbs(limbs: &mut [u32; 4], divisor: u32) -> u32 {
         *limb = (current / d) as u32;
         rest = current % d;
     }
-    // rest < divisor <= 10^9 fits a u32.
+    // rest < divisor fits a u32.
     rest as u32
 }
 
-/// Writes `value` as exactly `out.len()` decimal digits (zero padded; the caller passes
-/// a value below 10^len).
+/// "00" to "99": the two ASCII digits of `n` at `2n..2n + 2`.
+const DIGIT_PAIRS: [u8; 200] = {
+    let mut t = [0u8; 200];
+    let mut n = 0;
+    while n < 100 {
+        t[2 * n] = b'0' + (n / 10) as u8;
+        t[2 * n + 1] = b'0' + (n % 10) as u8;
+        n += 1;
+    }
+    t
+};
+
+/// Writes `value` as exactly `out.len()` decimal digits, zero padded (`out.len()` is
+/// even; the caller passes a value below 10^len).
 #[inline(always)]
-fn write_digits(out: &mut [u8], mut value: u32) {
-    for digit in out.iter_mut().rev() {
-        // `value % 10` < 10, so the cast cannot truncate.
-        *digit = b'0' + (value % 10) as u8;
-        value /= 10;
+fn write_digit_pairs(out: &mut [u8], mut value: u32) {
+    for pair in out.rchunks_exact_mut(2) {
+        let at = (value % 100) as usize * 2;
+        pair.copy_from_slice(&DIGIT_PAIRS[at..at + 2]);
+        value /= 100;
     }
 }
 

@@ -10,9 +10,10 @@
 //!   after checking that the queue was not reset since the command was fetched: a
 //!   reset drops every command in flight, which the driver sees as `ConnectionLost`.
 //! - Idle back-off: after the last answer the firmware polls (yielding the CPU between
-//!   passes) for `SPIN`, then sleeps 10 µs doubling to 1 ms, so an idle emulator does
-//!   not burn a core. Handing a command to a worker ends the hard polling (the worker
-//!   needs the core); the worker's completion unparks the firmware and restarts it.
+//!   passes) for `SPIN` (300 µs) after a command it ran itself, `SPIN_AFTER_WORKER`
+//!   (30 µs) after a worker's, then sleeps 10 µs doubling to 1 ms, so an idle emulator
+//!   does not burn a core. Handing a command to a worker ends the hard polling (the
+//!   worker needs the core); the worker's completion unparks the firmware.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -49,6 +50,14 @@ use crate::proto::{self, FrameHeader, Opcode, Status, FRAME_HEADER_BYTES};
 /// emulator shares with its clients (this one), a pure busy loop would take the core
 /// from the very worker computing the answer or the client about to submit.
 const SPIN: Duration = Duration::from_micros(300);
+/// Poll without sleeping this long after a worker's completion. Worker commands are the
+/// long ones (TaxCodes of more than `INLINE_TAX_CODES_MAX` invoices: ≥ ~100 µs of
+/// crypto, milliseconds in bulk), whose drivers (shards) do not answer back at once:
+/// they commit their journal first. Spinning `SPIN` after each of those measured
+/// ~300 µs of firmware CPU per command for nothing, on cores the appliance needs. A
+/// driver ping-ponging such commands pays at most the first back-off sleeps (tens of
+/// microseconds) on a command that itself takes ≥ 100 µs.
+const SPIN_AFTER_WORKER: Duration = Duration::from_micros(30);
 /// First idle sleep of the firmware.
 const SLEEP_MIN: Duration = Duration::from_micros(10);
 /// Longest idle sleep of the firmware: bounds the first command's extra latency after
@@ -92,6 +101,10 @@ struct Dev {
     /// Completions posted by workers; the firmware restarts its polling window when it
     /// moves (the driver answered is about to submit again).
     posted: AtomicU64,
+    /// Jobs the workers have taken off the channel and finished (run or dropped).
+    finished: AtomicU64,
+    /// Worker threads.
+    workers: u64,
     /// The firmware thread, unparked by a worker after it posts.
     firmware_thread: std::sync::OnceLock<thread::Thread>,
 }
@@ -263,6 +276,8 @@ pub fn serve_pcie(
         queues,
         shutdown: AtomicBool::new(false),
         posted: AtomicU64::new(0),
+        finished: AtomicU64::new(0),
+        workers: threads as u64,
         firmware_thread: std::sync::OnceLock::new(),
     });
     let (tx, rx) = bounded::<Job>(threads * JOBS_PER_THREAD);
@@ -450,6 +465,8 @@ fn firmware(dev: &Dev, tx: &Sender<Job>, generation: u32) {
     let mut last_beat = u64::MAX;
     let _ = dev.firmware_thread.set(thread::current());
     let mut last_posted = 0u64;
+    // Jobs handed to the workers so far (against `Dev::finished`: how many are busy).
+    let mut handed_total = 0u64;
     let mut spin_until = Instant::now();
     // The inline commands' request copy and response frame, reused.
     let mut scratch = Scratch::default();
@@ -466,16 +483,21 @@ fn firmware(dev: &Dev, tx: &Sender<Job>, generation: u32) {
         // `answered`: a completion went out (here or by a worker): poll hard, the driver
         // is about to submit again. `handed`: work went to a worker: stop polling hard
         // so as not to take the core from it; the worker's completion restarts it.
+        // `worker_answered`: only a worker's completion went out (see SPIN_AFTER_WORKER).
         let mut answered = false;
+        let mut worker_answered = false;
         let mut handed = false;
         let posted = dev.posted.load(Ordering::Acquire);
         if posted != last_posted {
             last_posted = posted;
-            answered = true;
+            worker_answered = true;
         }
         if let Some(job) = stalled.take() {
             match hand_off(dev, tx, job) {
-                Ok(()) => handed = true,
+                Ok(()) => {
+                    handed = true;
+                    handed_total += 1;
+                }
                 Err(job) => stalled = Some(job),
             }
         }
@@ -541,6 +563,7 @@ fn firmware(dev: &Dev, tx: &Sender<Job>, generation: u32) {
                                 stalled = Some(job);
                                 break;
                             }
+                            handed_total += 1;
                         }
                     }
                 }
@@ -549,9 +572,22 @@ fn firmware(dev: &Dev, tx: &Sender<Job>, generation: u32) {
         if answered {
             spin_until = Instant::now() + SPIN;
             sleep = SLEEP_MIN;
+        } else if worker_answered && !handed {
+            spin_until = Instant::now() + SPIN_AFTER_WORKER;
+            sleep = SLEEP_MIN;
         } else if handed {
             spin_until = Instant::now();
-            sleep = SLEEP_MIN;
+            // Every worker busy: no command fetched now could start before one of them
+            // finishes, and its completion unparks us. Poll at the slowest rate (still
+            // refreshing the heartbeat) instead of from 10 µs up: ~8 fewer wake-ups per
+            // bulk command, on cores the workers and the appliance need. A cheap command
+            // (run here) arriving meanwhile waits up to `SLEEP_MAX`.
+            let busy = handed_total.saturating_sub(dev.finished.load(Ordering::Acquire));
+            sleep = if busy >= dev.workers {
+                SLEEP_MAX
+            } else {
+                SLEEP_MIN
+            };
         } else if Instant::now() < spin_until {
             thread::yield_now();
         } else {
@@ -819,10 +855,13 @@ fn worker(dev: &Dev, rx: &Receiver<Job>) {
                 if dev.queues[job.queue].epoch.load(Ordering::Acquire) == job.epoch {
                     execute(dev, job, &mut scratch);
                     dev.posted.fetch_add(1, Ordering::Release);
+                    dev.finished.fetch_add(1, Ordering::Release);
                     // Cheap when the firmware is not parked (no system call).
                     if let Some(t) = dev.firmware_thread.get() {
                         t.unpark();
                     }
+                } else {
+                    dev.finished.fetch_add(1, Ordering::Release);
                 }
                 scratch.trim();
             }

@@ -458,11 +458,23 @@ struct IndexedRange {
     returned: Vec<(u32, u32)>,
 }
 
-/// The grant range and seller of an earlier held number ([`GrantIndex::check_hinted`]),
-/// so that the next number of the same segment is checked without a search. Starts
-/// empty; only ever used with the index that filled it.
+/// The grant ranges and sellers of the last few held numbers
+/// ([`GrantIndex::check_hinted`]), so that the next number of one of those segments is
+/// checked without a search. A shard's batch interleaves its sellers (each with its own
+/// segment), hence several entries. Starts empty; only ever used with the index that
+/// filled it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrantHint {
+    entries: [HintEntry; GRANT_HINTS],
+    /// Entry the next miss replaces (round robin).
+    next: usize,
+}
+
+/// Entries of a [`GrantHint`]: more than the sellers a batch usually mixes.
+const GRANT_HINTS: usize = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HintEntry {
     range: usize,
     seller: [u8; TAXPAYER_BYTES],
     slot: usize,
@@ -471,9 +483,12 @@ pub struct GrantHint {
 impl Default for GrantHint {
     fn default() -> Self {
         Self {
-            range: usize::MAX,
-            seller: [0; TAXPAYER_BYTES],
-            slot: usize::MAX,
+            entries: [HintEntry {
+                range: usize::MAX,
+                seller: [0; TAXPAYER_BYTES],
+                slot: usize::MAX,
+            }; GRANT_HINTS],
+            next: 0,
         }
     }
 }
@@ -527,9 +542,9 @@ impl GrantIndex {
         self.taxpayers.iter().position(|t| t == taxpayer)
     }
 
-    /// [`GrantIndex::check`] that first tries the range in `hint` (the previous item's):
-    /// a batch's numbers usually run consecutively through one segment, so that costs
-    /// one comparison of the seller instead of the taxpayer scan and the binary search.
+    /// [`GrantIndex::check`] that first tries the ranges in `hint` (recent items'): a
+    /// batch's numbers usually run consecutively through one segment per seller, so that
+    /// costs a few comparisons instead of the taxpayer scan and the binary search.
     /// Same answer as `check` for every input (segments of one code never overlap, so a
     /// range holding the number is the one the search would find); `hint` is updated
     /// to the range of a held number.
@@ -540,25 +555,29 @@ impl GrantIndex {
         code: u64,
         number: u32,
     ) -> NumberCheck {
-        if let Some(r) = self.ranges.get(hint.range) {
-            // The hint's slot is what the taxpayer scan gave for this very seller, and
+        for entry in &hint.entries {
+            let Some(r) = self.ranges.get(entry.range) else {
+                continue;
+            };
+            // The entry's slot is what the taxpayer scan gave for this very seller, and
             // a range holding (code, number) is the one the search would find.
-            if hint.seller == *seller
+            if entry.seller == *seller
                 && r.code == code
                 && number >= r.first
                 && u64::from(number) < r.end
                 && !r.is_returned(number)
             {
-                return NumberCheck::Held(hint.slot);
+                return NumberCheck::Held(entry.slot);
             }
         }
         let (check, range) = self.check_at(seller, code, number);
         if let (NumberCheck::Held(slot), Some(range)) = (check, range) {
-            *hint = GrantHint {
+            hint.entries[hint.next] = HintEntry {
                 range,
                 seller: *seller,
                 slot,
             };
+            hint.next = (hint.next + 1) % GRANT_HINTS;
         }
         check
     }
