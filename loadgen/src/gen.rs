@@ -104,13 +104,16 @@ pub struct Generator {
     /// five allocations and four `format!`s, the largest part of loadgen's CPU per
     /// invoice in bulk).
     scratch: IssueRequest,
+    /// The order id being generated, as bytes (reused).
+    order_id_buf: Vec<u8>,
     /// Requests put into frames, per kind: fresh, retry, red.
     pub generated: [u64; 3],
 }
 
-/// Appends `value` in decimal, zero-padded to at least `width` digits (as `{:0width$}`),
-/// without the formatting machinery.
+/// Appends `value` in decimal, zero-padded to at least `width` ≤ 20 digits (as
+/// `{:0width$}`), without the formatting machinery.
 fn push_decimal(out: &mut String, mut value: u64, width: usize) {
+    debug_assert!(width <= 20);
     let mut digits = [b'0'; 20];
     let mut at = digits.len();
     loop {
@@ -127,6 +130,28 @@ fn push_decimal(out: &mut String, mut value: u64, width: usize) {
     // char and checks capacity, a measurable share of the bulk generator).
     out.push_str(std::str::from_utf8(&digits[start..]).unwrap_or_default());
 }
+
+/// [`push_decimal`] into bytes.
+fn push_decimal_bytes(out: &mut Vec<u8>, mut value: u64, width: usize) {
+    debug_assert!(width <= 20);
+    let mut digits = [b'0'; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    let start = at.min(digits.len().saturating_sub(width));
+    out.extend_from_slice(&digits[start..]);
+}
+
+/// Longest order id prefix the direct blue encoder takes: with 20 digits the order id
+/// stays below the encoding's 255-byte string limit (longer prefixes, which the appliance
+/// refuses anyway, go through `encode_request`, which clamps exactly as it always has).
+const FAST_PREFIX_BYTES_MAX: usize = 200;
 
 impl Generator {
     /// A generator of frames of `per_frame` requests for `shard_count` shards; `feedback`
@@ -158,6 +183,7 @@ impl Generator {
             feedback,
             buckets: (0..shard_count).map(|_| Bucket::default()).collect(),
             scratch,
+            order_id_buf: Vec::new(),
             generated: [0; 3],
         }
     }
@@ -316,6 +342,114 @@ impl Generator {
         }
     }
 
+    /// Appends blue order `n` to `out` exactly as `encode_request(out, &self.blue(n))`
+    /// would (a test pins the two byte for byte), straight from `n`: no request, no
+    /// strings. `order_id` is `self.order_id(n)`'s bytes. Bulk generation was a quarter of
+    /// loadgen's CPU through `IssueRequest` and `encode_request`.
+    fn encode_blue(&self, n: u64, order_id: &[u8], out: &mut Vec<u8>) {
+        let h = mix64(n);
+        let span = u64::from(self.mix.lines_max - self.mix.lines_min) + 1;
+        let lines_count = self.mix.lines_min as u64 + h % span;
+        let price_span = (self.mix.price_max_fen - self.mix.price_min_fen) as u64 + 1;
+        let train = 1 + (h >> 8) % 9_000;
+        let seller = self.sellers[(n % self.sellers.len() as u64) as usize];
+        let at = out.len();
+        // Item length, patched at the end.
+        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(seller.as_bytes());
+        out.extend_from_slice(&self.rate.bp().to_le_bytes());
+        out.push(0); // blue
+        out.push(0); // no buyer taxpayer id
+                     // amount, tax, total: patched once the lines are summed.
+        let amounts_at = out.len();
+        out.extend_from_slice(&[0; 24]);
+        out.push(order_id.len() as u8);
+        out.extend_from_slice(order_id);
+        // buyer name "旅客{h % 100_000}"
+        let len_at = out.len();
+        out.push(0);
+        out.extend_from_slice("旅客".as_bytes());
+        push_decimal_bytes(out, h % 100_000, 0);
+        out[len_at] = (out.len() - len_at - 1) as u8;
+        // issuer ref "G{train}"
+        let len_at = out.len();
+        out.push(0);
+        out.push(b'G');
+        push_decimal_bytes(out, train, 0);
+        out[len_at] = (out.len() - len_at - 1) as u8;
+        // Scenario validation bounds lines_max to 16: the count fits a byte.
+        out.push(lines_count as u8);
+        let mut amount: i64 = 0;
+        for l in 0..lines_count {
+            let hl = mix64(h ^ l);
+            let from = STATIONS[(hl % 8) as usize];
+            let to = STATIONS[((hl >> 3) % 8) as usize];
+            let unit_price_fen = self.mix.price_min_fen + ((hl >> 16) % price_span) as i64;
+            amount += unit_price_fen;
+            out.extend_from_slice(&1u32.to_le_bytes());
+            out.extend_from_slice(&unit_price_fen.to_le_bytes());
+            // "铁路客票 G{train} {from}-{to}"
+            let len_at = out.len();
+            out.push(0);
+            out.extend_from_slice("铁路客票 G".as_bytes());
+            push_decimal_bytes(out, train, 0);
+            out.push(b' ');
+            out.extend_from_slice(from.as_bytes());
+            out.push(b'-');
+            out.extend_from_slice(to.as_bytes());
+            out[len_at] = (out.len() - len_at - 1) as u8;
+        }
+        let tax = tax_fen(amount, self.rate);
+        out[amounts_at..amounts_at + 8].copy_from_slice(&amount.to_le_bytes());
+        out[amounts_at + 8..amounts_at + 16].copy_from_slice(&tax.to_le_bytes());
+        out[amounts_at + 16..amounts_at + 24].copy_from_slice(&(amount + tax).to_le_bytes());
+        let len = (out.len() - at - 4) as u32;
+        out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    }
+
+    /// The home shard of (seller of blue order `n`, `order_id`): `appliance_proto::home_shard`
+    /// of that request, without building it (pinned to it by a test).
+    fn blue_home(&self, n: u64, order_id: &[u8]) -> usize {
+        if self.shard_count == 1 {
+            return 0;
+        }
+        let seller = &self.sellers[(n % self.sellers.len() as u64) as usize];
+        let order_id = std::str::from_utf8(order_id).unwrap_or_default();
+        let high = (appliance_core::idempotency::key_fingerprint(seller, order_id) >> 64) as u64;
+        ((u128::from(high) * u128::from(self.shard_count)) >> 64) as usize
+    }
+
+    /// The next request's slot; for a red invoice also the request, built in full.
+    fn next_choice(&mut self) -> (Slot, Option<IssueRequest>) {
+        self.drain_feedback();
+        if !self.retry_pool.is_empty() && self.chance(self.mix.retry_share) {
+            let pick = (self.random() % self.retry_pool.len() as u64) as usize;
+            let (n, issued) = self.retry_pool[pick];
+            let slot = Slot {
+                order: n,
+                expect: Expect::Retry(issued),
+            };
+            return (slot, None);
+        }
+        if !self.red_pool.is_empty() && self.chance(self.mix.red_share) {
+            // Each original is offset once: taken out of the pool for good.
+            let (n, issued) = self.red_pool.pop_front().expect("not empty");
+            let slot = Slot {
+                order: n,
+                expect: Expect::Red,
+            };
+            // Red invoices are a small share: built afresh (allocations and all).
+            return (slot, Some(self.red(n, &issued)));
+        }
+        let n = self.next_order;
+        self.next_order += 1;
+        let slot = Slot {
+            order: n,
+            expect: Expect::Fresh,
+        };
+        (slot, None)
+    }
+
     /// Makes `r` the next request; returns its slot.
     fn next_request_into(&mut self, r: &mut IssueRequest) -> Slot {
         self.drain_feedback();
@@ -364,38 +498,66 @@ impl Generator {
             {
                 break full;
             }
-            // The scratch request is taken out while `self` fills it, and put back.
-            let mut request = std::mem::replace(
-                &mut self.scratch,
-                Self::empty_request(self.sellers[0], self.rate),
-            );
-            let slot = self.next_request_into(&mut request);
-            let home = if self.shard_count == 1 {
-                0
-            } else {
-                appliance_proto::home_shard(&request, u32::from(self.shard_count)) as usize
+            let (slot, red) = self.next_choice();
+            let mut order_id = std::mem::take(&mut self.order_id_buf);
+            let home = match &red {
+                Some(request) => {
+                    if self.shard_count == 1 {
+                        0
+                    } else {
+                        appliance_proto::home_shard(request, u32::from(self.shard_count)) as usize
+                    }
+                }
+                None => {
+                    order_id.clear();
+                    order_id.extend_from_slice(self.prefix.as_bytes());
+                    push_decimal_bytes(&mut order_id, slot.order, 12);
+                    self.blue_home(slot.order, &order_id)
+                }
             };
+            let per_frame = self.per_frame;
             let bucket = &mut self.buckets[home];
             if bucket.slots.is_empty() {
-                let hint = bucket.last_bytes.max(HEADER_BYTES + 192 * self.per_frame);
+                let hint = bucket.last_bytes.max(HEADER_BYTES + 192 * per_frame);
                 bucket.bytes = Vec::with_capacity(hint);
-                bucket.slots = Vec::with_capacity(self.per_frame);
+                bucket.slots = Vec::with_capacity(per_frame);
                 // The header is written when the frame is taken, its count known.
                 bucket.bytes.resize(HEADER_BYTES, 0);
             }
-            encode_request(&mut bucket.bytes, &request);
+            let mut bytes = std::mem::take(&mut bucket.bytes);
+            match &red {
+                Some(request) => encode_request(&mut bytes, request),
+                None if self.prefix.len() <= FAST_PREFIX_BYTES_MAX => {
+                    self.encode_blue(slot.order, &order_id, &mut bytes)
+                }
+                None => {
+                    let mut request = std::mem::replace(
+                        &mut self.scratch,
+                        Self::empty_request(self.sellers[0], self.rate),
+                    );
+                    self.fill_blue(slot.order, &mut request);
+                    encode_request(&mut bytes, &request);
+                    self.scratch = request;
+                }
+            }
+            self.order_id_buf = order_id;
+            let bucket = &mut self.buckets[home];
+            bucket.bytes = bytes;
             bucket.slots.push(slot);
-            self.generated[match slot.expect {
-                Expect::Fresh => 0,
-                Expect::Retry(_) => 1,
-                Expect::Red => 2,
-            }] += 1;
-            self.scratch = request;
         };
         let bucket = &mut self.buckets[shard];
         let mut bytes = std::mem::take(&mut bucket.bytes);
         let slots = std::mem::take(&mut bucket.slots);
         bucket.last_bytes = bytes.len();
+        // Counted as the frame leaves: requests still in other shards' buckets were not
+        // put into a frame (the end-of-run counts compare with what the appliance issued).
+        for slot in &slots {
+            self.generated[match slot.expect {
+                Expect::Fresh => 0,
+                Expect::Retry(_) => 1,
+                Expect::Red => 2,
+            }] += 1;
+        }
         let header = Header {
             kind: FrameKind::Issue,
             count: slots.len() as u32,
@@ -456,12 +618,139 @@ mod tests {
         }
     }
 
+    /// Blue order `n` as the generator built it with `format!` before it filled one
+    /// request in place and then encoded straight to bytes: the reference both must match.
+    fn reference_blue(g: &Generator, n: u64) -> IssueRequest {
+        let h = mix64(n);
+        let seller = g.sellers[(n % g.sellers.len() as u64) as usize];
+        let span = u64::from(g.mix.lines_max - g.mix.lines_min) + 1;
+        let lines_count = g.mix.lines_min as u64 + h % span;
+        let price_span = (g.mix.price_max_fen - g.mix.price_min_fen) as u64 + 1;
+        let train = 1 + (h >> 8) % 9_000;
+        let mut lines = Vec::new();
+        let mut amount: i64 = 0;
+        for l in 0..lines_count {
+            let hl = mix64(h ^ l);
+            let from = STATIONS[(hl % 8) as usize];
+            let to = STATIONS[((hl >> 3) % 8) as usize];
+            let unit_price_fen = g.mix.price_min_fen + ((hl >> 16) % price_span) as i64;
+            amount += unit_price_fen;
+            lines.push(LineItem {
+                name: format!("铁路客票 G{train} {from}-{to}"),
+                quantity: 1,
+                unit_price_fen,
+            });
+        }
+        let tax = tax_fen(amount, g.rate);
+        IssueRequest {
+            seller,
+            order_id: format!("{}{n:012}", g.prefix),
+            buyer_name: format!("旅客{}", h % 100_000),
+            buyer_taxpayer: None,
+            lines,
+            tax_rate: g.rate,
+            issuer_ref: format!("G{train}"),
+            amount_fen: amount,
+            tax_fen: tax,
+            total_fen: amount + tax,
+            kind: InvoiceKind::Blue,
+        }
+    }
+
+    #[test]
+    fn decimals_match_format() {
+        for v in [
+            0u64,
+            7,
+            10,
+            99_999,
+            123_456_789_012,
+            1_234_567_890_123,
+            u64::MAX,
+        ] {
+            for width in [0usize, 1, 5, 12, 19, 20] {
+                let mut s = String::from("x");
+                push_decimal(&mut s, v, width);
+                assert_eq!(s, format!("x{v:0width$}"), "{v} {width}");
+                let mut b = b"x".to_vec();
+                push_decimal_bytes(&mut b, v, width);
+                assert_eq!(b, s.as_bytes(), "{v} {width}");
+            }
+        }
+    }
+
+    #[test]
+    fn direct_encoding_is_encode_request_of_the_reference_request() {
+        let mixes = [
+            Mix::default(),
+            Mix {
+                lines_min: 1,
+                lines_max: 16,
+                price_min_fen: 0,
+                price_max_fen: 10_000_000,
+                tax_rate_bp: 1300,
+                ..Mix::default()
+            },
+        ];
+        for (i, mix) in mixes.into_iter().enumerate() {
+            for shards in [1u16, 2, 5] {
+                let g = Generator::new(
+                    (0..3).map(seller).collect(),
+                    format!("LG{i}-"),
+                    mix.clone(),
+                    shards,
+                    4,
+                    7,
+                    None,
+                );
+                // In place over one request: stale lines and strings must not leak.
+                let mut reused = g.blue(5);
+                for n in (0..3_000).chain([999_999_999_999, 1_000_000_000_000, u64::MAX / 3]) {
+                    let reference = reference_blue(&g, n);
+                    g.fill_blue(n, &mut reused);
+                    assert_eq!(reused, reference, "fill_blue {n}");
+                    assert_eq!(g.blue(n), reference, "blue {n}");
+                    let mut expected = vec![1, 2, 3];
+                    encode_request(&mut expected, &reference);
+                    let order_id = g.order_id(n);
+                    assert_eq!(order_id, reference.order_id);
+                    let mut direct = vec![1, 2, 3];
+                    g.encode_blue(n, order_id.as_bytes(), &mut direct);
+                    assert_eq!(direct, expected, "encode_blue {n}");
+                    assert_eq!(
+                        g.blue_home(n, order_id.as_bytes()),
+                        appliance_proto::home_shard(&reference, u32::from(shards)) as usize,
+                        "home of {n}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn long_prefixes_take_the_request_path_and_frames_still_decode() {
+        let prefix = "P".repeat(FAST_PREFIX_BYTES_MAX + 1);
+        let mut g = Generator::new(vec![seller(0)], prefix, Mix::default(), 2, 3, 1, None);
+        for _ in 0..10 {
+            let frame = g.next_frame();
+            let (header, body) = appliance_proto::split_frame(&frame.bytes).unwrap();
+            let items = appliance_proto::split_items(body, header.count).unwrap();
+            for (item, slot) in items.iter().zip(&frame.slots) {
+                let mut expected = Vec::new();
+                encode_request(&mut expected, &g.blue(slot.order));
+                assert_eq!(&expected[4..], *item);
+            }
+        }
+    }
+
     #[test]
     fn frames_are_shard_homogeneous_and_decode() {
         let mut g = generator(Mix::default(), 3, 10);
         let mut orders = std::collections::HashSet::new();
-        for _ in 0..30 {
+        for i in 0..30u64 {
             let frame = g.next_frame();
+            // Only requests in frames handed out count, not those left in other buckets.
+            assert_eq!(g.generated.iter().sum::<u64>(), 10 * (i + 1));
             let (header, body) = appliance_proto::split_frame(&frame.bytes).unwrap();
             assert_eq!(header.count, 10);
             let items = appliance_proto::split_items(body, header.count).unwrap();

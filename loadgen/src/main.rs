@@ -118,7 +118,7 @@ struct Flags {
     #[arg(long, value_delimiter = ',')]
     cpus: Option<Vec<usize>>,
     /// Open loop: scheduler as a runtime task (default: no thread hand-off per request,
-    /// wakes at most every 100 µs) or on its own thread (a wake-up per request).
+    /// wakes at most every 250 µs) or on its own thread (a wake-up per request).
     #[arg(long, value_enum)]
     scheduler: Option<loadgen::scenario::Scheduler>,
     /// Open loop: most requests in flight.

@@ -39,8 +39,8 @@ pub enum Scheduler {
     /// that thread is idle).
     Thread,
     /// A task on the tokio runtime, the default: it sleeps on a timerfd (µs precision)
-    /// but at most once per 100 µs, so at high rates requests due within 100 µs go out
-    /// together, up to 100 µs late (counted); no thread hand-off per request, the
+    /// but at most once per 250 µs, so at high rates requests due within 250 µs go out
+    /// together, up to 250 µs late (counted); no thread hand-off per request, the
     /// cheapest at high request rates.
     Runtime,
 }
