@@ -258,8 +258,9 @@ fn run_in(options: &DemoOptions, data_dir: &std::path::Path) -> Result<DemoRepor
         })
         .collect();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread for the whole client (quinn's drivers and every exchange): no wake-ups
+    // across threads, which cost more CPU than the client's own work (as in loadgen).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(setup)?;
