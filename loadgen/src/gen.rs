@@ -110,9 +110,9 @@ pub struct Generator {
     pub generated: [u64; 3],
 }
 
-/// Appends `value` in decimal, zero-padded to at least `width` ≤ 20 digits (as
-/// `{:0width$}`), without the formatting machinery.
-fn push_decimal(out: &mut String, mut value: u64, width: usize) {
+/// `value` in decimal, zero-padded to at least `width` ≤ 20 digits (as `{:0width$}`),
+/// without the formatting machinery: the digits are `buf[start..]`.
+fn decimal_digits(mut value: u64, width: usize) -> ([u8; 20], usize) {
     debug_assert!(width <= 20);
     let mut digits = [b'0'; 20];
     let mut at = digits.len();
@@ -125,26 +125,20 @@ fn push_decimal(out: &mut String, mut value: u64, width: usize) {
             break;
         }
     }
-    let start = at.min(digits.len().saturating_sub(width));
+    (digits, at.min(digits.len().saturating_sub(width)))
+}
+
+/// Appends `value` in decimal, zero-padded to at least `width` ≤ 20 digits.
+fn push_decimal(out: &mut String, value: u64, width: usize) {
+    let (digits, start) = decimal_digits(value, width);
     // ASCII digits are UTF-8: one push_str, not a char-by-char push (which encodes each
     // char and checks capacity, a measurable share of the bulk generator).
     out.push_str(std::str::from_utf8(&digits[start..]).unwrap_or_default());
 }
 
 /// [`push_decimal`] into bytes.
-fn push_decimal_bytes(out: &mut Vec<u8>, mut value: u64, width: usize) {
-    debug_assert!(width <= 20);
-    let mut digits = [b'0'; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            break;
-        }
-    }
-    let start = at.min(digits.len().saturating_sub(width));
+fn push_decimal_bytes(out: &mut Vec<u8>, value: u64, width: usize) {
+    let (digits, start) = decimal_digits(value, width);
     out.extend_from_slice(&digits[start..]);
 }
 
