@@ -564,9 +564,9 @@ impl Journal {
                     });
                 }
                 match check_sealed_commit(bytes, 0, &header) {
-                    // `check_sealed_commit` walked every record: payload CRC, framing,
-                    // no nested header, and seqs first..=last in order. Only where they start is left to check;
-                    // walking the records a second time would only repeat their CRCs.
+                    // `check_sealed_commit` walked every record (payload CRC, framing,
+                    // no nested header, seqs first..=last in order): only where the seqs
+                    // start is left to check, not a second walk.
                     CommitCheck::Whole { last_seq, .. } => {
                         let first = header.first_seq.get();
                         if first != self.next_seq {

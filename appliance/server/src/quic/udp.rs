@@ -71,11 +71,15 @@ impl UdpIo {
     pub async fn recv(&self, scratch: &mut RecvScratch, out: &mut Vec<Received>) -> io::Result<()> {
         loop {
             let mut metas = [RecvMeta::default(); RECV_BUFFERS];
-            let mut iovs: Vec<IoSliceMut<'_>> = scratch
-                .buf
-                .chunks_mut(GRO_BUFFER_BYTES)
-                .map(IoSliceMut::new)
-                .collect();
+            // A fixed array, not a Vec: this runs once per wake-up of the receiver.
+            let mut chunks = scratch.buf.chunks_mut(GRO_BUFFER_BYTES);
+            let mut iovs: [IoSliceMut<'_>; RECV_BUFFERS] = std::array::from_fn(|_| {
+                IoSliceMut::new(
+                    chunks
+                        .next()
+                        .expect("the scratch holds RECV_BUFFERS buffers"),
+                )
+            });
             let fd = borrowed(&self.socket);
             match self.state.recv(sock_ref(&fd), &mut iovs, &mut metas) {
                 Ok(n) => {
