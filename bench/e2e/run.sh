@@ -10,7 +10,9 @@
 #   bench/e2e/run.sh 25000 1 10 --connections 2 --streams 256        # per-invoice
 # env: B (binaries, default target/release), WORK (default /var/tmp/einvoice-e2e; not
 #      tmpfs: journals use O_DIRECT), ROUTE (pcie|tcp), SPIN (spin_before_park_us),
-#      PERF=1 (perf record the appliance for 5 s), PORT/CONTROL (4433/9443).
+#      PERF=1 (perf record the appliance for 5 s), PORT/CONTROL (4433/9443),
+#      SHARDS (appliance shards, default one per CPU), CPUS (shard CPU list, e.g. "[0]"),
+#      EMU_CPUS / LG_CPUS (taskset CPU lists for the emulator and loadgen; default any).
 set -u
 top=$(cd "$(dirname "$0")/../.." && pwd)
 B=${B:-$top/target/release}
@@ -29,7 +31,7 @@ if [ ! -f "$P/ca.pem" ]; then
 fi
 sellers=(91110000717000000B 91110000717000001E 91110000717000002H 91110000717000003L)
 TP=""; for i in 0 1 2 3; do TP="$TP --taxpayer ${sellers[$i]}:1100230000${i}1:1:99999999"; done
-"$B/hsm-emu" --data-dir "$D/hsm" --listen 127.0.0.1:0 $TP --pcie "$SHM" --pcie-queues 2 > "$D/emu.out" 2> "$D/emu.err" &
+${EMU_CPUS:+taskset -c $EMU_CPUS} "$B/hsm-emu" --data-dir "$D/hsm" --listen 127.0.0.1:0 $TP --pcie "$SHM" --pcie-queues 2 > "$D/emu.out" 2> "$D/emu.err" &
 EMU=$!
 for _ in $(seq 50); do grep -q '^pcie' "$D/emu.out" && break; sleep 0.1; done
 ADDR=$(grep -o 'listening [0-9.:]*' "$D/emu.out" | awk '{print $2}')
@@ -37,6 +39,8 @@ if [ "${ROUTE:-pcie}" = pcie ]; then R="pcie:$SHM"; else R="tcp://$ADDR"; fi
 {
   echo "data_dir = \"$D/data\""
   echo "spin_before_park_us = ${SPIN:-0}"
+  [ -n "${SHARDS:-}" ] && echo "shards = $SHARDS"
+  [ -n "${CPUS:-}" ] && echo "cpus = $CPUS"
   printf '[listen]\nservice = "127.0.0.1:%s"\ncontrol = "127.0.0.1:%s"\n' "$PORT" "$CONTROL"
   printf '[tls]\ncert = "%s/server.pem"\nkey = "%s/server.key"\nclient_ca = "%s/ca.pem"\n' "$P" "$P" "$P"
   printf '[[clients]]\nidentity = "demo"\nsellers = ["*"]\n[tax_server]\nroute = "%s"\n' "$R"
@@ -52,7 +56,7 @@ sleep 1
 [ -n "${PERF:-}" ] && (sleep 4; perf record --call-graph dwarf,16384 -F 1000 -o "$W/serve.perf" -p $SRV -- sleep 5 >/dev/null 2>&1) &
 cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
 e0=$(cpu $EMU); s0=$(cpu $SRV)
-/usr/bin/time -f 'loadgen cpu user %U sys %S' "$B/loadgen" run --server "127.0.0.1:$PORT" \
+/usr/bin/time -f 'loadgen cpu user %U sys %S' ${LG_CPUS:+taskset -c $LG_CPUS} "$B/loadgen" run --server "127.0.0.1:$PORT" \
   --server-name localhost --ca "$P/ca.pem" --cert "$P/client-demo.pem" --key "$P/client-demo.key" \
   --rate "$RATE" --invoices-per-request "$IPR" --duration "$DUR" --warmup 2 --sellers 4 \
   --out "$D/lg" "$@" > "$D/lg.out" 2> "$D/lg.err"
