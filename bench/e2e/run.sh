@@ -10,7 +10,8 @@
 #   bench/e2e/run.sh 25000 1 10 --connections 2 --streams 256        # per-invoice
 # env: B (binaries, default target/release), WORK (default /var/tmp/einvoice-e2e; not
 #      tmpfs: journals use O_DIRECT), ROUTE (pcie|tcp), SPIN (spin_before_park_us),
-#      PERF=1 (perf record the appliance for 5 s), PORT/CONTROL (4433/9443).
+#      PERF=1 (perf record the appliance for 5 s), PORT/CONTROL (4433/9443),
+#      EMU_FLAGS (extra hsm-emu flags, e.g. "--pcie-spin-us 0").
 set -u
 top=$(cd "$(dirname "$0")/../.." && pwd)
 B=${B:-$top/target/release}
@@ -29,7 +30,7 @@ if [ ! -f "$P/ca.pem" ]; then
 fi
 sellers=(91110000717000000B 91110000717000001E 91110000717000002H 91110000717000003L)
 TP=""; for i in 0 1 2 3; do TP="$TP --taxpayer ${sellers[$i]}:1100230000${i}1:1:99999999"; done
-"$B/hsm-emu" --data-dir "$D/hsm" --listen 127.0.0.1:0 $TP --pcie "$SHM" --pcie-queues 2 > "$D/emu.out" 2> "$D/emu.err" &
+"$B/hsm-emu" --data-dir "$D/hsm" --listen 127.0.0.1:0 $TP --pcie "$SHM" --pcie-queues 2 ${EMU_FLAGS:-} > "$D/emu.out" 2> "$D/emu.err" &
 EMU=$!
 for _ in $(seq 50); do grep -q '^pcie' "$D/emu.out" && break; sleep 0.1; done
 ADDR=$(grep -o 'listening [0-9.:]*' "$D/emu.out" | awk '{print $2}')
