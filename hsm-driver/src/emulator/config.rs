@@ -259,10 +259,13 @@ pub const PCIE_QUEUES_DEFAULT: usize = 8;
 pub const PCIE_QUEUE_ENTRIES_DEFAULT: u32 = 64;
 /// Default data area per queue, MiB: the largest legal frame body (16 MiB) fits.
 pub const PCIE_DATA_MIB_DEFAULT: usize = 16;
-/// Default firmware polling after a command it ran itself, µs (docs/hsm-pcie.md, "The
-/// emulator's firmware": with the doorbell wake, polling only saves the wake-up of a
-/// driver that submits again at once, and costs CPU the clients share).
-pub const PCIE_SPIN_US_DEFAULT: u32 = 50;
+/// Default firmware polling after a command it ran itself, µs: none. With the doorbell
+/// wake, polling only saves the wake-up of a driver that submits again at once, and it
+/// costs CPU the clients share: end to end on this 2-core machine 0 beat 50 and 200 µs
+/// on emulator CPU per invoice (27 vs 50 vs 114 µs at 2,000/s) and on the appliance's
+/// tax_code stage (p50 62-67 vs 137-206 vs 136-150 µs at 2,000/s; 219-398 vs 478-879 vs
+/// 477-523 µs at 25,000/s). docs/PERFORMANCE.md §12.
+pub const PCIE_SPIN_US_DEFAULT: u32 = 0;
 /// Most firmware polling, µs: beyond this it is a busy core, not a latency tweak.
 pub const PCIE_SPIN_US_MAX: u32 = 10_000;
 

@@ -10,8 +10,8 @@
 //!   after checking that the queue was not reset since the command was fetched: a
 //!   reset drops every command in flight, which the driver sees as `ConnectionLost`.
 //! - Idle: after a command it ran itself the firmware polls (yielding the CPU between
-//!   passes) for `--pcie-spin-us` (default 50 µs), then sleeps until a doorbell wakes it
-//!   (docs/hsm-pcie.md, "Notifications"): it publishes `SLEEP_DOORBELL` in the BAR's
+//!   passes) for `--pcie-spin-us` (default 0: not at all), then sleeps until a doorbell
+//!   wakes it (docs/hsm-pcie.md, "Notifications"): it publishes `SLEEP_DOORBELL` in the BAR's
 //!   device-sleeping word, re-checks every doorbell, enable, reset and fault register
 //!   (a driver that rang before it could see the word is caught here), and blocks in a
 //!   futex wait on that word, at most `IDLE_WAIT_MAX` (10 ms: the heartbeat period and
