@@ -11,10 +11,10 @@
 //!   reset drops every command in flight, which the driver sees as `ConnectionLost`.
 //! - Idle: after a command it ran itself the firmware polls (yielding the CPU between
 //!   passes) for `--pcie-spin-us` (default 0: not at all), then sleeps until a doorbell
-//!   wakes it (docs/hsm-pcie.md, "Notifications"): it publishes `SLEEP_DOORBELL` in the BAR's
-//!   device-sleeping word, re-checks every doorbell, enable, reset and fault register
-//!   (a driver that rang before it could see the word is caught here), and blocks in a
-//!   futex wait on that word, at most `IDLE_WAIT_MAX` (10 ms: the heartbeat period and
+//!   wakes it (docs/hsm-pcie.md, "Notifications"): it publishes `SLEEP_DOORBELL` in the
+//!   BAR's device-sleeping word, re-checks every doorbell, enable, reset and fault
+//!   register (a driver that rang before it could see the word is caught here), and
+//!   blocks in a futex wait on that word, at most `IDLE_WAIT_MAX` (10 ms: the heartbeat period and
 //!   the latency bound for drivers that do not wake it). A driver that rings a doorbell
 //!   and finds the word set swaps it back and wakes the firmware. So a command after a
 //!   quiet spell is seen at once, and an idle emulator costs ~100 wake-ups a second.
