@@ -12,7 +12,8 @@
 #      tmpfs: journals use O_DIRECT), ROUTE (pcie|tcp), SPIN (spin_before_park_us),
 #      PERF=1 (perf record the appliance for 5 s), PORT/CONTROL (4433/9443),
 #      SHARDS (appliance shards, default one per CPU), CPUS (shard CPU list, e.g. "[0]"),
-#      EMU_CPUS / LG_CPUS (taskset CPU lists for the emulator and loadgen; default any).
+#      EMU_CPUS / LG_CPUS (taskset CPU lists for the emulator and loadgen; default any),
+#      EMU_FLAGS (extra hsm-emu flags, e.g. "--pcie-spin-us 0").
 set -u
 top=$(cd "$(dirname "$0")/../.." && pwd)
 B=${B:-$top/target/release}
@@ -31,7 +32,7 @@ if [ ! -f "$P/ca.pem" ]; then
 fi
 sellers=(91110000717000000B 91110000717000001E 91110000717000002H 91110000717000003L)
 TP=""; for i in 0 1 2 3; do TP="$TP --taxpayer ${sellers[$i]}:1100230000${i}1:1:99999999"; done
-${EMU_CPUS:+taskset -c $EMU_CPUS} "$B/hsm-emu" --data-dir "$D/hsm" --listen 127.0.0.1:0 $TP --pcie "$SHM" --pcie-queues 2 > "$D/emu.out" 2> "$D/emu.err" &
+${EMU_CPUS:+taskset -c $EMU_CPUS} "$B/hsm-emu" --data-dir "$D/hsm" --listen 127.0.0.1:0 $TP --pcie "$SHM" --pcie-queues 2 ${EMU_FLAGS:-} > "$D/emu.out" 2> "$D/emu.err" &
 EMU=$!
 for _ in $(seq 50); do grep -q '^pcie' "$D/emu.out" && break; sleep 0.1; done
 ADDR=$(grep -o 'listening [0-9.:]*' "$D/emu.out" | awk '{print $2}')

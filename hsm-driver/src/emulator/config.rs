@@ -248,6 +248,9 @@ pub struct PcieFileConfig {
     pub queue_entries: Option<u32>,
     /// Data area per queue, MiB; default 16.
     pub data_mib: Option<usize>,
+    /// Firmware polling after a command it ran itself, µs; default
+    /// [`PCIE_SPIN_US_DEFAULT`].
+    pub spin_us: Option<u32>,
 }
 
 /// Default PCIe queue pairs: room for the shards of a large box.
@@ -256,6 +259,15 @@ pub const PCIE_QUEUES_DEFAULT: usize = 8;
 pub const PCIE_QUEUE_ENTRIES_DEFAULT: u32 = 64;
 /// Default data area per queue, MiB: the largest legal frame body (16 MiB) fits.
 pub const PCIE_DATA_MIB_DEFAULT: usize = 16;
+/// Default firmware polling after a command it ran itself, µs: none. With the doorbell
+/// wake, polling only saves the wake-up of a driver that submits again at once, and it
+/// costs CPU the clients share: end to end on this 2-core machine 0 beat 50 and 200 µs
+/// on emulator CPU per invoice (27 vs 50 vs 114 µs at 2,000/s) and on the appliance's
+/// tax_code stage (p50 62-67 vs 137-206 vs 136-150 µs at 2,000/s; 219-398 vs 478-879 vs
+/// 477-523 µs at 25,000/s). docs/PERFORMANCE.md §12.
+pub const PCIE_SPIN_US_DEFAULT: u32 = 0;
+/// Most firmware polling, µs: beyond this it is a busy core, not a latency tweak.
+pub const PCIE_SPIN_US_MAX: u32 = 10_000;
 
 /// The PCIe region the emulator serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -268,6 +280,8 @@ pub struct PcieSettings {
     pub queue_entries: u32,
     /// Bytes of each queue's data area (whole 4 KiB chunks, at most 64 MiB).
     pub data_bytes: usize,
+    /// Firmware polling after a command it ran itself before it sleeps, µs.
+    pub spin_us: u32,
 }
 
 impl PcieSettings {
@@ -278,6 +292,7 @@ impl PcieSettings {
             queues: PCIE_QUEUES_DEFAULT,
             queue_entries: PCIE_QUEUE_ENTRIES_DEFAULT,
             data_bytes: PCIE_DATA_MIB_DEFAULT << 20,
+            spin_us: PCIE_SPIN_US_DEFAULT,
         }
     }
 }
@@ -349,6 +364,10 @@ pub struct Args {
     /// PCIe data area per queue, MiB (1..=64): the largest command or answer.
     #[arg(long)]
     pub pcie_data_mib: Option<usize>,
+    /// PCIe firmware polling after a command it ran itself, µs (0..=10000), before it
+    /// sleeps until a doorbell wakes it.
+    #[arg(long)]
+    pub pcie_spin_us: Option<u32>,
 }
 
 /// The resolved configuration.
@@ -530,6 +549,15 @@ impl Config {
                         "pcie queue entries {queue_entries} not a power of two in 2..=1024"
                     )));
                 }
+                let spin_us = args
+                    .pcie_spin_us
+                    .or(file_pcie.spin_us)
+                    .unwrap_or(PCIE_SPIN_US_DEFAULT);
+                if spin_us > PCIE_SPIN_US_MAX {
+                    return Err(ConfigError::Invalid(format!(
+                        "pcie spin {spin_us} µs above {PCIE_SPIN_US_MAX}"
+                    )));
+                }
                 if data_mib == 0 || data_mib > 64 {
                     return Err(ConfigError::Invalid(format!(
                         "pcie data MiB {data_mib} not in 1..=64"
@@ -540,6 +568,7 @@ impl Config {
                     queues,
                     queue_entries,
                     data_bytes: data_mib << 20,
+                    spin_us,
                 })
             }
         };

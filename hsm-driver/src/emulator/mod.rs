@@ -45,7 +45,7 @@ pub use config::{
     Args, Config, ConfigError, FaultSettings, Grant, KeyBackendKind, PcieFileConfig, PcieSettings,
 };
 pub use faults::Faults;
-pub use pcie::{serve_pcie, PcieServer};
+pub use pcie::{serve_pcie, FirmwareStats, PcieServer};
 pub use server::{run_from_args, serve, ServeError, Server};
 use state::{DeviceState, GrantHint, GrantIndex, NumberCheck, Refusal, StateError};
 use uploads::{UploadLog, UploadRecord};

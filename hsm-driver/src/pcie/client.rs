@@ -5,15 +5,26 @@
 //!
 //! Polling policy: with nothing in flight the poller sleeps on a waker (an idle shard
 //! costs nothing); with commands in flight it spins (yielding to the executor's other
-//! tasks) for `spin` after the last completion, then sleeps with a doubling back-off up
-//! to `backoff_max`. Device health (reset, queue error, heartbeat) is read on the
-//! back-off path and every 64 spins, because on a real card those are MMIO reads.
+//! tasks) for `spin` after the last completion. Then, when the device offers completion
+//! interrupts and this client bound its interrupt socket, it arms the queue's
+//! interrupt, polls the ring once more (a completion posted before the device could see
+//! the arm is found there; one posted after it makes the device signal), and awaits one
+//! datagram on the socket, at most `interrupt_wait_max`: one executor wake-up per
+//! completion burst instead of a timer per back-off step. Without interrupts (none
+//! offered, socket not bound, disabled, or three waits in a row that timed out although
+//! completions had arrived) it sleeps with a doubling back-off up to `backoff_max`, as
+//! before. Device health (reset, queue error, heartbeat) is read on the back-off path,
+//! after every interrupt wait that timed out, and every 64 spins, because on a real card
+//! those are MMIO reads.
+//!
+//! Submissions ring the doorbell and then, if the device advertises the doorbell wake
+//! and has published that it sleeps, wake it (one futex system call, only then).
 
 use std::cell::RefCell;
 use std::future::poll_fn;
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{fence, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
@@ -22,13 +33,15 @@ use futures_lite::future::{or, yield_now};
 use glommio::sync::Semaphore;
 
 use super::mem::{DeviceMemory, FileMapping, MemRegion};
+use super::notify::{futex_wake, irq_socket_name};
 use super::queue::{EngineStats, Outcome, QueueEngine, SubmitError};
 use super::regs::{
-    queue_reg, DeviceGeometry, QueueGeometry, DEVICE_MAGIC, INTERFACE_VERSION, QSTATUS_READY,
-    Q_CQ_HEAD, Q_CQ_OFFSET, Q_DATA_BYTES, Q_DATA_OFFSET, Q_ENABLE, Q_ENABLE_ACK, Q_ERROR, Q_OWNER,
-    Q_SQ_OFFSET, Q_SQ_TAIL, Q_STATUS, REG_CHUNK_BYTES, REG_DMA_BYTES, REG_GENERATION,
-    REG_HEARTBEAT, REG_MAGIC, REG_QUEUE_COUNT, REG_QUEUE_ENTRIES, REG_STATUS, REG_VERSION,
-    STATUS_READY,
+    queue_reg, DeviceGeometry, QueueGeometry, DEVICE_MAGIC, FEATURE_COMPLETION_IRQ,
+    FEATURE_DOORBELL_WAKE, INTERFACE_VERSION, QSTATUS_READY, Q_CQ_HEAD, Q_CQ_OFFSET, Q_DATA_BYTES,
+    Q_DATA_OFFSET, Q_ENABLE, Q_ENABLE_ACK, Q_ERROR, Q_IRQ_ARM, Q_IRQ_TOKEN, Q_OWNER, Q_SQ_OFFSET,
+    Q_SQ_TAIL, Q_STATUS, REG_CHUNK_BYTES, REG_DEVICE_SLEEPING, REG_DMA_BYTES, REG_FEATURES,
+    REG_GENERATION, REG_HEARTBEAT, REG_MAGIC, REG_QUEUE_COUNT, REG_QUEUE_ENTRIES, REG_STATUS,
+    REG_VERSION, SLEEP_AWAKE, SLEEP_DOORBELL, STATUS_READY,
 };
 use super::{response_capacity, PcieClientConfig, QueueSelect};
 use crate::proto::{EncodeError, Request, Response, FRAME_BODY_BYTES_MAX};
@@ -40,6 +53,12 @@ use crate::tcp::HsmError;
 const SPINS_PER_HEALTH_CHECK: u32 = 64;
 /// Longest sleep while waiting for the device to acknowledge an enable.
 const ENABLE_POLL_MAX: Duration = Duration::from_millis(1);
+/// Interrupt waits in a row that timed out although completions had arrived, after
+/// which the driver stops trusting the interrupt channel of this attachment (the device
+/// cannot reach the socket: another network namespace, a device that does not signal)
+/// and falls back to the timed back-off. One such wait can be a race at the timeout;
+/// three in a row are not.
+const INTERRUPT_MISSES_MAX: u32 = 3;
 
 /// Counters of one client.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -54,6 +73,17 @@ pub struct PcieStats {
     pub timeouts: u64,
     /// Times a call waited for ring or buffer space (back-pressure).
     pub full_waits: u64,
+    /// Doorbell wakes sent: submissions that found the device asleep and woke it.
+    pub device_wakes: u64,
+    /// Completion interrupts received (stale ones included: each costs one re-poll).
+    pub interrupts: u64,
+    /// Interrupt waits that ended at `interrupt_wait_max` instead.
+    pub interrupt_timeouts: u64,
+    /// Attachments on which the interrupt channel was given up (completions arrived
+    /// without their interrupt, or the socket failed): timed back-off from then on.
+    pub interrupt_fallbacks: u64,
+    /// Timed back-off sleeps (polling without interrupts).
+    pub timed_sleeps: u64,
     /// Ring counters (of the current engine).
     pub engine: EngineStats,
 }
@@ -69,6 +99,43 @@ struct Attached {
     enable: u64,
     heartbeat: u64,
     heartbeat_at: Instant,
+    /// The device blocks when idle and must be woken after a doorbell.
+    doorbell_wake: bool,
+    /// Completion interrupts are set up for this attachment (device offers them, our
+    /// socket is bound and its token written) and still trusted.
+    irq: bool,
+    /// Interrupt waits in a row that timed out with completions waiting.
+    irq_misses: u32,
+}
+
+/// After a driver store the device must act on (SQ doorbell, enable, reset): wakes the
+/// device if it published that it sleeps waiting for one. Returns whether a wake was
+/// sent. The SeqCst fence orders our store before the load of the sleeping word (a
+/// store-load pair, which release/acquire does not order); the device stores the word,
+/// fences, then re-checks every doorbell before it blocks. So either it sees our store,
+/// or we see its word and wake it: a doorbell never waits for the device's timeout.
+/// Swapping the word back to awake before the futex wake makes a wake that lands before
+/// the device blocks still count (its wait finds the word changed and returns), and
+/// lets one driver, not every submitter, pay the system call.
+fn wake_device(bar: &MemRegion) -> bool {
+    fence(Ordering::SeqCst);
+    let Ok(word) = bar.u32_at(REG_DEVICE_SLEEPING) else {
+        return false;
+    };
+    if word.load(Ordering::Relaxed) != SLEEP_DOORBELL
+        || word
+            .compare_exchange(
+                SLEEP_DOORBELL,
+                SLEEP_AWAKE,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            )
+            .is_err()
+    {
+        return false;
+    }
+    futex_wake(word, 1);
+    true
 }
 
 impl Attached {
@@ -115,10 +182,35 @@ impl Attached {
         Ok(())
     }
 
+    /// Arms the queue's completion interrupt. SeqCst store and fence: the re-poll of
+    /// the ring that follows cannot be ordered before the arm (store-load), which with
+    /// the device's "post, fence, load the arm" means a completion is either seen by
+    /// that re-poll or signalled.
+    fn arm_irq(&self) {
+        if let Ok(r) = self.bar.u32_at(queue_reg(self.queue, Q_IRQ_ARM)) {
+            r.store(1, Ordering::SeqCst);
+        }
+        fence(Ordering::SeqCst);
+    }
+
+    /// Withdraws an arming that the re-poll made pointless (it found completions). The
+    /// device may have signalled already: that datagram is drained by a later wait.
+    fn disarm_irq(&self) {
+        if let Ok(r) = self.bar.u32_at(queue_reg(self.queue, Q_IRQ_ARM)) {
+            r.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// Gives the queue back: disable and drop the claim.
     fn release(&self, owner: u64) {
         if let Ok(r) = self.bar.u64_at(queue_reg(self.queue, Q_ENABLE)) {
             r.store(0, Ordering::Release);
+        }
+        if let Ok(r) = self.bar.u64_at(queue_reg(self.queue, Q_IRQ_TOKEN)) {
+            r.store(0, Ordering::Relaxed);
+        }
+        if let Ok(r) = self.bar.u32_at(queue_reg(self.queue, Q_IRQ_ARM)) {
+            r.store(0, Ordering::Relaxed);
         }
         if let Ok(r) = self.bar.u64_at(queue_reg(self.queue, Q_OWNER)) {
             let _ = r.compare_exchange(owner, 0, Ordering::AcqRel, Ordering::Acquire);
@@ -145,6 +237,11 @@ struct Shared {
     config: PcieClientConfig,
     /// `pid << 32 | nonce`: this client's claim value in the queue's owner register.
     owner: u64,
+    /// The completion-interrupt socket (bound in the abstract namespace under
+    /// `irq_socket_name(irq_token)`), if it could be bound and interrupts are enabled.
+    irq: Option<Rc<glommio::net::UnixDatagram>>,
+    /// Token of `irq` written into the queue's `Q_IRQ_TOKEN`; 0 without a socket.
+    irq_token: u64,
     attach_lock: Semaphore,
     state: RefCell<State>,
 }
@@ -231,6 +328,20 @@ fn claim(bar: &MemRegion, q: usize, me: u64) -> bool {
         .is_ok()
 }
 
+/// Binds this client's completion-interrupt socket under a random abstract name. A
+/// failure (no Unix sockets, a name clash) is logged and leaves the client polling with
+/// the timed back-off: interrupts are an optimisation, never a requirement.
+fn bind_irq_socket() -> (Option<Rc<glommio::net::UnixDatagram>>, u64) {
+    let token = rand::random::<u64>() | 1;
+    match glommio::net::UnixDatagram::bind(irq_socket_name(token)) {
+        Ok(socket) => (Some(Rc::new(socket)), token),
+        Err(e) => {
+            tracing::warn!(error = %e, "PCIe interrupt socket not bound; polling with back-off");
+            (None, 0)
+        }
+    }
+}
+
 fn owner_value() -> u64 {
     static NONCE: AtomicU32 = AtomicU32::new(1);
     let nonce = NONCE.fetch_add(1, Ordering::Relaxed);
@@ -242,7 +353,7 @@ async fn attach(
     path: &Path,
     select: QueueSelect,
     owner: u64,
-    config: &PcieClientConfig,
+    irq_token: u64,
     deadline: Instant,
 ) -> Result<(Attached, QueueGeometry), HsmError> {
     let mapping = FileMapping::open(path).map_err(|e| match e.kind() {
@@ -267,6 +378,7 @@ async fn attach(
         return Err(HsmError::Refused);
     }
     let generation = reg32(REG_GENERATION).map_err(oob)?;
+    let features = reg32(REG_FEATURES).map_err(oob)?;
     let device = DeviceGeometry::validate(
         reg32(REG_QUEUE_COUNT).map_err(oob)?,
         reg32(REG_QUEUE_ENTRIES).map_err(oob)?,
@@ -322,6 +434,17 @@ async fn attach(
     bar.u32_at(queue_reg(queue, Q_CQ_HEAD))
         .map_err(oob)?
         .store(0, Ordering::Relaxed);
+    // The interrupt registers are ours too: disarmed, and our socket's token (or 0, so
+    // that a dead driver's token is not signalled for us). Published by the enable's
+    // Release like the doorbells.
+    let irq = irq_token != 0 && features & FEATURE_COMPLETION_IRQ != 0;
+    bar.u32_at(queue_reg(queue, Q_IRQ_ARM))
+        .map_err(oob)?
+        .store(0, Ordering::Relaxed);
+    bar.u64_at(queue_reg(queue, Q_IRQ_TOKEN))
+        .map_err(oob)?
+        .store(if irq { irq_token } else { 0 }, Ordering::Relaxed);
+    let doorbell_wake = features & FEATURE_DOORBELL_WAKE != 0;
     // A random token: a descriptor of any earlier enable (ours or a dead driver's)
     // carries another one and is refused.
     let token = rand::random::<u32>() | 1;
@@ -329,6 +452,9 @@ async fn attach(
     bar.u64_at(queue_reg(queue, Q_ENABLE))
         .map_err(oob)?
         .store(enable, Ordering::Release);
+    if doorbell_wake {
+        wake_device(&bar);
+    }
     let mut wait = Duration::from_micros(20);
     loop {
         if reg64(queue_reg(queue, Q_ENABLE_ACK)).map_err(oob)? == enable {
@@ -347,7 +473,6 @@ async fn attach(
         wait = (wait * 2).min(ENABLE_POLL_MAX);
     }
     let heartbeat = reg64(REG_HEARTBEAT).map_err(oob)?;
-    let _ = config;
     Ok((
         Attached {
             _memory: memory,
@@ -358,6 +483,9 @@ async fn attach(
             enable,
             heartbeat,
             heartbeat_at: Instant::now(),
+            doorbell_wake,
+            irq,
+            irq_misses: 0,
         },
         geometry,
     ))
@@ -396,12 +524,19 @@ impl PcieClient {
             max_in_flight: config.max_in_flight.max(1),
             ..config
         };
+        let (irq, irq_token) = if config.completion_interrupts {
+            bind_irq_socket()
+        } else {
+            (None, 0)
+        };
         let client = PcieClient {
             shared: Rc::new(Shared {
                 path: path.as_ref().to_path_buf(),
                 select,
                 config,
                 owner: owner_value(),
+                irq,
+                irq_token,
                 attach_lock: Semaphore::new(1),
                 state: RefCell::new(State {
                     attached: None,
@@ -484,6 +619,9 @@ impl PcieClient {
         if let Some(a) = &st.attached {
             if let Ok(r) = a.bar.u32_at(super::regs::REG_RESET) {
                 r.store(1, Ordering::Release);
+            }
+            if a.doorbell_wake {
+                wake_device(&a.bar);
             }
         }
     }
@@ -616,6 +754,9 @@ impl PcieClient {
                     ) {
                         Ok(tag) => {
                             st.next_cid += 1;
+                            if a.doorbell_wake && wake_device(&a.bar) {
+                                st.stats.device_wakes += 1;
+                            }
                             st.wake_poller();
                             return Ok((tag, cid));
                         }
@@ -690,7 +831,7 @@ impl PcieClient {
             &shared.path,
             shared.select,
             shared.owner,
-            &shared.config,
+            shared.irq_token,
             attach_deadline,
         )
         .await
@@ -805,10 +946,51 @@ fn poll_once(shared: &Shared, check_health: bool) -> Pass {
     Pass::Waiting
 }
 
+/// How one interrupt wait ended.
+enum IrqWait {
+    /// A datagram arrived (possibly a stale one: the re-poll sorts that out).
+    Signalled,
+    /// `interrupt_wait_max` passed.
+    TimedOut,
+    /// The socket failed: give the channel up.
+    Failed,
+}
+
+/// The interrupt socket, if the attached queue may use it now.
+fn irq_channel(shared: &Shared) -> Option<Rc<glommio::net::UnixDatagram>> {
+    let st = shared.state.borrow();
+    match (&shared.irq, &st.attached) {
+        (Some(socket), Some(a)) if a.irq => Some(Rc::clone(socket)),
+        _ => None,
+    }
+}
+
+/// Gives up the interrupt channel of the current attachment (timed back-off from now).
+fn irq_fallback(shared: &Shared, reason: &str) {
+    let mut st = shared.state.borrow_mut();
+    let st = &mut *st;
+    if let Some(a) = st.attached.as_mut() {
+        if a.irq {
+            a.irq = false;
+            a.disarm_irq();
+            st.stats.interrupt_fallbacks += 1;
+            tracing::warn!(
+                queue = a.queue,
+                reason,
+                "PCIe completion interrupts given up; polling with back-off"
+            );
+        }
+    }
+}
+
 async fn poll_loop(weak: Weak<Shared>) {
     let mut last_progress = Instant::now();
     let mut backoff = Duration::ZERO;
     let mut spins: u32 = 0;
+    // The last interrupt wait timed out: check health on this pass, and count a miss if
+    // the pass finds completions (they came without their interrupt).
+    let mut after_timeout = false;
+    let mut irq_buf = [0u8; 8];
     loop {
         let Some(shared) = weak.upgrade() else {
             return;
@@ -816,8 +998,24 @@ async fn poll_loop(weak: Weak<Shared>) {
         let config = shared.config;
         let spinning = last_progress.elapsed() < config.spin;
         spins = spins.wrapping_add(1);
-        let check = !spinning || spins % SPINS_PER_HEALTH_CHECK == 0;
-        match poll_once(&shared, check) {
+        let check = after_timeout || !spinning || spins % SPINS_PER_HEALTH_CHECK == 0;
+        let pass = poll_once(&shared, check);
+        if after_timeout {
+            after_timeout = false;
+            if matches!(pass, Pass::Progress) {
+                let missed = {
+                    let mut st = shared.state.borrow_mut();
+                    st.attached.as_mut().is_some_and(|a| {
+                        a.irq_misses += 1;
+                        a.irq_misses >= INTERRUPT_MISSES_MAX
+                    })
+                };
+                if missed {
+                    irq_fallback(&shared, "completions arrive without their interrupt");
+                }
+            }
+        }
+        match pass {
             Pass::Exit => return,
             Pass::Progress => {
                 last_progress = Instant::now();
@@ -830,7 +1028,63 @@ async fn poll_loop(weak: Weak<Shared>) {
                 yield_now().await;
             }
             Pass::Waiting => {
+                if let Some(socket) = irq_channel(&shared) {
+                    // Arm, look once more, then wait: an interrupt is never lost.
+                    if let Some(a) = shared.state.borrow().attached.as_ref() {
+                        a.arm_irq();
+                    }
+                    match poll_once(&shared, false) {
+                        Pass::Waiting => {}
+                        Pass::Exit => return,
+                        other => {
+                            if let Some(a) = shared.state.borrow().attached.as_ref() {
+                                a.disarm_irq();
+                            }
+                            if matches!(other, Pass::Progress) {
+                                last_progress = Instant::now();
+                            }
+                            drop(shared);
+                            yield_now().await;
+                            continue;
+                        }
+                    }
+                    let wait_max = config.interrupt_wait_max;
+                    drop(shared);
+                    let end = or(
+                        async {
+                            match socket.recv(&mut irq_buf).await {
+                                Ok(_) => IrqWait::Signalled,
+                                Err(_) => IrqWait::Failed,
+                            }
+                        },
+                        async {
+                            glommio::timer::sleep(wait_max).await;
+                            IrqWait::TimedOut
+                        },
+                    )
+                    .await;
+                    drop(socket);
+                    let Some(shared) = weak.upgrade() else {
+                        return;
+                    };
+                    match end {
+                        IrqWait::Signalled => {
+                            let mut st = shared.state.borrow_mut();
+                            st.stats.interrupts += 1;
+                            if let Some(a) = st.attached.as_mut() {
+                                a.irq_misses = 0;
+                            }
+                        }
+                        IrqWait::TimedOut => {
+                            shared.state.borrow_mut().stats.interrupt_timeouts += 1;
+                            after_timeout = true;
+                        }
+                        IrqWait::Failed => irq_fallback(&shared, "interrupt socket failed"),
+                    }
+                    continue;
+                }
                 backoff = backoff.clamp(config.backoff_min, config.backoff_max);
+                shared.state.borrow_mut().stats.timed_sleeps += 1;
                 drop(shared);
                 glommio::timer::sleep(backoff).await;
                 backoff = (backoff * 2).min(config.backoff_max);

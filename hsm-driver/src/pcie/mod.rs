@@ -16,11 +16,14 @@
 //!   is bounds-checked there.
 //! - [`queue`]: the driver's sans-IO queue engine (indices, phase, tags, buffers).
 //! - [`device`]: the device's sans-IO side, used by the emulator's firmware and tests.
+//! - [`notify`]: the doorbell wake (futex) and completion interrupt (datagram)
+//!   primitives, for when a side stops polling.
 //! - [`PcieClient`]: the glommio shell a shard uses.
 
 mod client;
 pub mod device;
 pub mod mem;
+pub mod notify;
 pub mod queue;
 pub mod regs;
 
@@ -64,8 +67,16 @@ pub struct PcieClientConfig {
     /// nothing in flight the poller sleeps until a call wakes it).
     pub backoff_min: Duration,
     /// Longest sleep between polls (the sleep doubles up to this). Bounds the extra
-    /// latency of a slow command's completion.
+    /// latency of a slow command's completion. Used only without completion
+    /// interrupts (disabled, not offered by the device, or found not to arrive).
     pub backoff_max: Duration,
+    /// Wait for the device's completion interrupt instead of sleeping in steps once the
+    /// spin is over (when the device offers it and the interrupt socket could be
+    /// bound). False: timed back-off only.
+    pub completion_interrupts: bool,
+    /// Longest wait for a completion interrupt: at this bound the poller looks at the
+    /// ring and the device's health anyway (a lost interrupt costs at most this).
+    pub interrupt_wait_max: Duration,
     /// A heartbeat register that does not change for this long means the device (the
     /// emulator's firmware) is dead: calls in flight fail, the queue is re-attached.
     pub heartbeat_timeout: Duration,
@@ -92,6 +103,11 @@ impl Default for PcieClientConfig {
             // 100 µs bounds the added latency; shorter sleeps measured no better on
             // this 2-core machine, where every wake-up takes CPU from the emulator.
             backoff_max: Duration::from_micros(100),
+            completion_interrupts: true,
+            // Long enough that a bulk command (~10 ms for 4,096 invoices) costs one or
+            // two timer wake-ups, short enough that a device whose interrupts never
+            // arrive is noticed (three misses) within tens of milliseconds.
+            interrupt_wait_max: Duration::from_millis(5),
             // The firmware refreshes it every millisecond or so even when idle.
             heartbeat_timeout: Duration::from_millis(500),
             reattach_backoff_min: Duration::from_millis(10),

@@ -64,6 +64,16 @@ pub const REG_DMA_BYTES: usize = 0x28;
 /// u32 emulator debug register (fault injection, honoured only with
 /// `--allow-fault-injection`): `op << 16 | queue`, see `FAULT_*`.
 pub const REG_FAULT_INJECT: usize = 0x30;
+/// u32 device → driver: the notifications the device implements, `FEATURE_*` bits. A
+/// device of before the notifications reads 0 here (the offset was unused), and the
+/// driver then only polls: the bits are how both generations interoperate without a
+/// version bump.
+pub const REG_FEATURES: usize = 0x34;
+/// u32 the device-sleeping word (and futex word) of the doorbell wake: the device
+/// stores a `SLEEP_*` value before it blocks; a driver that finds
+/// [`SLEEP_DOORBELL`] after ringing a doorbell swaps it to [`SLEEP_AWAKE`] and wakes
+/// the device (docs/hsm-pcie.md, "Notifications").
+pub const REG_DEVICE_SLEEPING: usize = 0x38;
 /// Offset of queue 0's register block.
 pub const REG_QUEUES: usize = 0x100;
 /// Bytes of one queue register block.
@@ -93,8 +103,16 @@ pub const Q_CQ_OFFSET: usize = 0x30;
 pub const Q_DATA_OFFSET: usize = 0x38;
 /// u64 device → driver: bytes of the queue's data area.
 pub const Q_DATA_BYTES: usize = 0x40;
+/// u32 driver → device: non-zero arms the completion interrupt of the queue; the
+/// device swaps it back to 0 when it signals (one interrupt per arming).
+pub const Q_IRQ_ARM: usize = 0x48;
+/// u64 driver → device: the token naming the driver's interrupt socket
+/// ([`super::notify::irq_socket_name`]); 0: no interrupt channel.
+pub const Q_IRQ_TOKEN: usize = 0x50;
 
 const _: () = assert!(REG_QUEUES + QUEUES_MAX * QUEUE_REGS_BYTES <= BAR_BYTES);
+const _: () = assert!(REG_DEVICE_SLEEPING + 4 <= REG_QUEUES);
+const _: () = assert!(Q_IRQ_TOKEN + 8 <= QUEUE_REGS_BYTES);
 
 /// Device status: not serving (never started, or shut down cleanly).
 pub const STATUS_OFFLINE: u32 = 0;
@@ -128,6 +146,22 @@ pub const FAULT_QUEUE_ERROR: u32 = 2;
 pub const FAULT_CORRUPT_DATA: u32 = 3;
 /// Fault op: corrupt the queue's next completion descriptor itself.
 pub const FAULT_CORRUPT_DESCRIPTOR: u32 = 4;
+
+/// Feature bit: the device blocks when idle and honours the doorbell wake
+/// ([`REG_DEVICE_SLEEPING`]).
+pub const FEATURE_DOORBELL_WAKE: u32 = 1;
+/// Feature bit: the device signals completions on queues whose interrupt is armed
+/// ([`Q_IRQ_ARM`], [`Q_IRQ_TOKEN`]).
+pub const FEATURE_COMPLETION_IRQ: u32 = 2;
+
+/// Device-sleeping word: the device is running (or about to poll).
+pub const SLEEP_AWAKE: u32 = 0;
+/// Device-sleeping word: the device blocks until a doorbell wake (or its heartbeat
+/// period). A driver that rang a doorbell wakes it.
+pub const SLEEP_DOORBELL: u32 = 1;
+/// Device-sleeping word: the device blocks waiting for its own command threads (every
+/// one is busy, nothing new could start); drivers leave it alone.
+pub const SLEEP_BUSY: u32 = 2;
 
 /// Completion flag: the response did not fit the buffer; `response_len` is the size it
 /// needs and no data was written.
