@@ -6,7 +6,8 @@
 # per-stage latency quantiles from its control port. docs/PERFORMANCE.md §11.
 #
 # usage: bench/e2e/run.sh RATE INVOICES_PER_REQUEST SECONDS [loadgen run flags...]
-#   bench/e2e/run.sh 300000 1000 10 --connections 2 --streams 8      # bulk
+#   bench/e2e/run.sh 300000 1000 10 --connections 2 --streams 32     # bulk (8 streams leave
+#                                         the shards idle between batches: PERFORMANCE §13)
 #   bench/e2e/run.sh 25000 1 10 --connections 2 --streams 256        # per-invoice
 # env: B (binaries, default target/release), WORK (default /var/tmp/einvoice-e2e; not
 #      tmpfs: journals use O_DIRECT), ROUTE (pcie|tcp), SPIN (spin_before_park_us),
