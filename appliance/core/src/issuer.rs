@@ -17,10 +17,18 @@
 //!
 //! Design decisions (docs/design/foundation.md is the contract):
 //! * Idempotency entries are inserted at `finish_tick`, when the records get their
-//!   sequence numbers, not at `begin_tick`. Only one tick is in flight, so nobody can look
-//!   the index up in between; duplicates inside the tick are found through a tick-local
-//!   map. Abort therefore has no index entry to roll back, which makes it exact by
-//!   construction. Capacity for the tick's new entries is checked at `begin_tick`.
+//!   sequence numbers, not at `begin_tick`. Until then a tick's new orders are in its
+//!   in-flight map (kept by the issuer): a duplicate in the same tick gets the first
+//!   one's answer, and a duplicate in a later tick begun meanwhile waits for it
+//!   ([`Outcome::AwaitsEarlierTick`]) instead of taking a second number. Abort therefore
+//!   has no index entry to roll back, which makes it exact by construction. Capacity for
+//!   the new entries of every tick in flight is checked at `begin_tick`.
+//! * Up to [`TICKS_IN_FLIGHT_MAX`] ticks may be in flight, so that the shell can send a
+//!   tick's TaxCodes command while the previous one's is still out. They finish in the
+//!   order they began (sequence numbers and journal order follow take order). Numbers go
+//!   back to the pools in reverse take order only, so aborting a tick that is not the
+//!   newest dooms every later tick: each of them is aborted when it is finished or
+//!   aborted, and the numbers return once the newest has ended; no tick begins meanwhile.
 //! * A number the tax server refuses for one item (per-item status) is journaled as
 //!   `NumberSpoiled` and never reused: the device has seen canonical bytes under that
 //!   number, so handing the number to another invoice could make two different invoices
@@ -40,7 +48,7 @@
 //!   cloning it instead (5 heap allocations per invoice) was the largest single cost of
 //!   the core (docs/PERFORMANCE.md, section 1).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasherDefault;
 use std::ops::Range;
 
@@ -65,6 +73,10 @@ pub const TAXPAYERS_MAX: usize = 4096;
 pub const TICK_REQUESTS_MAX: u32 = 8192;
 /// Control records queued between commits.
 pub const CONTROL_RECORDS_MAX: usize = 1024;
+/// Ticks in flight at once (begun, neither finished nor aborted). Two already overlap a
+/// tick's tax codes with the next tick's; the bound keeps the in-flight state (maps of
+/// new orders, numbers taken) small.
+pub const TICKS_IN_FLIGHT_MAX: usize = 4;
 
 /// One seller served by the shard.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,12 +149,23 @@ impl IssuerConfig {
 /// Misuse of the tick protocol.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TickError {
-    /// `begin_tick` while another tick is in flight.
-    #[error("a tick is already in flight")]
+    /// `begin_tick` while [`TICKS_IN_FLIGHT_MAX`] ticks are in flight.
+    #[error("{TICKS_IN_FLIGHT_MAX} ticks are already in flight")]
     TickInFlight,
-    /// The tick given is not the one in flight.
-    #[error("this tick is not the one in flight")]
+    /// `begin_tick` while an aborted tick waits for the later ticks it doomed to end.
+    #[error("an aborted tick waits for the later ticks in flight to end")]
+    AbortPending,
+    /// The tick given is not one in flight (already ended, or another issuer's).
+    #[error("this tick is not in flight")]
     NotInFlight,
+    /// `finish_tick` of a tick while an earlier one is still in flight; the tick was
+    /// aborted (ticks finish in the order they began).
+    #[error("an earlier tick is still in flight; tick aborted")]
+    NotOldest,
+    /// `finish_tick` of a tick begun after a tick that was aborted: its numbers follow
+    /// the aborted tick's, which can only go back after it, so it was aborted too.
+    #[error("an earlier tick was aborted; tick aborted")]
+    EarlierTickAborted,
     /// More requests than `tick_requests_max`.
     #[error("{count} requests in one tick, at most {max}")]
     TooManyRequests {
@@ -200,6 +223,12 @@ pub enum Outcome {
     DuplicateOf {
         /// Index of the first request.
         request: u32,
+    },
+    /// Same request as a new one of an earlier tick still in flight: gets that one's
+    /// answer (a replay of its invoice, or its refusal) when this tick finishes.
+    AwaitsEarlierTick {
+        /// Id of the earlier tick.
+        tick: u64,
     },
     /// Refused.
     Rejected(IssueError),
@@ -334,7 +363,15 @@ pub struct Issuer {
     pub(crate) queued_upload_watermark_seq: u64,
     pub(crate) queued_batch_root_last_seq: u64,
     control: Vec<Record>,
-    tick_in_flight: Option<u64>,
+    /// Ticks begun and not yet ended, oldest first.
+    in_flight: VecDeque<InFlight>,
+    /// New items of every tick in flight (index room reserved for them).
+    in_flight_items: usize,
+    /// Red amounts claimed against each original by items of ticks in flight.
+    in_flight_red_fen: FingerprintMap<i64>,
+    /// Answers of finished ticks' orders that later ticks in flight wait for, by (tick
+    /// id, key fingerprint), with how many requests still wait.
+    resolved: HashMap<(u64, u128), (Resolved, u32)>,
     ticks_started: u64,
     /// Largest tick time so far (ms since the epoch); see the module docs.
     pub(crate) clock_ms: u64,
@@ -367,7 +404,10 @@ impl Issuer {
             queued_upload_watermark_seq: 0,
             queued_batch_root_last_seq: 0,
             control: Vec::new(),
-            tick_in_flight: None,
+            in_flight: VecDeque::new(),
+            in_flight_items: 0,
+            in_flight_red_fen: FingerprintMap::default(),
+            resolved: HashMap::new(),
             ticks_started: 0,
             clock_ms: 0,
         })
@@ -399,7 +439,11 @@ impl Issuer {
     }
     /// Whether a tick is in flight.
     pub fn tick_in_flight(&self) -> bool {
-        self.tick_in_flight.is_some()
+        !self.in_flight.is_empty()
+    }
+    /// Ticks in flight (begun, not ended), aborted ones waiting for later ones included.
+    pub fn ticks_in_flight(&self) -> usize {
+        self.in_flight.len()
     }
     /// Control records waiting for the next commit (run a tick, even an empty one, to
     /// write them).
@@ -490,7 +534,7 @@ impl Issuer {
         &mut self,
         seller: &TaxpayerId,
     ) -> Result<Vec<NumberSegment>, ControlError> {
-        if self.tick_in_flight.is_some() {
+        if !self.in_flight.is_empty() {
             return Err(ControlError::TickInFlight);
         }
         let queued = self.control.len();
@@ -552,17 +596,22 @@ impl Issuer {
 
     /// Starts a tick: validates every request, answers replays and duplicates, takes a
     /// number per new invoice and encodes its canonical bytes for one TaxCodes command.
+    /// Up to [`TICKS_IN_FLIGHT_MAX`] ticks may be in flight; a request for an order that
+    /// a tick in flight is issuing waits for that tick ([`Outcome::AwaitsEarlierTick`]).
     ///
     /// The tick owns `requests` from here on: `finish_tick` moves each issued one into
     /// its `Invoice`, `abort_tick` hands them all back. On an error the requests are
-    /// dropped (both errors are misuse of the tick protocol, not a state to retry from).
+    /// dropped (every error is misuse of the tick protocol, not a state to retry from).
     pub fn begin_tick(
         &mut self,
         now_ms: u64,
         requests: Vec<IssueRequest>,
     ) -> Result<Tick, TickError> {
-        if self.tick_in_flight.is_some() {
+        if self.in_flight.len() >= TICKS_IN_FLIGHT_MAX {
             return Err(TickError::TickInFlight);
+        }
+        if self.in_flight.iter().any(InFlight::is_aborted) {
+            return Err(TickError::AbortPending);
         }
         if requests.len() > self.config.tick_requests_max as usize {
             return Err(TickError::TooManyRequests {
@@ -585,18 +634,12 @@ impl Issuer {
             canonical: Vec::with_capacity(requests.len() * 320),
             refills: Vec::new(),
         };
-        // Tick-local state: first new request per key, and red totals claimed in this tick.
+        // First new request per key of this tick; kept while the tick is in flight so
+        // that later ticks find its orders.
         let mut firsts: FingerprintMap<(u32, u64)> = FingerprintMap::default();
         firsts.reserve(requests.len());
-        let mut red_claims_fen: FingerprintMap<i64> = FingerprintMap::default();
         for (i, request) in requests.iter().enumerate() {
-            let outcome = self.classify(
-                &mut tick,
-                i as u32,
-                request,
-                &mut firsts,
-                &mut red_claims_fen,
-            );
+            let outcome = self.classify(&mut tick, i as u32, request, &mut firsts);
             tick.outcomes.push(outcome);
         }
         for pool in &mut self.pools {
@@ -610,7 +653,13 @@ impl Issuer {
             .windows(2)
             .all(|w| w[0].request_index < w[1].request_index));
         tick.requests = requests;
-        self.tick_in_flight = Some(tick.id);
+        self.in_flight_items += tick.items.len();
+        self.in_flight.push_back(InFlight {
+            id: tick.id,
+            firsts,
+            awaited: FingerprintMap::default(),
+            aborted: None,
+        });
         Ok(tick)
     }
 
@@ -620,7 +669,6 @@ impl Issuer {
         request_index: u32,
         request: &IssueRequest,
         firsts: &mut FingerprintMap<(u32, u64)>,
-        red_claims_fen: &mut FingerprintMap<i64>,
     ) -> Outcome {
         let fingerprint = key_fingerprint(&request.seller, &request.order_id);
         let digest = request_digest(request);
@@ -641,14 +689,17 @@ impl Issuer {
                 Outcome::Rejected(IssueError::IdempotencyConflict)
             };
         }
-        match self.admit(
-            tick,
-            request_index,
-            request,
-            fingerprint,
-            digest,
-            red_claims_fen,
-        ) {
+        // Not in the index yet: a tick in flight may be issuing it (a client's retry).
+        for earlier in &mut self.in_flight {
+            if let Some(&(_, first_digest)) = earlier.firsts.get(&fingerprint) {
+                if first_digest != digest {
+                    return Outcome::Rejected(IssueError::IdempotencyConflict);
+                }
+                *earlier.awaited.entry(fingerprint).or_insert(0) += 1;
+                return Outcome::AwaitsEarlierTick { tick: earlier.id };
+            }
+        }
+        match self.admit(tick, request_index, request, fingerprint, digest) {
             Ok(item) => {
                 firsts.insert(fingerprint, (request_index, digest));
                 Outcome::NeedsTaxCode { item }
@@ -665,7 +716,6 @@ impl Issuer {
         request: &IssueRequest,
         fingerprint: u128,
         request_digest: u64,
-        red_claims_fen: &mut FingerprintMap<i64>,
     ) -> Result<u32, IssueError> {
         check_request(request)?;
         let pool = *self
@@ -696,10 +746,12 @@ impl Issuer {
                 if entry.total_fen < 0 {
                     return Err(IssueError::RedOfRed);
                 }
+                // Reds in flight (this tick's and earlier ticks') count as claimed: all
+                // of them may be issued.
                 let used_fen = self
                     .index
                     .red_total_fen(original)
-                    .saturating_add(red_claims_fen.get(&original).copied().unwrap_or(0));
+                    .saturating_add(self.in_flight_red_fen.get(&original).copied().unwrap_or(0));
                 let remaining_fen = entry.total_fen.saturating_sub(used_fen);
                 let red_fen = request.total_fen.saturating_abs();
                 if red_fen > remaining_fen {
@@ -711,15 +763,18 @@ impl Issuer {
                 Some((original, red_fen))
             }
         };
-        // Every new item becomes an index entry at finish_tick: reserve the room now.
-        if self.index.len() as usize + tick.items.len() >= self.index.capacity() as usize {
+        // Every new item becomes an index entry when its tick finishes: reserve the room
+        // now, for the items of every tick in flight.
+        if self.index.len() as usize + self.in_flight_items + tick.items.len()
+            >= self.index.capacity() as usize
+        {
             return Err(IssueError::IndexFull);
         }
         let (code, number) = self.pools[pool as usize]
             .take()
             .ok_or(IssueError::NoNumbersAvailable)?;
         if let Some((original, red_fen)) = red_original {
-            *red_claims_fen.entry(original).or_insert(0) += red_fen;
+            *self.in_flight_red_fen.entry(original).or_insert(0) += red_fen;
         }
         let start = tick.canonical.len();
         canonical::encode_fields(request, code, number, tick.now_ms, &mut tick.canonical);
@@ -737,25 +792,57 @@ impl Issuer {
         Ok(item)
     }
 
-    fn check_in_flight(&self, tick: &Tick) -> Result<(), TickError> {
-        if tick.shard_id != self.config.shard_id || self.tick_in_flight != Some(tick.id) {
+    /// Position of a live tick among the ticks in flight.
+    fn position(&self, tick: &Tick) -> Result<usize, TickError> {
+        if tick.shard_id != self.config.shard_id {
             return Err(TickError::NotInFlight);
         }
-        Ok(())
+        self.in_flight
+            .iter()
+            .position(|t| t.id == tick.id && !t.is_aborted())
+            .ok_or(TickError::NotInFlight)
+    }
+
+    fn release_red_claim(&mut self, original: u128, red_fen: i64) {
+        let claimed = self
+            .in_flight_red_fen
+            .get_mut(&original)
+            .expect("a red item in flight has its claim");
+        *claimed -= red_fen;
+        if *claimed == 0 {
+            self.in_flight_red_fen.remove(&original);
+        }
     }
 
     /// Ends a tick with the tax server's answers (one per item, in item order): appends
     /// the tick's records to `journal` with consecutive sequence numbers and returns the
     /// answers. The caller makes `journal` durable before releasing them. Each issued
-    /// request moves into its `Answer::Issued` invoice; the others are dropped. With the
-    /// wrong number of tax codes the tick is aborted and its requests dropped.
+    /// request moves into its `Answer::Issued` invoice; the others are dropped.
+    ///
+    /// Only the oldest tick in flight may finish. A later one, or one with the wrong
+    /// number of tax codes, is aborted instead (see [`Issuer::abort_tick`]) and its
+    /// requests dropped.
     pub fn finish_tick(
         &mut self,
         tick: Tick,
         tax_codes: &[TaxCodeResult],
         journal: &mut Vec<u8>,
     ) -> Result<Commit, TickError> {
-        self.check_in_flight(&tick)?;
+        let position = self.position(&tick)?;
+        if position > 0 {
+            let error = if self
+                .in_flight
+                .iter()
+                .take(position)
+                .any(InFlight::is_aborted)
+            {
+                TickError::EarlierTickAborted
+            } else {
+                TickError::NotOldest
+            };
+            self.abort_tick(tick)?;
+            return Err(error);
+        }
         if tax_codes.len() != tick.items.len() {
             let expected = tick.items.len();
             self.abort_tick(tick)?;
@@ -764,6 +851,10 @@ impl Issuer {
                 got: tax_codes.len(),
             });
         }
+        let InFlight {
+            firsts, awaited, ..
+        } = self.in_flight.pop_front().expect("position 0 is in flight");
+        self.in_flight_items -= tick.items.len();
         let journal_start = journal.len();
         let first_seq = self.next_seq;
         let mut body = Vec::with_capacity(4096);
@@ -787,7 +878,22 @@ impl Issuer {
                     identity: *identity,
                 }),
                 Outcome::Rejected(e) => Some(Answer::Rejected(e.clone())),
-                Outcome::NeedsTaxCode { .. } | Outcome::DuplicateOf { .. } => None,
+                Outcome::NeedsTaxCode { .. }
+                | Outcome::DuplicateOf { .. }
+                | Outcome::AwaitsEarlierTick { .. } => None,
+            })
+            .collect();
+        // Keys of requests waiting for an earlier tick, before the requests move out.
+        let awaiting: Vec<(usize, u64, u128)> = tick
+            .outcomes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| match o {
+                Outcome::AwaitsEarlierTick { tick: earlier } => {
+                    let r = &tick.requests[i];
+                    Some((i, *earlier, key_fingerprint(&r.seller, &r.order_id)))
+                }
+                _ => None,
             })
             .collect();
         // Items are in increasing request order, so one forward pass over the requests
@@ -803,6 +909,10 @@ impl Issuer {
             };
             let seq = self.next_seq;
             self.next_seq += 1;
+            let red_fen = request.total_fen.saturating_abs();
+            if let Some(original) = item.red_original {
+                self.release_red_claim(original, red_fen);
+            }
             let pool = &mut self.pools[item.pool as usize];
             let answer = match result {
                 Ok((tax_control_code, check_code)) if is_check_code(check_code) => {
@@ -825,8 +935,7 @@ impl Issuer {
                         total_fen: request.total_fen,
                     });
                     if let Some(original) = item.red_original {
-                        self.index
-                            .add_red_fen(original, request.total_fen.saturating_abs());
+                        self.index.add_red_fen(original, red_fen);
                     }
                     Answer::Issued {
                         seq,
@@ -864,21 +973,48 @@ impl Issuer {
         }
         for (i, outcome) in tick.outcomes.iter().enumerate() {
             if let Outcome::DuplicateOf { request } = outcome {
-                let answer = match &answers[*request as usize] {
-                    Some(Answer::Issued { seq, invoice }) => Answer::Replay {
-                        seq: *seq,
-                        identity: invoice.identity(),
-                    },
-                    Some(other) => other.clone(),
-                    None => unreachable!("first request of a duplicate has no answer"),
-                };
-                answers[i] = Some(answer);
+                answers[i] = Some(repeat_answer(
+                    answers[*request as usize]
+                        .as_ref()
+                        .expect("first request of a duplicate has an answer"),
+                ));
             }
         }
-        for pool in &mut self.pools {
-            pool.compact();
+        for (i, earlier, fingerprint) in awaiting {
+            let key = (earlier, fingerprint);
+            let (resolved, waiting) = self
+                .resolved
+                .get_mut(&key)
+                .expect("an earlier tick finished before this one, with its answer kept");
+            answers[i] = Some(match resolved {
+                Resolved::Issued { seq, identity } => Answer::Replay {
+                    seq: *seq,
+                    identity: *identity,
+                },
+                Resolved::Refused(reason) => Answer::Rejected(IssueError::TaxCodeRefused(*reason)),
+            });
+            *waiting -= 1;
+            if *waiting == 0 {
+                self.resolved.remove(&key);
+            }
         }
-        self.tick_in_flight = None;
+        // Keep the answers later ticks in flight wait for.
+        for (fingerprint, waiting) in awaited {
+            let (first, _) = firsts[&fingerprint];
+            let resolved = match &answers[first as usize] {
+                Some(Answer::Issued { seq, invoice }) => Resolved::Issued {
+                    seq: *seq,
+                    identity: invoice.identity(),
+                },
+                Some(Answer::Rejected(IssueError::TaxCodeRefused(reason))) => {
+                    Resolved::Refused(*reason)
+                }
+                other => unreachable!("a new order of the tick answered {other:?}"),
+            };
+            self.resolved
+                .insert((tick.id, fingerprint), (resolved, waiting));
+        }
+        self.compact_idle_pools();
         Ok(Commit {
             answers: answers
                 .into_iter()
@@ -889,25 +1025,124 @@ impl Issuer {
         })
     }
 
-    /// Abandons a tick (the TaxCodes command failed as a whole): puts every number back
-    /// in its pool in reverse take order. Nothing was journaled and no index entry was
-    /// added, so the issuer is exactly as before `begin_tick` (apart from expiry and
-    /// refill requests already emitted). Queued control records stay queued.
+    /// Abandons a tick (the TaxCodes command failed as a whole): nothing of it is
+    /// journaled and no index entry is added; its numbers go back to their pools in
+    /// reverse take order. For the newest tick in flight that happens at once, so the
+    /// issuer is exactly as before its `begin_tick` (apart from expiry and refill
+    /// requests already emitted). An older tick's numbers can only go back after every
+    /// later tick's: those are doomed (their `finish_tick` aborts them), no tick may begin
+    /// until they have ended, and then all the numbers go back. Queued control records
+    /// stay queued.
     ///
     /// Returns the tick's requests, unchanged and in order, so that the caller can begin
-    /// the same tick again. A tick that is not the one in flight is refused (and its
-    /// requests dropped).
+    /// the same tick again. A tick that is not in flight is refused (and its requests
+    /// dropped).
     pub fn abort_tick(&mut self, tick: Tick) -> Result<Vec<IssueRequest>, TickError> {
-        self.check_in_flight(&tick)?;
-        for item in tick.items.iter().rev() {
-            self.pools[item.pool as usize].untake(item.code, item.number);
+        let position = self.position(&tick)?;
+        self.in_flight_items -= tick.items.len();
+        for item in &tick.items {
+            if let Some(original) = item.red_original {
+                let red_fen = tick.requests[item.request_index as usize]
+                    .total_fen
+                    .saturating_abs();
+                self.release_red_claim(original, red_fen);
+            }
         }
-        for pool in &mut self.pools {
-            pool.compact();
+        for (i, outcome) in tick.outcomes.iter().enumerate() {
+            if let Outcome::AwaitsEarlierTick { tick: earlier } = outcome {
+                let r = &tick.requests[i];
+                self.stop_waiting(*earlier, key_fingerprint(&r.seller, &r.order_id));
+            }
         }
-        self.tick_in_flight = None;
+        let entry = &mut self.in_flight[position];
+        entry.firsts = FingerprintMap::default();
+        entry.awaited = FingerprintMap::default();
+        entry.aborted = Some(
+            tick.items
+                .iter()
+                .map(|it| (it.pool, it.code, it.number))
+                .collect(),
+        );
+        // Numbers go back newest first: every aborted tick at the end of the queue.
+        while self.in_flight.back().is_some_and(InFlight::is_aborted) {
+            let ended = self.in_flight.pop_back().expect("checked above");
+            for &(pool, code, number) in ended.aborted.iter().flatten().rev() {
+                self.pools[pool as usize].untake(code, number);
+            }
+        }
+        self.compact_idle_pools();
         Ok(tick.requests)
     }
+
+    /// A request of an ended tick no longer waits for `earlier`'s answer to `fingerprint`.
+    fn stop_waiting(&mut self, earlier: u64, fingerprint: u128) {
+        if let Some(entry) = self.in_flight.iter_mut().find(|t| t.id == earlier) {
+            if let Some(waiting) = entry.awaited.get_mut(&fingerprint) {
+                *waiting -= 1;
+                if *waiting == 0 {
+                    entry.awaited.remove(&fingerprint);
+                }
+            }
+        } else if let Some((_, waiting)) = self.resolved.get_mut(&(earlier, fingerprint)) {
+            *waiting -= 1;
+            if *waiting == 0 {
+                self.resolved.remove(&(earlier, fingerprint));
+            }
+        }
+    }
+
+    /// Drops exhausted segments of pools with no number in flight (`untake` needs the
+    /// cursor of every number in flight).
+    fn compact_idle_pools(&mut self) {
+        for pool in &mut self.pools {
+            if pool.accounting().in_flight == 0 {
+                pool.compact();
+            }
+        }
+        debug_assert!(
+            !self.in_flight.is_empty()
+                || (self.in_flight_items == 0
+                    && self.in_flight_red_fen.is_empty()
+                    && self.resolved.is_empty())
+        );
+    }
+}
+
+/// The answer of a request that repeats an earlier one of the same tick.
+fn repeat_answer(first: &Answer) -> Answer {
+    match first {
+        Answer::Issued { seq, invoice } => Answer::Replay {
+            seq: *seq,
+            identity: invoice.identity(),
+        },
+        other => other.clone(),
+    }
+}
+
+/// A tick in flight, as the issuer keeps it.
+#[derive(Debug)]
+struct InFlight {
+    id: u64,
+    /// Its new orders: key fingerprint → (request index, request digest).
+    firsts: FingerprintMap<(u32, u64)>,
+    /// Its new orders that requests of later ticks wait for, with how many wait.
+    awaited: FingerprintMap<u32>,
+    /// Aborted: the numbers it took (pool, code, number), in take order, to put back
+    /// once every later tick has ended.
+    aborted: Option<Vec<(u32, InvoiceCode, InvoiceNumber)>>,
+}
+
+impl InFlight {
+    fn is_aborted(&self) -> bool {
+        self.aborted.is_some()
+    }
+}
+
+/// A finished tick's answer to an order that a later tick's request waits for.
+#[derive(Debug, Clone, Copy)]
+enum Resolved {
+    Issued { seq: u64, identity: InvoiceIdentity },
+    Refused(ItemError),
 }
 
 pub(crate) fn entry_identity(entry: &IndexEntry) -> InvoiceIdentity {
@@ -1122,6 +1357,133 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_retry_in_a_later_tick_gets_the_answer_of_the_tick_in_flight() {
+        let (mut issuer, mut journal) = ready();
+        let a = sample_request("o-a", 100);
+        let b = sample_request("o-b", 100);
+        let mut b_changed = b.clone();
+        b_changed.buyer_name = "someone else".into();
+        let first = issuer
+            .begin_tick(1_000, vec![a.clone(), b.clone()])
+            .unwrap();
+        // Retries of both orders, a conflicting request, and a new order.
+        let c = sample_request("o-c", 100);
+        let second = issuer
+            .begin_tick(1_000, vec![a.clone(), b_changed, b.clone(), c])
+            .unwrap();
+        assert_eq!(
+            second.outcomes()[..3],
+            [
+                Outcome::AwaitsEarlierTick { tick: first.id },
+                Outcome::Rejected(IssueError::IdempotencyConflict),
+                Outcome::AwaitsEarlierTick { tick: first.id },
+            ]
+        );
+        assert_eq!(second.item_count(), 1, "only the new order takes a number");
+        // The first tick's device refuses o-b's item.
+        let mut codes = fake_codes(&first);
+        codes[1] = Err(ItemError::NumberNotHeld);
+        let one = issuer.finish_tick(first, &codes, &mut journal).unwrap();
+        let codes = fake_codes(&second);
+        let two = issuer.finish_tick(second, &codes, &mut journal).unwrap();
+        let Answer::Issued { seq, invoice } = &one.answers[0] else {
+            panic!("{:?}", one.answers[0])
+        };
+        assert_eq!(
+            two.answers[0],
+            Answer::Replay {
+                seq: *seq,
+                identity: invoice.identity()
+            }
+        );
+        assert_eq!(
+            two.answers[2],
+            Answer::Rejected(IssueError::TaxCodeRefused(ItemError::NumberNotHeld))
+        );
+        assert_eq!(issued(&two.answers[3]).number.get(), 3);
+        assert_eq!(
+            two.seqs.start, one.seqs.end,
+            "sequence numbers in tick order"
+        );
+        assert!(issuer.resolved.is_empty() && issuer.in_flight.is_empty());
+    }
+
+    #[test]
+    fn reds_in_flight_in_an_earlier_tick_count_against_the_original() {
+        let (mut issuer, mut journal) = ready();
+        let original = run(
+            &mut issuer,
+            1_000,
+            &[sample_request("o-1", 100)],
+            &mut journal,
+        );
+        let original = issued(&original.answers[0]).clone();
+        // Each red offsets 60 % of the original: one fits, two do not.
+        let unit_price_fen = -(original.request.lines[0].unit_price_fen * 6 / 10);
+        let first = issuer
+            .begin_tick(2_000, vec![red_of(&original, "r-1", unit_price_fen)])
+            .unwrap();
+        let second = issuer
+            .begin_tick(2_000, vec![red_of(&original, "r-2", unit_price_fen)])
+            .unwrap();
+        assert!(matches!(
+            second.outcomes()[0],
+            Outcome::Rejected(IssueError::RedExceedsOriginal { .. })
+        ));
+        // Once the first red is aborted, its claim is released.
+        issuer.abort_tick(second).unwrap();
+        issuer.abort_tick(first).unwrap();
+        run(
+            &mut issuer,
+            3_000,
+            &[red_of(&original, "r-2", unit_price_fen)],
+            &mut journal,
+        );
+        assert!(issuer.in_flight_red_fen.is_empty());
+    }
+
+    #[test]
+    fn aborting_an_older_tick_dooms_the_later_ones() {
+        let (mut issuer, mut journal) = ready();
+        let before = issuer.accounting(&seller()).unwrap();
+        let first = issuer
+            .begin_tick(1_000, vec![sample_request("o-1", 100)])
+            .unwrap();
+        let second = issuer
+            .begin_tick(1_000, vec![sample_request("o-2", 100)])
+            .unwrap();
+        let third = issuer
+            .begin_tick(1_000, vec![sample_request("o-3", 100)])
+            .unwrap();
+        issuer.abort_tick(second).unwrap();
+        // The second tick's number cannot go back before the third's.
+        assert_eq!(issuer.accounting(&seller()).unwrap().in_flight, 3);
+        assert_eq!(
+            issuer.begin_tick(1_000, Vec::new()).unwrap_err(),
+            TickError::AbortPending
+        );
+        let codes = fake_codes(&first);
+        let one = issuer.finish_tick(first, &codes, &mut journal).unwrap();
+        assert_eq!(issued(&one.answers[0]).number.get(), 1);
+        let codes = fake_codes(&third);
+        assert_eq!(
+            issuer.finish_tick(third, &codes, &mut journal).unwrap_err(),
+            TickError::EarlierTickAborted
+        );
+        let after = issuer.accounting(&seller()).unwrap();
+        assert_eq!((after.in_flight, after.issued), (0, 1));
+        assert_eq!(after.available, before.available - 1);
+        // Numbers 2 and 3 went back: the next tick takes 2.
+        let next = run(
+            &mut issuer,
+            2_000,
+            &[sample_request("o-4", 100)],
+            &mut journal,
+        );
+        assert_eq!(issued(&next.answers[0]).number.get(), 2);
+    }
+
+    #[test]
     fn abort_rolls_back_exactly() {
         let (mut issuer, mut journal) = ready();
         let before = issuer.accounting(&seller()).unwrap();
@@ -1132,10 +1494,18 @@ pub(crate) mod tests {
         assert_eq!(tick.item_count(), 4);
         assert_eq!(tick.requests(), &requests[..]);
         assert_eq!(issuer.accounting(&seller()).unwrap().in_flight, 4);
+        // Later (empty) ticks may begin up to the bound; the newest aborts at once.
+        let later: Vec<Tick> = (1..TICKS_IN_FLIGHT_MAX)
+            .map(|_| issuer.begin_tick(1_000, Vec::new()).unwrap())
+            .collect();
         assert_eq!(
             issuer.begin_tick(1_000, Vec::new()).unwrap_err(),
             TickError::TickInFlight
         );
+        for t in later.into_iter().rev() {
+            issuer.abort_tick(t).unwrap();
+        }
+        assert_eq!(issuer.ticks_in_flight(), 1);
         let back = issuer.abort_tick(tick).unwrap();
         assert_eq!(back, requests, "abort hands the requests back unchanged");
         assert_eq!(issuer.accounting(&seller()).unwrap(), before);

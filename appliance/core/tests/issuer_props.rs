@@ -25,7 +25,7 @@ use appliance_core::journal::record::{decode_issued, Record, RecordKind};
 use appliance_core::journal::replay::recover;
 use appliance_core::{
     Answer, Invoice, InvoiceCode, InvoiceNumber, IssueError, IssueRequest, Issuer, IssuerConfig,
-    ItemError, NumberSegment, TaxRate, TaxpayerConfig, TaxpayerId, Tick,
+    ItemError, NumberSegment, TaxRate, TaxpayerConfig, TaxpayerId, Tick, TickError,
 };
 use proptest::prelude::*;
 use xxhash_rust::xxh3::xxh3_128;
@@ -105,6 +105,34 @@ enum Op {
     Restart {
         crash_cut: Option<u16>,
     },
+    /// Two ticks in flight at once (begun at the same wall time), ended in `end`'s way.
+    Pipelined {
+        first: Vec<ReqSpec>,
+        second: Vec<ReqSpec>,
+        /// Per-item refusal masks of the two TaxCodes answers.
+        refuse: (u16, u16),
+        end: PipeEnd,
+        dt_ms: i64,
+    },
+}
+
+/// How the two ticks of [`Op::Pipelined`] end.
+#[derive(Debug, Clone, Copy)]
+enum PipeEnd {
+    /// Finished in begin order.
+    InOrder,
+    /// The newer tick aborted first, then the older finished.
+    AbortSecond,
+    /// The newer tick finished first: refused as `NotOldest` (and aborted); the older
+    /// then finishes.
+    SecondFirst,
+    /// The older tick aborted while the newer is in flight: the newer is doomed
+    /// (`finish_tick` answers `EarlierTickAborted`), then everything rolls back.
+    AbortFirst,
+    /// Both aborted, older first.
+    AbortBoth,
+    /// The older tick's answer has the wrong count (aborted), the newer is doomed.
+    WrongCountFirst,
 }
 
 fn req_spec() -> impl Strategy<Value = ReqSpec> {
@@ -155,7 +183,37 @@ fn op() -> impl Strategy<Value = Op> {
             }),
         2 => (0usize..2, 1u32..12).prop_map(|(seller, count)| Op::Refill { seller, count }),
         1 => prop::option::of(any::<u16>()).prop_map(|crash_cut| Op::Restart { crash_cut }),
+        3 => (
+            prop::collection::vec(req_spec(), 0..10),
+            prop::collection::vec(req_spec(), 0..10),
+            prop_oneof![4 => Just(0u16), 1 => any::<u16>()],
+            prop_oneof![4 => Just(0u16), 1 => any::<u16>()],
+            prop_oneof![
+                6 => Just(PipeEnd::InOrder),
+                1 => Just(PipeEnd::AbortSecond),
+                1 => Just(PipeEnd::SecondFirst),
+                1 => Just(PipeEnd::AbortFirst),
+                1 => Just(PipeEnd::AbortBoth),
+                1 => Just(PipeEnd::WrongCountFirst),
+            ],
+            prop_oneof![6 => 0i64..5_000, 1 => -3_000i64..0],
+        )
+            .prop_map(|(first, second, r1, r2, end, dt_ms)| Op::Pipelined {
+                first,
+                second,
+                refuse: (r1, r2),
+                end,
+                dt_ms
+            }),
     ]
+}
+
+fn refuse_items(codes: &mut [TaxCodeResult], mask: u16) {
+    for (i, c) in codes.iter_mut().enumerate() {
+        if mask & (1 << (i % 16)) != 0 {
+            *c = Err(ItemError::NumberNotHeld);
+        }
+    }
 }
 
 /// Deterministic request content from its spec (the same spec always gives the same
@@ -624,11 +682,7 @@ impl Harness {
             }
             TickFault::None | TickFault::Refuse(_) => {
                 if let TickFault::Refuse(mask) = fault {
-                    for (i, c) in codes.iter_mut().enumerate() {
-                        if mask & (1 << (i % 16)) != 0 {
-                            *c = Err(ItemError::NumberNotHeld);
-                        }
-                    }
+                    refuse_items(&mut codes, *mask);
                 }
                 let before = std::mem::take(&mut self.oracle);
                 let commit = self
@@ -663,6 +717,117 @@ impl Harness {
                 self.oracle.remembered(self.now_ms)
             );
         }
+        self.oracle
+            .check_accounting(&self.issuer, &self.unjournaled);
+    }
+
+    /// Two ticks in flight at once. Whatever finishes must be answered exactly as one
+    /// tick holding the finished ticks' requests in order would be (a request of the
+    /// second tick for an order the first is issuing gets the first one's answer); what
+    /// is aborted must leave no trace.
+    fn pipelined(
+        &mut self,
+        first: &[IssueRequest],
+        second: &[IssueRequest],
+        refuse: (u16, u16),
+        end: PipeEnd,
+    ) {
+        let before_accounting: Vec<_> = sellers()[..2]
+            .iter()
+            .map(|s| self.issuer.accounting(s).unwrap())
+            .collect();
+        let before_seq = self.issuer.next_seq();
+        let before_index = self.issuer.index().len();
+        self.now_ms = self.now_ms.max(self.wall_ms);
+        let t1 = self
+            .issuer
+            .begin_tick(self.wall_ms, first.to_vec())
+            .unwrap();
+        let t2 = self
+            .issuer
+            .begin_tick(self.wall_ms, second.to_vec())
+            .unwrap();
+        assert_eq!(self.issuer.ticks_in_flight(), 2);
+        let mut c1 = fake_codes(&t1);
+        refuse_items(&mut c1, refuse.0);
+        let mut c2 = fake_codes(&t2);
+        refuse_items(&mut c2, refuse.1);
+        let start = self.journal.len();
+        let before = std::mem::take(&mut self.oracle);
+        // The requests and answers of the ticks that finished, in finish order.
+        let mut requests: Vec<IssueRequest> = Vec::new();
+        let mut answers: Vec<Answer> = Vec::new();
+        let mut finish = |h: &mut Self, tick: Tick, codes: &[TaxCodeResult], r: &[IssueRequest]| {
+            let commit = h.issuer.finish_tick(tick, codes, &mut h.journal).unwrap();
+            assert_eq!(commit.journal_range.end, h.journal.len());
+            pad_to_block(&mut h.journal, 4096);
+            requests.extend_from_slice(r);
+            answers.extend(commit.answers);
+        };
+        match end {
+            PipeEnd::InOrder => {
+                finish(self, t1, &c1, first);
+                finish(self, t2, &c2, second);
+            }
+            PipeEnd::AbortSecond => {
+                assert_eq!(self.issuer.abort_tick(t2).unwrap(), second);
+                finish(self, t1, &c1, first);
+            }
+            PipeEnd::SecondFirst => {
+                let e = self.issuer.finish_tick(t2, &c2, &mut self.journal);
+                assert_eq!(e.unwrap_err(), TickError::NotOldest);
+                assert_eq!(self.journal.len(), start, "nothing journaled");
+                finish(self, t1, &c1, first);
+            }
+            PipeEnd::AbortFirst | PipeEnd::AbortBoth | PipeEnd::WrongCountFirst => {
+                if let PipeEnd::WrongCountFirst = end {
+                    c1.push(Err(ItemError::Device(1)));
+                    assert!(self.issuer.finish_tick(t1, &c1, &mut self.journal).is_err());
+                } else {
+                    assert_eq!(self.issuer.abort_tick(t1).unwrap(), first);
+                }
+                assert_eq!(
+                    self.issuer
+                        .begin_tick(self.wall_ms, Vec::new())
+                        .unwrap_err(),
+                    TickError::AbortPending
+                );
+                if let PipeEnd::AbortBoth = end {
+                    assert_eq!(self.issuer.abort_tick(t2).unwrap(), second);
+                } else {
+                    let e = self.issuer.finish_tick(t2, &c2, &mut self.journal);
+                    assert_eq!(e.unwrap_err(), TickError::EarlierTickAborted);
+                }
+            }
+        }
+        assert!(!self.issuer.tick_in_flight());
+        if answers.is_empty() && requests.is_empty() && self.journal.len() == start {
+            // Both aborted: exact rollback.
+            for (s, b) in sellers()[..2].iter().zip(&before_accounting) {
+                assert_eq!(self.issuer.accounting(s).unwrap(), *b);
+            }
+            assert_eq!(self.issuer.next_seq(), before_seq);
+            assert!(self.issuer.index().len() <= before_index);
+            self.oracle = before;
+        } else {
+            self.oracle = Oracle::from_journal(&self.journal, self.retention_ms);
+            check_answers(
+                &requests,
+                &answers,
+                &before,
+                &self.journal,
+                &self.oracle,
+                self.now_ms,
+            );
+            // A crash may tear the ticks' writes anywhere (a group commit writes both at
+            // once).
+            self.last_commit = Some(start..self.journal.len());
+            self.unjournaled.clear();
+        }
+        assert_eq!(
+            self.issuer.index().len() as usize,
+            self.oracle.remembered(self.now_ms)
+        );
         self.oracle
             .check_accounting(&self.issuer, &self.unjournaled);
     }
@@ -753,6 +918,23 @@ impl Harness {
                 self.unjournaled.push((sellers()[*seller], segment));
             }
             Op::Restart { crash_cut } => self.restart(*crash_cut),
+            Op::Pipelined {
+                first,
+                second,
+                refuse,
+                end,
+                dt_ms,
+            } => {
+                self.wall_ms = self.wall_ms.saturating_add_signed(*dt_ms);
+                let build = |specs: &[ReqSpec]| -> Vec<IssueRequest> {
+                    specs
+                        .iter()
+                        .map(|s| build_request(s, &self.oracle))
+                        .collect()
+                };
+                let (first, second) = (build(first), build(second));
+                self.pipelined(&first, &second, *refuse, *end);
+            }
         }
     }
 }
