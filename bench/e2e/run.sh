@@ -14,7 +14,7 @@
 #      PERF=1 (perf record the appliance for 5 s), PORT/CONTROL (4433/9443),
 #      SHARDS (appliance shards, default one per CPU), CPUS (shard CPU list, e.g. "[0]"),
 #      EMU_CPUS / LG_CPUS (taskset CPU lists for the emulator and loadgen; default any),
-#      EMU_FLAGS (extra hsm-emu flags, e.g. "--pcie-spin-us 0").
+#      EMU_FLAGS (extra hsm-emu flags, e.g. "--pcie-spin-us 0"), TICKS (limits.ticks_in_flight).
 set -u
 top=$(cd "$(dirname "$0")/../.." && pwd)
 B=${B:-$top/target/release}
@@ -50,6 +50,7 @@ if [ "${ROUTE:-pcie}" = pcie ]; then R="pcie:$SHM"; else R="tcp://$ADDR"; fi
     printf '[[taxpayers]]\nid = "%s"\nceiling_fen = 10000000\nlow_watermark = 200000\nrefill_count = 1000000\n' "$s"
   done
   printf '[limits]\nindex_capacity_orders = 8000000\n'
+  [ -n "${TICKS:-}" ] && echo "ticks_in_flight = $TICKS"
 } > "$D/cfg.toml"
 "$B/appliance" serve --config "$D/cfg.toml" > "$D/serve.out" 2> "$D/serve.err" &
 SRV=$!

@@ -137,6 +137,9 @@ pub struct Limits {
     pub retention_days: u32,
     /// Bytes per journal segment file. Default 1 GiB.
     pub journal_segment_bytes: u64,
+    /// Ticks a shard keeps in flight: while one tick's tax codes are out, the next tick
+    /// can already take numbers and send its own command. Default 2; 1 to 4.
+    pub ticks_in_flight: u32,
 }
 
 impl Default for Limits {
@@ -146,6 +149,7 @@ impl Default for Limits {
             index_capacity_orders: 4_000_000,
             retention_days: 35,
             journal_segment_bytes: crate::journal::SEGMENT_BYTES_MAX_DEFAULT,
+            ticks_in_flight: 2,
         }
     }
 }
@@ -264,6 +268,13 @@ impl ApplianceConfig {
         if self.limits.retention_days == 0 {
             return invalid("limits.retention_days must be at least 1".into());
         }
+        let ticks_max = appliance_core::issuer::TICKS_IN_FLIGHT_MAX as u32;
+        if !(1..=ticks_max).contains(&self.limits.ticks_in_flight) {
+            return invalid(format!(
+                "limits.ticks_in_flight = {} is outside 1..={ticks_max}",
+                self.limits.ticks_in_flight
+            ));
+        }
         self.routes()?;
         Ok(())
     }
@@ -338,6 +349,7 @@ tick_requests_max = 8192
 index_capacity_orders = 4000000     # per shard, 64 B each
 retention_days = 35
 journal_segment_bytes = 1073741824
+ticks_in_flight = 2                 # per shard; 1 to 4
 "#;
 
 #[cfg(test)]

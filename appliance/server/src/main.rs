@@ -247,6 +247,7 @@ fn issue_loop(args: IssueLoopArgs) -> Result<(), String> {
         taxpayer_routes: Default::default(),
         hsm: TcpClientConfig::default().into(),
         spin_before_park: std::time::Duration::ZERO,
+        ticks_in_flight: 2,
     };
     let shard = ShardHandle::spawn(config).map_err(|e| e.to_string())?;
     let mut stdout = std::io::stdout().lock();

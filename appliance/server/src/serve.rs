@@ -102,6 +102,7 @@ impl Appliance {
                 taxpayer_routes: taxpayer_routes.clone(),
                 hsm,
                 spin_before_park: Duration::from_micros(config.spin_before_park_us),
+                ticks_in_flight: config.limits.ticks_in_flight as usize,
             })
             .collect();
         let quic = crate::quic::per_shard(sockets, server_config, authorisation);

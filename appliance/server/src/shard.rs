@@ -25,7 +25,7 @@ use appliance_core::pool::RefillRequest;
 use appliance_core::taxpayer::IdentityError;
 use appliance_core::{
     Answer, Invoice, InvoiceCode, InvoiceNumber, IssueError, IssueRequest, Issuer, IssuerConfig,
-    ItemError, NumberSegment, Outcome, TaxCodeResult, TaxpayerId, Tick,
+    ItemError, NumberSegment, Outcome, TaxCodeResult, TaxpayerId, Tick, TickError,
 };
 use glommio::channels::local_channel::{LocalReceiver, LocalSender};
 use glommio::{LocalExecutorBuilder, Placement};
@@ -36,7 +36,7 @@ use hsm_driver::proto::{
 use hsm_driver::route::{HsmClient, HsmClientConfig, Route};
 use hsm_driver::tcp::HsmError;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -69,6 +69,10 @@ pub struct ShardConfig {
     pub hsm: HsmClientConfig,
     /// How long the executor polls for work before it sleeps (zero: sleeps at once).
     pub spin_before_park: Duration,
+    /// Ticks kept in flight (1..=[`appliance_core::issuer::TICKS_IN_FLIGHT_MAX`]): the
+    /// next tick takes its numbers and sends its tax-code command while the previous
+    /// one's is still out.
+    pub ticks_in_flight: usize,
 }
 
 /// Why a request got no invoice.
@@ -770,32 +774,65 @@ impl Shard {
         commit_tx: &LocalSender<CommitJob>,
     ) -> Result<(), ShardError> {
         let tick_max = config.issuer.tick_requests_max as usize;
+        let depth = config
+            .ticks_in_flight
+            .clamp(1, appliance_core::issuer::TICKS_IN_FLIGHT_MAX);
+        // Ticks whose tax codes are out, oldest first; they finish in this order.
+        let mut pipeline: VecDeque<TickInFlight> = VecDeque::with_capacity(depth);
         let mut carry: Option<Message> = None;
         let mut stopping = false;
         loop {
-            let first = match carry.take() {
-                Some(message) => message,
-                // Stopping: serve what is already queued, then end. Peers' endpoints may
-                // still hold this inbox, so "every sender dropped" cannot be waited for.
-                None if stopping => match rx.try_recv() {
-                    Ok(message) => message,
-                    Err(_) => return Ok(()),
-                },
-                None => {
-                    let next =
-                        futures_lite::future::or(async { Some(rx.recv_async().await) }, async {
-                            let _ = shutdown.recv_async().await;
-                            None
-                        })
-                        .await;
-                    match next {
-                        Some(Ok(message)) => message,
-                        Some(Err(_)) => return Ok(()), // every sender dropped
-                        None => {
-                            stopping = true;
-                            continue;
-                        }
+            let event = if pipeline.len() >= depth {
+                Event::Codes
+            } else if let Some(message) = carry.take() {
+                Event::Message(message)
+            } else if stopping {
+                // Serve what is already queued, then end. Peers' endpoints may still hold
+                // this inbox, so "every sender dropped" cannot be waited for.
+                match rx.try_recv() {
+                    Ok(message) => Event::Message(message),
+                    Err(_) if pipeline.is_empty() => return Ok(()),
+                    Err(_) => Event::Codes,
+                }
+            } else {
+                let message = async {
+                    match rx.recv_async().await {
+                        Ok(message) => Event::Message(message),
+                        Err(_) => Event::Closed, // every sender dropped
                     }
+                };
+                let stop = async {
+                    let _ = shutdown.recv_async().await;
+                    Event::Stop
+                };
+                match pipeline.front_mut() {
+                    None => futures_lite::future::or(message, stop).await,
+                    // With a tick out, a new batch starts the next tick at once rather
+                    // than waiting behind this one's tax codes.
+                    Some(oldest) => {
+                        let codes = async {
+                            oldest.codes_ready().await;
+                            Event::Codes
+                        };
+                        futures_lite::future::or(codes, futures_lite::future::or(message, stop))
+                            .await
+                    }
+                }
+            };
+            let first = match event {
+                Event::Message(message) => message,
+                Event::Closed if pipeline.is_empty() => return Ok(()),
+                Event::Closed | Event::Stop => {
+                    stopping = true;
+                    continue;
+                }
+                Event::Codes => {
+                    let mut oldest = pipeline.pop_front().expect("a tick is in flight");
+                    let codes = oldest.codes().await;
+                    if let Some(job) = self.finish(oldest, codes)? {
+                        self.send_commit(commit_tx, job).await?;
+                    }
+                    continue;
                 }
             };
             // Gather every batch already waiting, up to the tick bound.
@@ -838,28 +875,42 @@ impl Shard {
                 next = rx.try_recv().ok();
             }
             self.apply_refills()?;
-            let job = if batches.is_empty() {
-                self.empty_tick()?
-            } else {
-                self.tick(batches, count).await?
-            };
-            if let Some(job) = job {
-                if let Err(e) = commit_tx.send(job).await {
-                    // The committer stopped after a journal failure; it answered its
-                    // own jobs, this one is answered here.
-                    if let glommio::GlommioError::Closed(glommio::ResourceType::Channel(job)) = e {
-                        answer_all(
-                            job.slots,
-                            IssueFailure::ShardStopped("journal failed".into()),
-                        );
+            if batches.is_empty() {
+                // Queued control records ride on the next tick's commit when one is out.
+                if pipeline.is_empty() {
+                    if let Some(job) = self.empty_tick()? {
+                        self.send_commit(commit_tx, job).await?;
                     }
-                    return Err(ShardError::Journal {
-                        shard: self.id,
-                        message: "the journal committer stopped".into(),
-                    });
                 }
+            } else {
+                let tick = self
+                    .start_tick(batches, count, &mut pipeline, commit_tx)
+                    .await?;
+                pipeline.push_back(tick);
             }
         }
+    }
+
+    async fn send_commit(
+        &self,
+        commit_tx: &LocalSender<CommitJob>,
+        job: CommitJob,
+    ) -> Result<(), ShardError> {
+        if let Err(e) = commit_tx.send(job).await {
+            // The committer stopped after a journal failure; it answered its own jobs,
+            // this one is answered here.
+            if let glommio::GlommioError::Closed(glommio::ResourceType::Channel(job)) = e {
+                answer_all(
+                    job.slots,
+                    IssueFailure::ShardStopped("journal failed".into()),
+                );
+            }
+            return Err(ShardError::Journal {
+                shard: self.id,
+                message: "the journal committer stopped".into(),
+            });
+        }
+        Ok(())
     }
 
     fn apply_refills(&mut self) -> Result<(), ShardError> {
@@ -923,13 +974,17 @@ impl Shard {
         }
     }
 
-    /// Runs one tick up to its journal bytes; the committer makes them durable and
-    /// answers.
-    async fn tick(
+    /// Begins a tick and sends its tax-code commands; [`Shard::finish`] takes it from
+    /// there once the codes are in. A pool that ran dry while its refill is on the way
+    /// waits for the segment (after finishing the ticks in `pipeline`, whose answers
+    /// would otherwise wait too) rather than refuse requests it could serve.
+    async fn start_tick(
         &mut self,
         batches: Vec<(Vec<IssueRequest>, BatchSlot)>,
         count: usize,
-    ) -> Result<Option<CommitJob>, ShardError> {
+        pipeline: &mut VecDeque<TickInFlight>,
+        commit_tx: &LocalSender<CommitJob>,
+    ) -> Result<TickInFlight, ShardError> {
         let tick_start = Instant::now();
         let mut requests = Vec::with_capacity(count);
         let mut slots = Vec::with_capacity(batches.len());
@@ -951,18 +1006,18 @@ impl Shard {
             .begin_tick(self.clock.now_ms(), requests)
             .map_err(|e| internal(self.id, e))?;
         self.spawn_refills(tick.refill_requests());
-        // A pool that ran dry while its refill is on the way: wait for the segment
-        // rather than refuse requests the next tick could serve.
         let starved = |tick: &Tick| {
             tick.outcomes()
                 .iter()
                 .any(|o| matches!(o, Outcome::Rejected(IssueError::NoNumbersAvailable)))
         };
         if starved(&tick) && self.refills_in_flight > 0 {
+            // The newest tick: its abort is exact.
             let requests = self
                 .issuer
                 .abort_tick(tick)
                 .map_err(|e| internal(self.id, e))?;
+            self.drain(pipeline, commit_tx).await?;
             while self.wait_for_refill().await? {
                 if self.refills_in_flight == 0 {
                     break;
@@ -974,38 +1029,76 @@ impl Shard {
                 .map_err(|e| internal(self.id, e))?;
             self.spawn_refills(tick.refill_requests());
         }
-
         let codes = if tick.item_count() == 0 {
-            Vec::new()
+            None
         } else {
-            let hsm_start = Instant::now();
-            let result = self.tax_codes(&tick).await;
-            self.metrics.borrow_mut().record(
-                Stage::TaxCode,
-                micros(hsm_start.elapsed()),
-                count as u64,
-            );
-            match result {
-                Ok(codes) => codes,
-                Err(message) => {
-                    tracing::warn!(shard = self.id, %message, "tax codes failed; tick aborted");
-                    self.issuer
-                        .abort_tick(tick)
-                        .map_err(|e| internal(self.id, e))?;
-                    self.metrics.borrow_mut().rejected_requests += count as u64;
-                    answer_all(slots, IssueFailure::TaxServer(message));
-                    return Ok(None);
-                }
+            Some(self.tax_codes(&tick))
+        };
+        Ok(TickInFlight {
+            tick,
+            slots,
+            count,
+            codes,
+            done: None,
+        })
+    }
+
+    /// Finishes every tick in `pipeline`, oldest first, and hands them to the committer:
+    /// [`Shard::start_tick`] needs them out of the way before it waits for a refill.
+    async fn drain(
+        &mut self,
+        pipeline: &mut VecDeque<TickInFlight>,
+        commit_tx: &LocalSender<CommitJob>,
+    ) -> Result<(), ShardError> {
+        while let Some(mut oldest) = pipeline.pop_front() {
+            let codes = oldest.codes().await;
+            if let Some(job) = self.finish(oldest, codes)? {
+                self.send_commit(commit_tx, job).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a tick with its tax codes: its journal bytes and answers for the committer,
+    /// or `None` if the tick was aborted (its requests answered with the failure).
+    fn finish(
+        &mut self,
+        in_flight: TickInFlight,
+        codes: Result<Vec<TaxCodeResult>, String>,
+    ) -> Result<Option<CommitJob>, ShardError> {
+        let TickInFlight {
+            tick, slots, count, ..
+        } = in_flight;
+        let codes = match codes {
+            Ok(codes) => codes,
+            Err(message) => {
+                tracing::warn!(shard = self.id, %message, "tax codes failed; tick aborted");
+                // Ticks begun after this one are doomed: their `finish_tick` aborts them.
+                self.issuer
+                    .abort_tick(tick)
+                    .map_err(|e| internal(self.id, e))?;
+                self.metrics.borrow_mut().rejected_requests += count as u64;
+                answer_all(slots, IssueFailure::TaxServer(message));
+                return Ok(None);
             }
         };
-
         let mut bytes =
             Vec::with_capacity(tick.canonical_bytes() + count * 128 + JOURNAL_BLOCK_BYTES);
         let start = begin_commit(&mut bytes);
-        let commit = self
-            .issuer
-            .finish_tick(tick, &codes, &mut bytes)
-            .map_err(|e| internal(self.id, e))?;
+        let commit = match self.issuer.finish_tick(tick, &codes, &mut bytes) {
+            Ok(commit) => commit,
+            Err(TickError::EarlierTickAborted) => {
+                // Its numbers follow those of a tick whose tax codes failed; they go back
+                // together, and the same failure is the answer.
+                self.metrics.borrow_mut().rejected_requests += count as u64;
+                answer_all(
+                    slots,
+                    IssueFailure::TaxServer("an earlier tick's tax codes failed".into()),
+                );
+                return Ok(None);
+            }
+            Err(e) => return Err(internal(self.id, e)),
+        };
         seal_tick(&mut bytes, start, &commit.seqs).map_err(|e| internal(self.id, e))?;
         {
             let mut metrics = self.metrics.borrow_mut();
@@ -1019,11 +1112,52 @@ impl Shard {
         }))
     }
 
-    /// The tick's tax codes: per tax server, one TaxCodes command per
+    /// Sends the tick's tax-code commands: per tax server, one TaxCodes command per
     /// [`TAX_CODES_BATCH_MAX`] of its items (a tick may be larger than the device's
-    /// batch), all in flight at once. Returns the per-item results in tick order, or why
-    /// a command as a whole failed.
-    async fn tax_codes(&self, tick: &Tick) -> Result<Vec<TaxCodeResult>, String> {
+    /// batch), all in flight at once. The task yields the per-item results in tick
+    /// order, or why a command as a whole failed, and records the stage's latency.
+    fn tax_codes(&self, tick: &Tick) -> glommio::Task<Result<Vec<TaxCodeResult>, String>> {
+        let start = Instant::now();
+        let metrics = Rc::clone(&self.metrics);
+        let count = tick.requests().len() as u64;
+        let calls = self.tax_code_calls(tick);
+        let items = tick.item_count();
+        glommio::spawn_local(async move {
+            let mut results: Vec<Option<TaxCodeResult>> = vec![None; items];
+            let mut failure = None;
+            // Every call is awaited, even after a failure: the device may still be
+            // working on them, and the tick is only aborted once none is out.
+            for (chunk, call) in calls? {
+                match call.await {
+                    Ok(codes) => {
+                        for (&i, result) in chunk.iter().zip(codes) {
+                            results[i] = Some(result);
+                        }
+                    }
+                    Err(message) => failure = failure.or(Some(message)),
+                }
+            }
+            metrics
+                .borrow_mut()
+                .record(Stage::TaxCode, micros(start.elapsed()), count);
+            if let Some(message) = failure {
+                return Err(message);
+            }
+            Ok(results
+                .into_iter()
+                .map(|r| r.expect("every item is in one group"))
+                .collect())
+        })
+    }
+
+    /// The tick's TaxCodes commands, each already running, with the tick positions of
+    /// its items.
+    #[allow(clippy::type_complexity)]
+    fn tax_code_calls(
+        &self,
+        tick: &Tick,
+    ) -> Result<Vec<(Vec<usize>, glommio::Task<Result<Vec<TaxCodeResult>, String>>)>, String>
+    {
         let items: Vec<&[u8]> = tick.canonical_items().collect();
         // Items per tax server, in tick order; with one tax server (the usual case) that
         // is every item, without looking at them.
@@ -1061,19 +1195,51 @@ impl Shard {
                     }
                     Ok(items.iter().map(item_result).collect::<Vec<_>>())
                 });
-                calls.push((chunk, call));
+                calls.push((chunk.to_vec(), call));
             }
         }
-        let mut results: Vec<Option<TaxCodeResult>> = vec![None; items.len()];
-        for (chunk, call) in calls {
-            for (&i, result) in chunk.iter().zip(call.await?) {
-                results[i] = Some(result);
+        Ok(calls)
+    }
+}
+
+/// What the tick loop woke up for.
+enum Event {
+    /// A message from the inbox.
+    Message(Message),
+    /// The oldest tick in flight has its tax codes (or it must be waited for).
+    Codes,
+    /// Shutdown requested.
+    Stop,
+    /// Every sender of the inbox dropped.
+    Closed,
+}
+
+/// A tick whose tax codes are out.
+struct TickInFlight {
+    tick: Tick,
+    slots: Vec<BatchSlot>,
+    count: usize,
+    /// The commands' task; `None` if no item needs a code (replays and refusals only).
+    codes: Option<glommio::Task<Result<Vec<TaxCodeResult>, String>>>,
+    /// The task's output once `codes_ready` saw it complete.
+    done: Option<Result<Vec<TaxCodeResult>, String>>,
+}
+
+impl TickInFlight {
+    /// Resolves once the tax codes are in; keeps them for [`TickInFlight::codes`].
+    async fn codes_ready(&mut self) {
+        if self.done.is_none() {
+            if let Some(task) = self.codes.as_mut() {
+                self.done = Some(task.await);
+                self.codes = None;
             }
         }
-        Ok(results
-            .into_iter()
-            .map(|r| r.expect("every item is in one group"))
-            .collect())
+    }
+
+    /// The tax codes, waiting for them if needed.
+    async fn codes(&mut self) -> Result<Vec<TaxCodeResult>, String> {
+        self.codes_ready().await;
+        self.done.take().unwrap_or_else(|| Ok(Vec::new()))
     }
 }
 
