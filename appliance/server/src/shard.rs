@@ -5,12 +5,16 @@
 //! A tick takes every batch waiting (up to `tick_requests_max` requests), gets all tax
 //! codes of the tick in one TaxCodes command, writes all of the tick's records with one
 //! O_DIRECT write and one fdatasync, and only then answers. Under load ticks grow and the
-//! fixed costs (one HSM round trip, one fdatasync) are shared by more invoices.
+//! fixed costs (one HSM round trip, one fdatasync) are shared by more invoices. Up to
+//! `ticks_in_flight` ticks have their tax codes out at once (a new batch starts the next
+//! tick rather than wait behind the previous one's codes); they finish and commit in the
+//! order they began.
 //!
 //! Failure policy:
 //! - tax server unreachable or refusing a whole command: the tick is aborted (numbers go
 //!   back to the pool, nothing journaled) and its requests get [`IssueFailure::TaxServer`],
-//!   which is safe to retry;
+//!   which is safe to retry; so do the requests of ticks begun after it, whose numbers
+//!   can only go back with its own;
 //! - journal write or fdatasync failure: the shard stops (fail-stop; see
 //!   `journal::JournalError::Poisoned`); requests get [`IssueFailure::ShardStopped`] and
 //!   a restart recovers from what is on disk.
