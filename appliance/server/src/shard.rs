@@ -1120,7 +1120,7 @@ impl Shard {
     /// [`TAX_CODES_BATCH_MAX`] of its items (a tick may be larger than the device's
     /// batch), all in flight at once. The task yields the per-item results in tick
     /// order, or why a command as a whole failed, and records the stage's latency.
-    fn tax_codes(&self, tick: &Tick) -> glommio::Task<Result<Vec<TaxCodeResult>, String>> {
+    fn tax_codes(&self, tick: &Tick) -> CodesTask {
         let start = Instant::now();
         let metrics = Rc::clone(&self.metrics);
         let count = tick.requests().len() as u64;
@@ -1156,12 +1156,7 @@ impl Shard {
 
     /// The tick's TaxCodes commands, each already running, with the tick positions of
     /// its items.
-    #[allow(clippy::type_complexity)]
-    fn tax_code_calls(
-        &self,
-        tick: &Tick,
-    ) -> Result<Vec<(Vec<usize>, glommio::Task<Result<Vec<TaxCodeResult>, String>>)>, String>
-    {
+    fn tax_code_calls(&self, tick: &Tick) -> Result<Vec<(Vec<usize>, CodesTask)>, String> {
         let items: Vec<&[u8]> = tick.canonical_items().collect();
         // Items per tax server, in tick order; with one tax server (the usual case) that
         // is every item, without looking at them.
@@ -1218,13 +1213,16 @@ enum Event {
     Closed,
 }
 
+/// Tax codes on their way: the per-item results in item order, or why a command failed.
+type CodesTask = glommio::Task<Result<Vec<TaxCodeResult>, String>>;
+
 /// A tick whose tax codes are out.
 struct TickInFlight {
     tick: Tick,
     slots: Vec<BatchSlot>,
     count: usize,
     /// The commands' task; `None` if no item needs a code (replays and refusals only).
-    codes: Option<glommio::Task<Result<Vec<TaxCodeResult>, String>>>,
+    codes: Option<CodesTask>,
     /// The task's output once `codes_ready` saw it complete.
     done: Option<Result<Vec<TaxCodeResult>, String>>,
 }
