@@ -833,8 +833,14 @@ impl Shard {
                 Event::Codes => {
                     let mut oldest = pipeline.pop_front().expect("a tick is in flight");
                     let codes = oldest.codes().await;
+                    let failed = codes.is_err();
                     if let Some(job) = self.finish(oldest, codes)? {
                         self.send_commit(commit_tx, job).await?;
+                    }
+                    if failed {
+                        // The ticks begun after it are doomed, and no tick may begin
+                        // until they have ended.
+                        self.drain(&mut pipeline, commit_tx).await?;
                     }
                     continue;
                 }
