@@ -59,6 +59,11 @@ pub struct ShardMetrics {
     pub ticks: u64,
     /// Invoices in the largest tick.
     pub tick_invoices_max: u64,
+    /// Commits (ticks with records) made durable by the shard's committer.
+    pub journal_commits: u64,
+    /// Journal writes (one O_DIRECT write and one fdatasync each) that made them durable:
+    /// below `journal_commits` when group commit carried several ticks per fdatasync.
+    pub journal_writes: u64,
     /// Counters of the shard's QUIC endpoints.
     pub quic: QuicMetrics,
 }
@@ -109,6 +114,8 @@ impl ShardMetrics {
             rejected_requests: 0,
             ticks: 0,
             tick_invoices_max: 0,
+            journal_commits: 0,
+            journal_writes: 0,
             quic: QuicMetrics::default(),
         }
     }
@@ -137,6 +144,8 @@ impl ShardMetrics {
         self.rejected_requests += other.rejected_requests;
         self.ticks += other.ticks;
         self.tick_invoices_max = self.tick_invoices_max.max(other.tick_invoices_max);
+        self.journal_commits += other.journal_commits;
+        self.journal_writes += other.journal_writes;
         self.quic.merge(&other.quic);
     }
 }
@@ -219,7 +228,7 @@ pub fn prometheus_text(shards: &[ShardMetrics]) -> String {
             );
         }
     }
-    let counters: [Counter; 10] = [
+    let counters: [Counter; 12] = [
         (
             "einvoice_issued_invoices_total",
             "Invoices newly issued.",
@@ -240,6 +249,16 @@ pub fn prometheus_text(shards: &[ShardMetrics]) -> String {
             "einvoice_tick_invoices_max",
             "Invoices in the largest tick.",
             |m| m.tick_invoices_max,
+        ),
+        (
+            "einvoice_journal_commits_total",
+            "Journal commits (ticks with records) made durable.",
+            |m| m.journal_commits,
+        ),
+        (
+            "einvoice_journal_writes_total",
+            "Journal writes (one O_DIRECT write and one fdatasync each) that made them durable.",
+            |m| m.journal_writes,
         ),
         (
             "einvoice_quic_connections_total",
@@ -302,6 +321,21 @@ mod tests {
         assert!(all.stage(Stage::Total).max() >= 9_990);
         let table = latency_table(&[a, b], Stage::Total);
         assert_eq!(table.lines().count(), 4, "{table}");
+    }
+
+    #[test]
+    fn journal_counters_are_served_and_merged() {
+        let mut a = ShardMetrics::new(0);
+        a.journal_commits = 12;
+        a.journal_writes = 3;
+        let mut all = ShardMetrics::new(9);
+        all.merge(&a);
+        all.merge(&a);
+        assert_eq!((all.journal_commits, all.journal_writes), (24, 6));
+        let text = prometheus_text(&[a]);
+        assert!(text.contains("# TYPE einvoice_journal_writes_total counter"));
+        assert!(text.contains("einvoice_journal_commits_total{shard=\"0\"} 12\n"));
+        assert!(text.contains("einvoice_journal_writes_total{shard=\"0\"} 3\n"));
     }
 
     #[test]

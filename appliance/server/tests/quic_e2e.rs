@@ -229,6 +229,13 @@ fn bulk_issue_restart_and_identical_replays() {
     assert_eq!(counter(&metrics, "einvoice_issued_invoices_total"), 100_000);
     // Both shards issued.
     assert!(metrics.contains("einvoice_issued_invoices_total{shard=\"1\"}"));
+    // Every write carried at least one commit (more when ticks queued behind the disk).
+    let commits = counter(&metrics, "einvoice_journal_commits_total");
+    let writes = counter(&metrics, "einvoice_journal_writes_total");
+    assert!(
+        writes > 0 && commits >= writes,
+        "{commits} commits, {writes} writes"
+    );
     rt.block_on(client.close());
     drop(client);
 

@@ -35,9 +35,10 @@ pub struct JournalConfig {
     /// does not fit. Default [`SEGMENT_BYTES_MAX_DEFAULT`] (1 GiB). Must be a multiple of
     /// [`BLOCK_BYTES`] and at least `commit_bytes_max`.
     pub segment_bytes_max: u64,
-    /// Largest commit accepted by `Journal::commit`. Default [`COMMIT_BYTES_MAX_DEFAULT`]
-    /// (16 MiB). Must be a multiple of [`BLOCK_BYTES`] and at most
-    /// `frame::COMMIT_BYTES_MAX` (16 MiB), the largest commit recovery reads back (it
+    /// Largest commit accepted by `Journal::commit`, and largest write of a group by
+    /// `Journal::commit_many` (which bounds its DMA buffer as for one commit). Default
+    /// [`COMMIT_BYTES_MAX_DEFAULT`] (16 MiB). Must be a multiple of [`BLOCK_BYTES`] and at
+    /// most `frame::COMMIT_BYTES_MAX` (16 MiB), the largest commit recovery reads back (it
     /// holds one whole commit in memory to check it).
     pub commit_bytes_max: usize,
     /// Size of one read during recovery. Default [`RECOVERY_CHUNK_BYTES_DEFAULT`] (1 MiB).

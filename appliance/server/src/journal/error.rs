@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 use appliance_core::journal::frame::FrameError;
 
-/// Why a buffer handed to `Journal::commit` was refused. Nothing was written: the journal
-/// stays usable, the caller has a bug to fix.
+/// Why a buffer handed to `Journal::commit` (or one of a group handed to
+/// `Journal::commit_many`) was refused. Nothing was written: the journal stays usable,
+/// the caller has a bug to fix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum CommitRejection {
     /// The buffer is empty.
@@ -177,6 +178,15 @@ pub enum JournalError {
     /// A commit was refused before anything was written.
     #[error("commit refused: {0}")]
     InvalidCommit(#[from] CommitRejection),
+    /// A commit of a group handed to `Journal::commit_many` was refused; nothing of the
+    /// group was written (a group is checked whole before its first byte goes to disk).
+    #[error("commit {index} of the group refused: {rejection}")]
+    InvalidGroupCommit {
+        /// Position of the refused commit in the group.
+        index: usize,
+        /// Why it was refused.
+        rejection: CommitRejection,
+    },
     /// `read_record` for a sequence number that is not in the journal.
     #[error("seq {seq} is not in the journal (holds {first_seq}..{next_seq})")]
     SeqNotFound {

@@ -1,11 +1,12 @@
 //! The journal files of one shard: append-only segment files written with O_DIRECT, one
-//! aligned write and one fdatasync per commit (group commit), recovery on open, and reads
-//! of single records for idempotent replays.
+//! aligned write and one fdatasync per commit, or per group of commits (group commit),
+//! recovery on open, and reads of single records for idempotent replays.
 //!
 //! This module knows the framing (`appliance_core::journal::frame`) but not what record
 //! bodies mean: the shard frames a tick's records as one commit (`frame::begin_commit`,
 //! the core's records, `frame::seal_commit(.., 4096, ..)`: commit header, records,
-//! padding to the block), [`Journal::commit`] makes it durable, and on start-up
+//! padding to the block), [`Journal::commit`] makes it durable ([`Journal::commit_many`]
+//! several ticks' commits with one write and one fdatasync), and on start-up
 //! [`Journal::open`] hands every record back to the core's recovery; a commit whose
 //! write a crash tore is dropped whole. docs/journal.md
 //! describes the on-disk format and the rules.
@@ -115,6 +116,8 @@ pub struct Journal {
     index: Vec<IndexEntry>,
     /// Set by the first failed write, fdatasync or rotation: see [`JournalError::Poisoned`].
     poisoned: Option<String>,
+    /// Writes (each with its fdatasync) made since open: see [`Journal::writes_total`].
+    writes_total: u64,
     /// The last older (non-current) segment read by `read_record`, kept open because
     /// replays tend to cluster.
     old_segment: RefCell<Option<(u32, Rc<DmaFile>)>>,
@@ -314,6 +317,7 @@ impl Journal {
             next_seq,
             index,
             poisoned: None,
+            writes_total: 0,
             old_segment: RefCell::new(None),
         })
     }
@@ -334,34 +338,105 @@ impl Journal {
     ///
     /// Any I/O failure poisons the journal: this and every later call fail (see
     /// [`JournalError::Poisoned`]); the shard must stop and recover after a restart.
+    ///
+    /// This is [`Journal::commit_many`] of one commit.
     pub async fn commit(&mut self, bytes: &[u8]) -> Result<CommitPosition, JournalError> {
-        self.check_poisoned()?;
-        let (first_seq, last_seq) = self.verify_commit(bytes)?;
-        let result = self.write_commit(first_seq, bytes).await;
-        let (segment, offset) = match result {
-            Ok(at) => at,
-            Err(error) => {
-                self.poisoned = Some(error.to_string());
-                return Err(error);
+        match self.commit_many(&[bytes]).await {
+            Ok(mut positions) => Ok(positions.pop().expect("one position per commit")),
+            Err(JournalError::InvalidGroupCommit { rejection, .. }) => {
+                Err(JournalError::InvalidCommit(rejection))
             }
-        };
-        let len = bytes.len() as u64;
-        self.index.push(IndexEntry {
-            first_seq,
-            offset,
-            len,
-            segment,
-        });
-        self.tail = offset + len;
-        self.next_seq = last_seq + 1;
-        debug_assert!(self.tail <= self.config.segment_bytes_max);
-        Ok(CommitPosition {
-            first_seq,
-            last_seq,
-            segment_first_seq: self.segments[segment as usize].first_seq,
-            offset,
-            len,
-        })
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Makes several consecutive commits durable at once (group commit across ticks):
+    /// the commits are laid back to back at the segment's tail and written with one
+    /// aligned O_DIRECT write and one fdatasync, instead of one of each per commit.
+    /// Returns their positions, in order, only when every one of them is on disk.
+    ///
+    /// Each commit stays a separately framed commit on disk, exactly as [`Journal::commit`]
+    /// would have written it one after the other: the format and recovery do not change,
+    /// and each commit gets its own index entry for [`Journal::read_records`]. Each is
+    /// checked as `commit` checks it, the sequence numbers running on from one commit to
+    /// the next starting at [`Journal::next_seq`]. If any commit is refused, the whole
+    /// group is refused with [`JournalError::InvalidGroupCommit`] (naming the commit)
+    /// before anything is written, and the journal stays usable.
+    ///
+    /// A commit is never split. The group is cut into several writes, each with its own
+    /// fdatasync, only where it must be: at a rotation (the commits that fit go to the old
+    /// segment and are synced there before the new segment is created, so a segment is
+    /// never left with a torn tail behind a later one), and where a write would exceed
+    /// `commit_bytes_max` bytes (see [`Journal::writes_total`]). An empty group writes
+    /// nothing.
+    ///
+    /// Any I/O failure poisons the journal exactly as in `commit`. The commits of the
+    /// group made durable by an earlier write of the same call (before a rotation) stay
+    /// recorded as durable (`next_seq`, `read_records`), the rest are not.
+    pub async fn commit_many(
+        &mut self,
+        commits: &[&[u8]],
+    ) -> Result<Vec<CommitPosition>, JournalError> {
+        self.check_poisoned()?;
+        // The whole group crosses the disk boundary checked: a bad commit in the middle
+        // must not leave the ones before it written and the journal half advanced.
+        let mut seqs = Vec::with_capacity(commits.len());
+        let mut next_seq = self.next_seq;
+        for (index, bytes) in commits.iter().enumerate() {
+            let (first_seq, last_seq) = self
+                .verify_commit(bytes, next_seq)
+                .map_err(|rejection| JournalError::InvalidGroupCommit { index, rejection })?;
+            seqs.push((first_seq, last_seq));
+            next_seq = last_seq + 1;
+        }
+        let mut positions = Vec::with_capacity(commits.len());
+        // Each round writes at least one commit or fails, so at most `commits.len()`
+        // rounds.
+        while positions.len() < commits.len() {
+            let done = positions.len();
+            let (segment, offset, count) =
+                match self.write_run(&commits[done..], seqs[done].0).await {
+                    Ok(run) => run,
+                    Err(error) => {
+                        self.poisoned = Some(error.to_string());
+                        return Err(error);
+                    }
+                };
+            assert!(count >= 1 && done + count <= commits.len());
+            assert_eq!(offset, self.tail, "a run starts at the tail");
+            self.writes_total += 1;
+            for (bytes, &(first_seq, last_seq)) in commits[done..done + count]
+                .iter()
+                .zip(&seqs[done..done + count])
+            {
+                let len = bytes.len() as u64;
+                self.index.push(IndexEntry {
+                    first_seq,
+                    offset: self.tail,
+                    len,
+                    segment,
+                });
+                positions.push(CommitPosition {
+                    first_seq,
+                    last_seq,
+                    segment_first_seq: self.segments[segment as usize].first_seq,
+                    offset: self.tail,
+                    len,
+                });
+                self.tail += len;
+                self.next_seq = last_seq + 1;
+            }
+            debug_assert!(self.tail <= self.config.segment_bytes_max);
+        }
+        Ok(positions)
+    }
+
+    /// How many writes (each one O_DIRECT write followed by one fdatasync) `commit` and
+    /// `commit_many` made since the journal was opened. With group commit it grows by one
+    /// per group (more only at a rotation or beyond `commit_bytes_max` bytes), so its
+    /// ratio to the commits written is the number of commits each fdatasync carried.
+    pub fn writes_total(&self) -> u64 {
+        self.writes_total
     }
 
     /// Reads back the record with sequence number `seq` from a durable commit, for
@@ -506,23 +581,26 @@ impl Journal {
 
     /// Closes the files and releases the directory lock.
     pub async fn close(self) -> Result<(), JournalError> {
+        // Every descriptor is closed even if an earlier close failed: the directory's
+        // lock must not outlive the journal (a restart would find it locked). The first
+        // error is returned.
+        let mut first_error = None;
+        let mut note = |result: Result<(), glommio::GlommioError<()>>| {
+            if let Err(e) = result {
+                first_error.get_or_insert(io_err("close", &self.config.dir, 0)(e.into()));
+            }
+        };
         if let Some((_, file)) = self.old_segment.into_inner() {
             // Still shared only if a read is in flight, which `self` by value excludes.
             if let Ok(file) = Rc::try_unwrap(file) {
-                file.close()
-                    .await
-                    .map_err(|e| io_err("close", &self.config.dir, 0)(e.into()))?;
+                note(file.close().await);
             }
         }
         if let Some(file) = self.current {
-            file.close()
-                .await
-                .map_err(|e| io_err("close", &self.config.dir, 0)(e.into()))?;
+            note(file.close().await);
         }
-        self.dir
-            .close()
-            .await
-            .map_err(|e| io_err("close", &self.config.dir, 0)(e.into()))
+        note(self.dir.close().await);
+        first_error.map_or(Ok(()), Err)
     }
 
     fn check_poisoned(&self) -> Result<(), JournalError> {
@@ -534,8 +612,9 @@ impl Journal {
         }
     }
 
-    /// The checks before the disk boundary: returns the first and last sequence numbers.
-    fn verify_commit(&self, bytes: &[u8]) -> Result<(u64, u64), CommitRejection> {
+    /// The checks before the disk boundary for a commit whose first record must carry
+    /// `next_seq`: returns the first and last sequence numbers.
+    fn verify_commit(&self, bytes: &[u8], next_seq: u64) -> Result<(u64, u64), CommitRejection> {
         let len = bytes.len();
         if len == 0 {
             return Err(CommitRejection::Empty);
@@ -569,10 +648,10 @@ impl Journal {
                     // start is left to check, not a second walk.
                     CommitCheck::Whole { last_seq, .. } => {
                         let first = header.first_seq.get();
-                        if first != self.next_seq {
+                        if first != next_seq {
                             return Err(CommitRejection::Sequence {
                                 offset: next,
-                                expected: self.next_seq,
+                                expected: next_seq,
                                 found: first,
                             });
                         }
@@ -584,7 +663,7 @@ impl Journal {
                 }
             }
         }
-        let mut expected = self.next_seq;
+        let mut expected = next_seq;
         // Each step consumes at least one record header, so the walk ends.
         while offset < len {
             let (record, next) = decode_record_at(bytes, offset)
@@ -606,32 +685,53 @@ impl Journal {
             offset = next;
         }
         assert_eq!(offset, len, "records end exactly at the buffer's end");
-        if expected == self.next_seq {
+        if expected == next_seq {
             return Err(CommitRejection::NoRecords);
         }
-        Ok((self.next_seq, expected - 1))
+        Ok((next_seq, expected - 1))
     }
 
-    /// Rotates if needed, writes and syncs. Returns the segment index and offset.
-    async fn write_commit(
+    /// Writes and syncs the longest prefix of `commits` that fits in the current
+    /// segment and in one write of at most `commit_bytes_max` bytes, rotating first (to a
+    /// segment named `first_seq`, the first commit's first sequence number) if not even
+    /// the first commit fits. Returns the segment index, the offset and how many commits
+    /// were written (at least one).
+    ///
+    /// Why the bound: the write's DMA buffer is allocated whole (outside glommio's small
+    /// registered pool once it is large), so a group costs at most the memory of the
+    /// largest single commit, whatever the number of ticks queued behind the disk.
+    /// Recovery does not care where writes were cut: only commits are framed.
+    async fn write_run(
         &mut self,
+        commits: &[&[u8]],
         first_seq: u64,
-        bytes: &[u8],
-    ) -> Result<(u32, u64), JournalError> {
-        let len = bytes.len() as u64;
-        if self.current.is_none() || self.tail + len > self.config.segment_bytes_max {
+    ) -> Result<(u32, u64, usize), JournalError> {
+        let first_len = commits[0].len() as u64;
+        if self.current.is_none() || self.tail + first_len > self.config.segment_bytes_max {
             self.rotate(first_seq).await?;
         }
-        assert!(self.tail + len <= self.config.segment_bytes_max);
+        let room = self.config.segment_bytes_max - self.tail;
+        let write_max = room.min(self.config.commit_bytes_max as u64);
+        let mut len = 0u64;
+        let count = commits
+            .iter()
+            .take_while(|bytes| {
+                len += bytes.len() as u64;
+                len <= write_max
+            })
+            .count();
+        // Every commit is at most `commit_bytes_max`, and a fresh segment holds one.
+        assert!(count >= 1, "the first commit fits after rotation");
+        let run = &commits[..count];
         assert!(self.tail % BLOCK_BYTES as u64 == 0);
         let segment = (self.segments.len() - 1) as u32;
         let path = &self.segments[segment as usize].path;
         let file = self.current.as_ref().expect("rotate opened a segment");
-        write_all(file, path, self.tail, bytes).await?;
+        write_all(file, path, self.tail, run).await?;
         file.fdatasync()
             .await
             .map_err(|e| io_err("fdatasync", path, self.tail)(e.into()))?;
-        Ok((segment, self.tail))
+        Ok((segment, self.tail, count))
     }
 
     /// Closes the current segment and starts a new one named `first_seq`: create,
@@ -777,20 +877,23 @@ fn check_alignment(file: &DmaFile, path: &Path) -> Result<(), JournalError> {
     Ok(())
 }
 
-/// Writes `bytes` at `pos` with O_DIRECT from a DMA buffer. A short write is continued
-/// from where it stopped if it stopped on a block boundary; anything else is an error.
+/// Writes `parts`, back to back, at `pos` with O_DIRECT from one DMA buffer: each part is
+/// copied once, straight into the buffer (O_DIRECT needs aligned memory, and one buffer
+/// makes one write however many commits a group holds). A short write is continued from
+/// where it stopped if it stopped on a block boundary; anything else is an error.
 async fn write_all(
     file: &DmaFile,
     path: &Path,
     pos: u64,
-    bytes: &[u8],
+    parts: &[&[u8]],
 ) -> Result<(), JournalError> {
-    assert!(pos % BLOCK_BYTES as u64 == 0 && bytes.len() % BLOCK_BYTES == 0);
+    let len: usize = parts.iter().map(|part| part.len()).sum();
+    assert!(pos % BLOCK_BYTES as u64 == 0 && len % BLOCK_BYTES == 0);
     let mut done = 0usize;
     // Each round writes at least one block or fails, so at most len / 4096 rounds.
-    while done < bytes.len() {
-        let mut buf = file.alloc_dma_buffer(bytes.len() - done);
-        buf.as_bytes_mut().copy_from_slice(&bytes[done..]);
+    while done < len {
+        let mut buf = file.alloc_dma_buffer(len - done);
+        copy_from(parts, done, buf.as_bytes_mut());
         let at = pos + done as u64;
         let written = file
             .write_at(buf, at)
@@ -805,6 +908,26 @@ async fn write_all(
         done += written;
     }
     Ok(())
+}
+
+/// Fills `out` with the bytes of `parts` concatenated, starting `skip` bytes in.
+fn copy_from(parts: &[&[u8]], mut skip: usize, out: &mut [u8]) {
+    let mut filled = 0usize;
+    for part in parts {
+        if skip >= part.len() {
+            skip -= part.len();
+            continue;
+        }
+        let from = &part[skip..];
+        skip = 0;
+        out[filled..filled + from.len()].copy_from_slice(from);
+        filled += from.len();
+    }
+    assert_eq!(
+        filled,
+        out.len(),
+        "the buffer holds exactly the rest of the parts"
+    );
 }
 
 /// Makes the last segment ready for appending after its scan ended at `end` (just past
@@ -845,7 +968,7 @@ async fn repair_last(
         pad_to_block(&mut bytes, BLOCK_BYTES);
         // The rewritten block must still scan as the same records plus padding.
         debug_assert!(decode_record_at(&bytes, keep).is_ok());
-        write_all(file, path, block_start, &bytes).await?;
+        write_all(file, path, block_start, &[&bytes]).await?;
         tail = block_start + bytes.len() as u64;
     }
     let allocate_to = file_len.max(config.segment_bytes_max);
@@ -868,4 +991,20 @@ async fn repair_last(
             .map_err(io_err("fsync", path, 0))?;
     }
     Ok(tail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_from;
+
+    #[test]
+    fn copy_from_resumes_anywhere_across_parts() {
+        let parts: [&[u8]; 3] = [b"abc", b"", b"defgh"];
+        let all = b"abcdefgh";
+        for skip in 0..=all.len() {
+            let mut out = vec![0u8; all.len() - skip];
+            copy_from(&parts, skip, &mut out);
+            assert_eq!(out, &all[skip..], "skip {skip}");
+        }
+    }
 }

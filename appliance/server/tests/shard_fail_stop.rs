@@ -1,0 +1,153 @@
+//! Fail-stop of the shard's committer with ticks queued behind it: after a failed journal
+//! write, every request of the failed group and every tick queued behind it is answered
+//! with `ShardStopped` (one still in the inbox sees the shard gone once its handle is
+//! dropped), and none is answered as issued. A restart recovers from what was durable.
+//!
+//! The write failure is real: RLIMIT_FSIZE makes the kernel refuse writes beyond the
+//! limit with EFBIG. The limit is per process, so this test lives alone in its own test
+//! binary.
+
+use appliance_core::issuer::RETENTION_MS_DEFAULT;
+use appliance_core::{IssuerConfig, TaxpayerConfig};
+use appliance_server::child::ListeningChild;
+use appliance_server::journal::JournalConfig;
+use appliance_server::shard::{IssueFailure, ShardConfig, ShardError, ShardHandle};
+use appliance_server::workload::{invoice_code, seller, ticket_request};
+use hsm_driver::tcp::TcpClientConfig;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const ORDERS: u64 = 200;
+
+fn fresh_dir(name: &str) -> PathBuf {
+    // Under the target dir: a real disk (O_DIRECT does not work on tmpfs).
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn set_fsize_limit(soft: libc::rlim_t) -> libc::rlim_t {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a stack struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit), 0);
+        let previous = limit.rlim_cur;
+        limit.rlim_cur = soft;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+        previous
+    }
+}
+
+fn shard_config(journal: &Path, hsm: std::net::SocketAddr) -> ShardConfig {
+    ShardConfig {
+        issuer: IssuerConfig {
+            shard_id: 0,
+            taxpayers: vec![TaxpayerConfig {
+                id: seller(0),
+                ceiling_fen: 10_000_000,
+                low_watermark: 100,
+                refill_count: 1_000,
+            }],
+            retention_ms: RETENTION_MS_DEFAULT,
+            index_capacity_orders: 1 << 12,
+            // One request per tick, so that many ticks queue behind the failing write.
+            tick_requests_max: 1,
+        },
+        journal: JournalConfig::new(journal),
+        cpu: None,
+        tax_servers: vec![hsm_driver::route::Route::tcp(hsm)],
+        taxpayer_routes: Default::default(),
+        hsm: TcpClientConfig::default().into(),
+        spin_before_park: Duration::ZERO,
+    }
+}
+
+#[test]
+fn a_failed_group_write_answers_every_queued_tick_and_restart_recovers() {
+    // Without this the kernel's SIGXFSZ would kill the test process instead of letting the
+    // write fail with EFBIG.
+    // SAFETY: setting a signal disposition to SIG_IGN.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let emulator_dir = fresh_dir("fail-stop-emulator");
+    let journal_dir = fresh_dir("fail-stop-journal");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_appliance"));
+    command
+        .arg("hsm-emu")
+        .arg("--data-dir")
+        .arg(&emulator_dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .arg("--taxpayer")
+        .arg(format!("{}:{}:1:99999999", seller(0), invoice_code(0)))
+        .stderr(Stdio::null());
+    let emulator = ListeningChild::spawn(command, Duration::from_secs(30)).expect("emulator");
+
+    let shard = ShardHandle::spawn(shard_config(&journal_dir, emulator.addr())).unwrap();
+    let durable = shard
+        .issue(vec![ticket_request(seller(0), "FS", 0)])
+        .unwrap()
+        .pop()
+        .unwrap()
+        .expect("issued before the failure");
+    // The start-up commit and this tick lie in the first blocks of the segment: every
+    // later write is beyond the limit.
+    let previous = set_fsize_limit(4096);
+    let mut receivers = Vec::new();
+    for n in 1..=ORDERS {
+        match shard.submit(vec![ticket_request(seller(0), "FS", n)]) {
+            Ok(rx) => receivers.push(rx),
+            // The shard already stopped on the failure and dropped its inbox.
+            Err(ShardError::Stopped { .. }) => assert!(n > 1, "the first batch is queued"),
+            Err(e) => panic!("submit: {e}"),
+        }
+    }
+    // Shutting down first: a batch still in the inbox when the shard stopped holds its
+    // reply sender until the handle (the inbox's sender) is gone, so waiting for it
+    // before would wait forever.
+    assert!(
+        shard.shutdown().is_err(),
+        "the shard stopped on a journal error"
+    );
+    set_fsize_limit(previous);
+    let mut stopped = 0;
+    for rx in receivers {
+        // Disconnected: the request was still in the inbox when the shard stopped.
+        if let Ok(results) = rx.recv() {
+            for result in results {
+                match result {
+                    Err(IssueFailure::ShardStopped(_)) => stopped += 1,
+                    other => panic!("expected ShardStopped, got {other:?}"),
+                }
+            }
+        }
+    }
+    assert!(stopped >= 1, "the failed group was answered");
+
+    // Only what was durable comes back; the rest is issued afresh.
+    let shard = ShardHandle::spawn(shard_config(&journal_dir, emulator.addr())).unwrap();
+    let again = shard
+        .issue(vec![ticket_request(seller(0), "FS", 0)])
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.invoice, durable.invoice);
+    let fresh = shard
+        .issue(vec![ticket_request(seller(0), "FS", 1)])
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap();
+    assert!(
+        !fresh.replayed,
+        "nothing of the failed group was acknowledged"
+    );
+    shard.shutdown().unwrap();
+    let _ = std::fs::remove_dir_all(&journal_dir);
+    let _ = std::fs::remove_dir_all(&emulator_dir);
+}
