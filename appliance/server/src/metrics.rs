@@ -59,10 +59,10 @@ pub struct ShardMetrics {
     pub ticks: u64,
     /// Invoices in the largest tick.
     pub tick_invoices_max: u64,
-    /// Commits (ticks with records) made durable by the shard's committer.
-    pub journal_commits: u64,
+    /// Ticks with records made durable by the shard's committer.
+    pub journal_ticks: u64,
     /// Journal writes (one O_DIRECT write and one fdatasync each) that made them durable:
-    /// below `journal_commits` when group commit carried several ticks per fdatasync.
+    /// below `journal_ticks` when group commit carried several ticks per fdatasync.
     pub journal_writes: u64,
     /// Counters of the shard's QUIC endpoints.
     pub quic: QuicMetrics,
@@ -114,7 +114,7 @@ impl ShardMetrics {
             rejected_requests: 0,
             ticks: 0,
             tick_invoices_max: 0,
-            journal_commits: 0,
+            journal_ticks: 0,
             journal_writes: 0,
             quic: QuicMetrics::default(),
         }
@@ -144,7 +144,7 @@ impl ShardMetrics {
         self.rejected_requests += other.rejected_requests;
         self.ticks += other.ticks;
         self.tick_invoices_max = self.tick_invoices_max.max(other.tick_invoices_max);
-        self.journal_commits += other.journal_commits;
+        self.journal_ticks += other.journal_ticks;
         self.journal_writes += other.journal_writes;
         self.quic.merge(&other.quic);
     }
@@ -251,9 +251,9 @@ pub fn prometheus_text(shards: &[ShardMetrics]) -> String {
             |m| m.tick_invoices_max,
         ),
         (
-            "einvoice_journal_commits_total",
-            "Journal commits (ticks with records) made durable.",
-            |m| m.journal_commits,
+            "einvoice_journal_ticks_total",
+            "Ticks with records made durable in the journal.",
+            |m| m.journal_ticks,
         ),
         (
             "einvoice_journal_writes_total",
@@ -326,15 +326,15 @@ mod tests {
     #[test]
     fn journal_counters_are_served_and_merged() {
         let mut a = ShardMetrics::new(0);
-        a.journal_commits = 12;
+        a.journal_ticks = 12;
         a.journal_writes = 3;
         let mut all = ShardMetrics::new(9);
         all.merge(&a);
         all.merge(&a);
-        assert_eq!((all.journal_commits, all.journal_writes), (24, 6));
+        assert_eq!((all.journal_ticks, all.journal_writes), (24, 6));
         let text = prometheus_text(&[a]);
         assert!(text.contains("# TYPE einvoice_journal_writes_total counter"));
-        assert!(text.contains("einvoice_journal_commits_total{shard=\"0\"} 12\n"));
+        assert!(text.contains("einvoice_journal_ticks_total{shard=\"0\"} 12\n"));
         assert!(text.contains("einvoice_journal_writes_total{shard=\"0\"} 3\n"));
     }
 

@@ -22,7 +22,7 @@
 use crate::journal::{Journal, JournalConfig, OpenError};
 use crate::metrics::{ShardMetrics, Stage};
 use appliance_core::canonical;
-use appliance_core::journal::frame::{begin_commit, seal_commit};
+use appliance_core::journal::frame::{begin_commit, seal_commit, SealError};
 use appliance_core::journal::record::{decode_issued, RecordError};
 use appliance_core::journal::replay::{Recovery, RecoveryError};
 use appliance_core::pool::RefillRequest;
@@ -41,6 +41,7 @@ use hsm_driver::route::{HsmClient, HsmClientConfig, Route};
 use hsm_driver::tcp::HsmError;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -462,9 +463,30 @@ struct BatchSlot {
 /// A finished tick on its way to the disk: its records (padded to the block size), its
 /// answers, and where they go once the records are durable.
 struct CommitJob {
+    /// One sealed commit (empty if the tick wrote no record).
     bytes: Vec<u8>,
+    /// Where its records lie in `bytes` (between the commit header and the padding).
+    records: Range<usize>,
+    /// Their sequence numbers.
+    seqs: Range<u64>,
     answers: Vec<Answer>,
     slots: Vec<BatchSlot>,
+}
+
+/// The ticks' records as one commit: one header over every record, in order (their
+/// sequence numbers run on from tick to tick), one padding.
+fn merge_commits(jobs: &[&CommitJob]) -> Result<Vec<u8>, SealError> {
+    let records: usize = jobs.iter().map(|job| job.records.len()).sum();
+    let mut out = Vec::with_capacity(records + 2 * JOURNAL_BLOCK_BYTES);
+    let start = begin_commit(&mut out);
+    debug_assert!(jobs.windows(2).all(|w| w[0].seqs.end == w[1].seqs.start));
+    for job in jobs {
+        out.extend_from_slice(&job.bytes[job.records.clone()]);
+    }
+    let first_seq = jobs.first().map_or(0, |job| job.seqs.start);
+    let last_seq = jobs.last().map_or(0, |job| job.seqs.end) - 1;
+    seal_commit(&mut out, start, JOURNAL_BLOCK_BYTES, first_seq, last_seq)?;
+    Ok(out)
 }
 
 /// How long a tick whose pool ran dry waits for a refill in flight before refusing.
@@ -777,6 +799,8 @@ impl Shard {
         seal_tick(&mut bytes, start, &commit.seqs).map_err(|e| internal(self.id, e))?;
         Ok(Some(CommitJob {
             bytes,
+            records: commit.journal_range,
+            seqs: commit.seqs,
             answers: commit.answers,
             slots: Vec::new(),
         }))
@@ -1129,6 +1153,8 @@ impl Shard {
         }
         Ok(Some(CommitJob {
             bytes,
+            records: commit.journal_range,
+            seqs: commit.seqs,
             answers: commit.answers,
             slots,
         }))
@@ -1272,8 +1298,8 @@ fn answer_all(slots: Vec<BatchSlot>, failure: IssueFailure) {
 /// Writes finished ticks, then answers their requests. When the committer is free it
 /// takes the tick it waited for and every tick already queued behind it (up to
 /// [`COMMIT_GROUP_TICKS_MAX`] ticks and `commit_bytes_max` bytes) as one group: one
-/// `Journal::commit_many` (one O_DIRECT write and one fdatasync for all of them; each
-/// tick stays its own commit on disk), then the answers of each tick in order. So under
+/// commit (their records under one header: one O_DIRECT write and one fdatasync for all
+/// of them), then the answers of each tick in order. So under
 /// load the fdatasync is shared by the ticks that queued up during the previous one.
 ///
 /// After a journal failure it answers every tick of the group still unanswered, and
@@ -1285,8 +1311,8 @@ async fn commit_loop(
     jobs: LocalReceiver<CommitJob>,
     metrics: Rc<RefCell<ShardMetrics>>,
 ) -> Result<(), ShardError> {
-    // One group is one write: `commit_many` bounds a write by the same figure, for the
-    // same reason (a bounded DMA buffer).
+    // One group is one commit, so one write: bounded like any commit (a bounded DMA
+    // buffer); the merged commit is never larger than its ticks' sealed commits.
     let group_bytes_max = journal.config().commit_bytes_max;
     let mut group: VecDeque<CommitJob> = VecDeque::with_capacity(COMMIT_GROUP_TICKS_MAX);
     // A tick taken off the queue that would have made the group too large: it starts the
@@ -1352,7 +1378,7 @@ async fn try_recv(jobs: &LocalReceiver<CommitJob>) -> Option<CommitJob> {
     futures_lite::future::poll_once(jobs.recv()).await.flatten()
 }
 
-/// Makes the ticks of `group` durable with one `Journal::commit_many`, then answers them
+/// Makes the ticks of `group` durable with one `Journal::commit`, then answers them
 /// in order. Each tick is taken off `group` once answered: on an error, `group` holds
 /// exactly the ticks nobody has answered yet.
 async fn commit_group(
@@ -1363,18 +1389,26 @@ async fn commit_group(
 ) -> Result<(), ShardError> {
     // A tick that wrote no record (only rejections or replays) has nothing to commit, but
     // is still answered in its place: its replays may need records of earlier ticks.
-    let commits: Vec<&[u8]> = group
-        .iter()
-        .map(|job| job.bytes.as_slice())
-        .filter(|bytes| !bytes.is_empty())
-        .collect();
-    if !commits.is_empty() {
+    let sealed: Vec<&CommitJob> = group.iter().filter(|job| !job.bytes.is_empty()).collect();
+    if !sealed.is_empty() {
         let start = Instant::now();
         let writes_before = journal.writes_total();
-        if let Err(e) = journal.commit_many(&commits).await {
+        // Several ticks become ONE commit, not several commits in one write: a power loss
+        // may keep any subset of a write's blocks, and recovery drops a torn commit
+        // whole, but it refuses a whole commit behind a torn one (data after a hole),
+        // which back-to-back commits in one write could leave (docs/journal.md).
+        let merged;
+        let bytes: &[u8] = match sealed.as_slice() {
+            [one] => &one.bytes,
+            many => {
+                merged = merge_commits(many).map_err(|e| internal(shard, e))?;
+                &merged
+            }
+        };
+        if let Err(e) = journal.commit(bytes).await {
             tracing::error!(
                 shard,
-                ticks = commits.len(),
+                ticks = sealed.len(),
                 error = %e,
                 "journal commit failed; stopping the shard"
             );
@@ -1385,7 +1419,7 @@ async fn commit_group(
         }
         let latency_us = micros(start.elapsed());
         let mut m = metrics.borrow_mut();
-        m.journal_commits += commits.len() as u64;
+        m.journal_ticks += sealed.len() as u64;
         m.journal_writes += journal.writes_total() - writes_before;
         // The group's commit latency is each of its ticks' commit latency.
         for job in group.iter().filter(|job| !job.bytes.is_empty()) {
@@ -1433,6 +1467,8 @@ async fn commit_group(
                         // as stopped with the rest.
                         group.push_front(CommitJob {
                             bytes: Vec::new(),
+                            records: 0..0,
+                            seqs: 0..0,
                             answers: Vec::new(),
                             slots: job.slots,
                         });

@@ -230,7 +230,7 @@ fn bulk_issue_restart_and_identical_replays() {
     // Both shards issued.
     assert!(metrics.contains("einvoice_issued_invoices_total{shard=\"1\"}"));
     // Every write carried at least one commit (more when ticks queued behind the disk).
-    let commits = counter(&metrics, "einvoice_journal_commits_total");
+    let commits = counter(&metrics, "einvoice_journal_ticks_total");
     let writes = counter(&metrics, "einvoice_journal_writes_total");
     assert!(
         writes > 0 && commits >= writes,

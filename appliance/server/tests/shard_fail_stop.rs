@@ -64,6 +64,7 @@ fn shard_config(journal: &Path, hsm: std::net::SocketAddr) -> ShardConfig {
         taxpayer_routes: Default::default(),
         hsm: TcpClientConfig::default().into(),
         spin_before_park: Duration::ZERO,
+        ticks_in_flight: 2,
     }
 }
 
