@@ -17,7 +17,10 @@
 //!   can only go back with its own;
 //! - journal write or fdatasync failure: the shard stops (fail-stop; see
 //!   `journal::JournalError::Poisoned`); requests get [`IssueFailure::ShardStopped`] and
-//!   a restart recovers from what is on disk.
+//!   a restart recovers from what is on disk;
+//! - a stopped shard (failure or shutdown) answers every batch still in its inbox, and
+//!   every batch sent to it later, with [`IssueFailure::ShardStopped`]: nobody waits
+//!   for an answer that cannot come.
 
 use crate::journal::{Journal, JournalConfig, OpenError};
 use crate::metrics::{ShardMetrics, Stage};
@@ -555,13 +558,51 @@ async fn run(
         commit_rx,
         Rc::clone(&shard.metrics),
     ));
-    let served = shard.serve(&config, rx, &shutdown, &commit_tx).await;
+    let served = shard.serve(&config, &rx, &shutdown, &commit_tx).await;
+    answer_inbox_as_stopped(shard.id, rx, &served, shard.metrics.borrow().clone());
     for endpoint in endpoints {
         endpoint.await;
     }
     drop(commit_tx);
     let committed = committer.await;
     served.and(committed)
+}
+
+/// Hands the inbox of a shard that stopped serving to a thread that answers every batch
+/// in it, and every batch sent to it later, with [`IssueFailure::ShardStopped`] (metrics
+/// requests with the last figures). Peers' endpoints and the handle keep the inbox open
+/// after the shard is gone, and a batch left in it would hold its reply sender: its
+/// caller (a QUIC stream forwarded from another shard, or a `ShardHandle::submit`) would
+/// wait forever. The thread ends when the last sender is dropped.
+fn answer_inbox_as_stopped(
+    shard: u32,
+    rx: flume::Receiver<Message>,
+    served: &Result<(), ShardError>,
+    metrics: ShardMetrics,
+) {
+    let failure = IssueFailure::ShardStopped(match served {
+        Ok(()) => format!("shard {shard} shut down"),
+        Err(e) => e.to_string(),
+    });
+    let spawned = std::thread::Builder::new()
+        .name(format!("shard-{shard}-stopped"))
+        .spawn(move || {
+            for message in rx.iter() {
+                match message {
+                    Message::Issue {
+                        requests, reply, ..
+                    } => {
+                        let _ = reply.send(vec![Err(failure.clone()); requests.len()]);
+                    }
+                    Message::Metrics { reply } => {
+                        let _ = reply.send(metrics.clone());
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(shard, error = %e, "no thread to answer the stopped shard's inbox");
+    }
 }
 
 /// Starts the shard's two QUIC endpoints (service port and own port).
@@ -813,20 +854,49 @@ impl Shard {
         }))
     }
 
+    /// The tick loop. On an error, the requests of the ticks in flight and of a batch held
+    /// over for the next tick are answered with [`IssueFailure::ShardStopped`].
     async fn serve(
         &mut self,
         config: &ShardConfig,
-        rx: flume::Receiver<Message>,
+        rx: &flume::Receiver<Message>,
         shutdown: &flume::Receiver<()>,
         commit_tx: &LocalSender<CommitJob>,
+    ) -> Result<(), ShardError> {
+        // Ticks whose tax codes are out, oldest first; they finish in this order.
+        let mut pipeline: VecDeque<TickInFlight> = VecDeque::new();
+        let mut carry: Option<Message> = None;
+        let served = self
+            .serve_loop(config, rx, shutdown, commit_tx, &mut pipeline, &mut carry)
+            .await;
+        if let Err(e) = &served {
+            let failure = IssueFailure::ShardStopped(e.to_string());
+            for tick in pipeline {
+                answer_all(tick.slots, failure.clone());
+            }
+            if let Some(Message::Issue {
+                requests, reply, ..
+            }) = carry
+            {
+                let _ = reply.send(vec![Err(failure); requests.len()]);
+            }
+        }
+        served
+    }
+
+    async fn serve_loop(
+        &mut self,
+        config: &ShardConfig,
+        rx: &flume::Receiver<Message>,
+        shutdown: &flume::Receiver<()>,
+        commit_tx: &LocalSender<CommitJob>,
+        pipeline: &mut VecDeque<TickInFlight>,
+        carry: &mut Option<Message>,
     ) -> Result<(), ShardError> {
         let tick_max = config.issuer.tick_requests_max as usize;
         let depth = config
             .ticks_in_flight
             .clamp(1, appliance_core::issuer::TICKS_IN_FLIGHT_MAX);
-        // Ticks whose tax codes are out, oldest first; they finish in this order.
-        let mut pipeline: VecDeque<TickInFlight> = VecDeque::with_capacity(depth);
-        let mut carry: Option<Message> = None;
         let mut stopping = false;
         loop {
             let event = if pipeline.len() >= depth {
@@ -883,7 +953,7 @@ impl Shard {
                     if failed {
                         // The ticks begun after it are doomed, and no tick may begin
                         // until they have ended.
-                        self.drain(&mut pipeline, commit_tx).await?;
+                        self.drain(pipeline, commit_tx).await?;
                     }
                     continue;
                 }
@@ -906,7 +976,7 @@ impl Shard {
                         // fits into an empty tick.
                         debug_assert!(requests.len() <= tick_max);
                         if count + requests.len() > tick_max && count > 0 {
-                            carry = Some(Message::Issue {
+                            *carry = Some(Message::Issue {
                                 requests,
                                 reply,
                                 enqueued,
@@ -936,9 +1006,7 @@ impl Shard {
                     }
                 }
             } else {
-                let tick = self
-                    .start_tick(batches, count, &mut pipeline, commit_tx)
-                    .await?;
+                let tick = self.start_tick(batches, count, pipeline, commit_tx).await?;
                 pipeline.push_back(tick);
             }
         }
