@@ -7,26 +7,16 @@
 //! limit with EFBIG. The limit is per process, so this test lives alone in its own test
 //! binary.
 
-use appliance_core::issuer::RETENTION_MS_DEFAULT;
-use appliance_core::{IssuerConfig, TaxpayerConfig};
-use appliance_server::child::ListeningChild;
-use appliance_server::journal::JournalConfig;
+mod shard_support;
+
 use appliance_server::shard::{IssueFailure, ShardConfig, ShardHandle};
-use appliance_server::workload::{invoice_code, seller, ticket_request};
+use appliance_server::workload::{seller, ticket_request};
 use hsm_driver::tcp::TcpClientConfig;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use shard_support::{fresh_dir, shard_config, start_emulator};
+use std::path::Path;
 use std::time::Duration;
 
 const ORDERS: u64 = 200;
-
-fn fresh_dir(name: &str) -> PathBuf {
-    // Under the target dir: a real disk (O_DIRECT does not work on tmpfs).
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn set_fsize_limit(soft: libc::rlim_t) -> libc::rlim_t {
     let mut limit = libc::rlimit {
@@ -43,29 +33,9 @@ fn set_fsize_limit(soft: libc::rlim_t) -> libc::rlim_t {
     }
 }
 
-fn shard_config(journal: &Path, hsm: std::net::SocketAddr) -> ShardConfig {
-    ShardConfig {
-        issuer: IssuerConfig {
-            shard_id: 0,
-            taxpayers: vec![TaxpayerConfig {
-                id: seller(0),
-                ceiling_fen: 10_000_000,
-                low_watermark: 100,
-                refill_count: 1_000,
-            }],
-            retention_ms: RETENTION_MS_DEFAULT,
-            index_capacity_orders: 1 << 12,
-            // One request per tick, so that many ticks queue behind the failing write.
-            tick_requests_max: 1,
-        },
-        journal: JournalConfig::new(journal),
-        cpu: None,
-        tax_servers: vec![hsm_driver::route::Route::tcp(hsm)],
-        taxpayer_routes: Default::default(),
-        hsm: TcpClientConfig::default().into(),
-        spin_before_park: Duration::ZERO,
-        ticks_in_flight: 2,
-    }
+/// One request per tick, so that many ticks queue behind the failing write.
+fn config(journal: &Path, hsm: std::net::SocketAddr) -> ShardConfig {
+    shard_config(journal, hsm, 1, TcpClientConfig::default())
 }
 
 #[test]
@@ -76,18 +46,9 @@ fn a_failed_group_write_answers_every_queued_tick_and_restart_recovers() {
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let emulator_dir = fresh_dir("fail-stop-emulator");
     let journal_dir = fresh_dir("fail-stop-journal");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_appliance"));
-    command
-        .arg("hsm-emu")
-        .arg("--data-dir")
-        .arg(&emulator_dir)
-        .args(["--listen", "127.0.0.1:0"])
-        .arg("--taxpayer")
-        .arg(format!("{}:{}:1:99999999", seller(0), invoice_code(0)))
-        .stderr(Stdio::null());
-    let emulator = ListeningChild::spawn(command, Duration::from_secs(30)).expect("emulator");
+    let emulator = start_emulator(&emulator_dir);
 
-    let shard = ShardHandle::spawn(shard_config(&journal_dir, emulator.addr())).unwrap();
+    let shard = ShardHandle::spawn(config(&journal_dir, emulator.addr())).unwrap();
     let durable = shard
         .issue(vec![ticket_request(seller(0), "FS", 0)])
         .unwrap()
@@ -132,7 +93,7 @@ fn a_failed_group_write_answers_every_queued_tick_and_restart_recovers() {
     );
 
     // Only what was durable comes back; the rest is issued afresh.
-    let shard = ShardHandle::spawn(shard_config(&journal_dir, emulator.addr())).unwrap();
+    let shard = ShardHandle::spawn(config(&journal_dir, emulator.addr())).unwrap();
     let again = shard
         .issue(vec![ticket_request(seller(0), "FS", 0)])
         .unwrap()

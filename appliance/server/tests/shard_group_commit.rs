@@ -1,5 +1,5 @@
 //! The shard's committer under tiny ticks: one request per tick, many ticks queued behind
-//! the disk, so the committer makes several ticks durable per `Journal::commit_many`.
+//! the disk, so the committer makes several ticks durable per write (one commit).
 //! Every order is sent twice in a row, so a replay is answered from a record written by
 //! an earlier tick, usually of the same group; then the shard restarts on its journal and
 //! answers every order again, identically, from the recovered commits.
@@ -7,64 +7,21 @@
 //! Against a real tax-server emulator process and real journal files. How many ticks
 //! share a write depends on timing, so it is printed, not asserted.
 
-use appliance_core::issuer::RETENTION_MS_DEFAULT;
-use appliance_core::{Invoice, IssuerConfig, TaxpayerConfig};
-use appliance_server::child::ListeningChild;
-use appliance_server::journal::JournalConfig;
+mod shard_support;
+
+use appliance_core::Invoice;
 use appliance_server::shard::{IssueResult, ShardConfig, ShardHandle};
-use appliance_server::workload::{invoice_code, seller, ticket_request};
+use appliance_server::workload::{seller, ticket_request};
 use hsm_driver::tcp::TcpClientConfig;
+use shard_support::{fresh_dir, shard_config, start_emulator};
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::path::Path;
 
 const ORDERS: u64 = 300;
 
-fn fresh_dir(name: &str) -> PathBuf {
-    // Under the target dir: a real disk (O_DIRECT does not work on tmpfs).
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn start_emulator(dir: &Path) -> ListeningChild {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_appliance"));
-    command
-        .arg("hsm-emu")
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--listen", "127.0.0.1:0"])
-        .arg("--taxpayer")
-        .arg(format!("{}:{}:1:99999999", seller(0), invoice_code(0)))
-        .stderr(Stdio::null());
-    ListeningChild::spawn(command, Duration::from_secs(30)).expect("emulator starts")
-}
-
-fn shard_config(journal: &Path, hsm: std::net::SocketAddr) -> ShardConfig {
-    ShardConfig {
-        issuer: IssuerConfig {
-            shard_id: 0,
-            taxpayers: vec![TaxpayerConfig {
-                id: seller(0),
-                ceiling_fen: 10_000_000,
-                low_watermark: 100,
-                refill_count: 1_000,
-            }],
-            retention_ms: RETENTION_MS_DEFAULT,
-            index_capacity_orders: 1 << 12,
-            // One request per tick: the smallest ticks, the most of them per fdatasync.
-            tick_requests_max: 1,
-        },
-        journal: JournalConfig::new(journal),
-        cpu: None,
-        tax_servers: vec![hsm_driver::route::Route::tcp(hsm)],
-        taxpayer_routes: Default::default(),
-        hsm: TcpClientConfig::default().into(),
-        spin_before_park: Duration::ZERO,
-        ticks_in_flight: 2,
-    }
+/// One request per tick: the smallest ticks, the most of them per fdatasync.
+fn config(journal: &Path, hsm: std::net::SocketAddr) -> ShardConfig {
+    shard_config(journal, hsm, 1, TcpClientConfig::default())
 }
 
 /// Submits every order twice in a row, each as its own batch (so its own tick), all
@@ -101,7 +58,7 @@ fn queued_ticks_share_commits_and_replays_and_recovery_see_them() {
     let journal_dir = fresh_dir("gc-journal");
     let emulator = start_emulator(&emulator_dir);
 
-    let shard = ShardHandle::spawn(shard_config(&journal_dir, emulator.addr())).unwrap();
+    let shard = ShardHandle::spawn(config(&journal_dir, emulator.addr())).unwrap();
     let results = issue_twice_each(&shard);
     let mut first: Vec<Invoice> = Vec::new();
     for (i, pair) in results.chunks(2).enumerate() {
@@ -130,7 +87,7 @@ fn queued_ticks_share_commits_and_replays_and_recovery_see_them() {
     shard.shutdown().unwrap();
 
     // Recovery reads the grouped commits back one by one: every order is a replay.
-    let shard = ShardHandle::spawn(shard_config(&journal_dir, emulator.addr())).unwrap();
+    let shard = ShardHandle::spawn(config(&journal_dir, emulator.addr())).unwrap();
     let results = issue_twice_each(&shard);
     for (i, result) in results.iter().enumerate() {
         let (again, replayed) = invoice(result);
