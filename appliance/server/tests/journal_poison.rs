@@ -9,21 +9,6 @@ mod journal_support;
 use appliance_server::journal::JournalError;
 use journal_support::*;
 
-fn set_fsize_limit(soft: libc::rlim_t) -> libc::rlim_t {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a stack struct we own.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit), 0);
-        let previous = limit.rlim_cur;
-        limit.rlim_cur = soft;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
-        previous
-    }
-}
-
 #[test]
 fn failed_write_poisons_and_recovery_keeps_what_was_durable() {
     // Without this the kernel's SIGXFSZ would kill the test process instead of letting the

@@ -7,31 +7,18 @@
 //! limit with EFBIG. The limit is per process, so this test lives alone in its own test
 //! binary.
 
+mod journal_support;
 mod shard_support;
 
 use appliance_server::shard::{IssueFailure, ShardConfig, ShardHandle};
 use appliance_server::workload::{seller, ticket_request};
 use hsm_driver::tcp::TcpClientConfig;
+use journal_support::set_fsize_limit;
 use shard_support::{fresh_dir, shard_config, start_emulator};
 use std::path::Path;
 use std::time::Duration;
 
 const ORDERS: u64 = 200;
-
-fn set_fsize_limit(soft: libc::rlim_t) -> libc::rlim_t {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain syscalls on a stack struct we own.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit), 0);
-        let previous = limit.rlim_cur;
-        limit.rlim_cur = soft;
-        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
-        previous
-    }
-}
 
 /// One request per tick, so that many ticks queue behind the failing write.
 fn config(journal: &Path, hsm: std::net::SocketAddr) -> ShardConfig {

@@ -172,3 +172,21 @@ pub fn assert_seqs(seen: &[Seen], first: u64, last: u64) {
     let seqs: Vec<u64> = seen.iter().map(|s| s.seq).collect();
     assert_eq!(seqs, (first..=last).collect::<Vec<_>>());
 }
+
+/// Sets this process's RLIMIT_FSIZE soft limit (writes at or beyond it fail with EFBIG
+/// once SIGXFSZ is ignored) and returns the previous one. Per process: a test using it
+/// lives alone in its test binary.
+pub fn set_fsize_limit(soft: libc::rlim_t) -> libc::rlim_t {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a stack struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit), 0);
+        let previous = limit.rlim_cur;
+        limit.rlim_cur = soft;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+        previous
+    }
+}
