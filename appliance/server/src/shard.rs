@@ -900,7 +900,7 @@ impl Shard {
         let mut stopping = false;
         loop {
             let event = if pipeline.len() >= depth {
-                Event::Codes
+                Event::Codes(oldest_codes(pipeline).await)
             } else if let Some(message) = carry.take() {
                 Event::Message(message)
             } else if stopping {
@@ -909,7 +909,7 @@ impl Shard {
                 match rx.try_recv() {
                     Ok(message) => Event::Message(message),
                     Err(_) if pipeline.is_empty() => return Ok(()),
-                    Err(_) => Event::Codes,
+                    Err(_) => Event::Codes(oldest_codes(pipeline).await),
                 }
             } else {
                 let message = async {
@@ -927,10 +927,7 @@ impl Shard {
                     // With a tick out, a new batch starts the next tick at once rather
                     // than waiting behind this one's tax codes.
                     Some(oldest) => {
-                        let codes = async {
-                            oldest.codes_ready().await;
-                            Event::Codes
-                        };
+                        let codes = async { Event::Codes(oldest.codes().await) };
                         futures_lite::future::or(codes, futures_lite::future::or(message, stop))
                             .await
                     }
@@ -943,13 +940,10 @@ impl Shard {
                     stopping = true;
                     continue;
                 }
-                Event::Codes => {
-                    let mut oldest = pipeline.pop_front().expect("a tick is in flight");
-                    let codes = oldest.codes().await;
+                Event::Codes(codes) => {
+                    let oldest = pipeline.pop_front().expect("a tick is in flight");
                     let failed = codes.is_err();
-                    if let Some(job) = self.finish(oldest, codes)? {
-                        self.send_commit(commit_tx, job).await?;
-                    }
+                    self.finish_and_commit(oldest, codes, commit_tx).await?;
                     if failed {
                         // The ticks begun after it are doomed, and no tick may begin
                         // until they have ended.
@@ -1160,7 +1154,6 @@ impl Shard {
             slots,
             count,
             codes,
-            done: None,
         })
     }
 
@@ -1173,11 +1166,22 @@ impl Shard {
     ) -> Result<(), ShardError> {
         while let Some(mut oldest) = pipeline.pop_front() {
             let codes = oldest.codes().await;
-            if let Some(job) = self.finish(oldest, codes)? {
-                self.send_commit(commit_tx, job).await?;
-            }
+            self.finish_and_commit(oldest, codes, commit_tx).await?;
         }
         Ok(())
+    }
+
+    /// [`Shard::finish`], then the tick's job to the committer.
+    async fn finish_and_commit(
+        &mut self,
+        in_flight: TickInFlight,
+        codes: Result<Vec<TaxCodeResult>, String>,
+        commit_tx: &LocalSender<CommitJob>,
+    ) -> Result<(), ShardError> {
+        match self.finish(in_flight, codes)? {
+            Some(job) => self.send_commit(commit_tx, job).await,
+            None => Ok(()),
+        }
     }
 
     /// Ends a tick with its tax codes: its journal bytes and answers for the committer,
@@ -1324,12 +1328,21 @@ impl Shard {
 enum Event {
     /// A message from the inbox.
     Message(Message),
-    /// The oldest tick in flight has its tax codes (or it must be waited for).
-    Codes,
+    /// The tax codes of the oldest tick in flight.
+    Codes(Result<Vec<TaxCodeResult>, String>),
     /// Shutdown requested.
     Stop,
     /// Every sender of the inbox dropped.
     Closed,
+}
+
+/// The tax codes of the oldest tick in `pipeline`, waiting for them if needed.
+async fn oldest_codes(pipeline: &mut VecDeque<TickInFlight>) -> Result<Vec<TaxCodeResult>, String> {
+    pipeline
+        .front_mut()
+        .expect("a tick is in flight")
+        .codes()
+        .await
 }
 
 /// Tax codes on their way: the per-item results in item order, or why a command failed.
@@ -1342,25 +1355,17 @@ struct TickInFlight {
     count: usize,
     /// The commands' task; `None` if no item needs a code (replays and refusals only).
     codes: Option<CodesTask>,
-    /// The task's output once `codes_ready` saw it complete.
-    done: Option<Result<Vec<TaxCodeResult>, String>>,
 }
 
 impl TickInFlight {
-    /// Resolves once the tax codes are in; keeps them for [`TickInFlight::codes`].
-    async fn codes_ready(&mut self) {
-        if self.done.is_none() {
-            if let Some(task) = self.codes.as_mut() {
-                self.done = Some(task.await);
-                self.codes = None;
-            }
-        }
-    }
-
-    /// The tax codes, waiting for them if needed.
+    /// The tax codes, waiting for them if needed. Dropped before it completes (the tick
+    /// loop races it against new batches), it leaves the task running for a later call;
+    /// once it has completed, the tick is taken out of the pipeline and never asked again.
     async fn codes(&mut self) -> Result<Vec<TaxCodeResult>, String> {
-        self.codes_ready().await;
-        self.done.take().unwrap_or_else(|| Ok(Vec::new()))
+        match self.codes.as_mut() {
+            Some(task) => task.await,
+            None => Ok(Vec::new()),
+        }
     }
 }
 
