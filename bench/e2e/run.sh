@@ -14,7 +14,8 @@
 #      PERF=1 (perf record the appliance for 5 s), PORT/CONTROL (4433/9443),
 #      SHARDS (appliance shards, default one per CPU), CPUS (shard CPU list, e.g. "[0]"),
 #      EMU_CPUS / LG_CPUS (taskset CPU lists for the emulator and loadgen; default any),
-#      EMU_FLAGS (extra hsm-emu flags, e.g. "--pcie-spin-us 0"), TICKS (limits.ticks_in_flight).
+#      EMU_FLAGS (extra hsm-emu flags, e.g. "--pcie-spin-us 0"), TICKS (limits.ticks_in_flight),
+#      SYNC (limits.journal_sync: dsync|fdatasync).
 set -u
 top=$(cd "$(dirname "$0")/../.." && pwd)
 B=${B:-$top/target/release}
@@ -51,6 +52,7 @@ if [ "${ROUTE:-pcie}" = pcie ]; then R="pcie:$SHM"; else R="tcp://$ADDR"; fi
   done
   printf '[limits]\nindex_capacity_orders = 8000000\n'
   [ -n "${TICKS:-}" ] && echo "ticks_in_flight = $TICKS"
+  [ -n "${SYNC:-}" ] && echo "journal_sync = \"$SYNC\""
 } > "$D/cfg.toml"
 "$B/appliance" serve --config "$D/cfg.toml" > "$D/serve.out" 2> "$D/serve.err" &
 SRV=$!

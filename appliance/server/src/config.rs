@@ -2,6 +2,7 @@
 //! listed in docs/operations.md; `appliance serve --print-default-config` prints a
 //! commented example.
 
+use crate::journal::JournalSync;
 use crate::quic::auth::ClientGrant;
 use crate::quic::tls::TlsFiles;
 use appliance_core::TaxpayerId;
@@ -137,6 +138,10 @@ pub struct Limits {
     pub retention_days: u32,
     /// Bytes per journal segment file. Default 1 GiB.
     pub journal_segment_bytes: u64,
+    /// How a journal commit is made durable: `"dsync"` (segment files opened with
+    /// O_DSYNC, one operation per commit) or `"fdatasync"` (a write, then an
+    /// fdatasync). Default `"dsync"`. Same guarantee either way; see docs/journal.md.
+    pub journal_sync: JournalSync,
     /// Ticks a shard keeps in flight: while one tick's tax codes are out, the next tick
     /// can already take numbers and send its own command. Default 2; 1 to 4.
     pub ticks_in_flight: u32,
@@ -149,6 +154,7 @@ impl Default for Limits {
             index_capacity_orders: 4_000_000,
             retention_days: 35,
             journal_segment_bytes: crate::journal::SEGMENT_BYTES_MAX_DEFAULT,
+            journal_sync: JournalSync::default(),
             ticks_in_flight: 2,
         }
     }
@@ -349,6 +355,7 @@ tick_requests_max = 8192
 index_capacity_orders = 4000000     # per shard, 64 B each
 retention_days = 35
 journal_segment_bytes = 1073741824
+journal_sync = "dsync"              # or "fdatasync": a write, then an fdatasync
 ticks_in_flight = 2                 # per shard; 1 to 4
 "#;
 

@@ -84,6 +84,7 @@ impl Appliance {
         });
         let mut journal = JournalConfig::new(config.data_dir.join("shard-0"));
         journal.segment_bytes_max = config.limits.journal_segment_bytes;
+        journal.sync = config.limits.journal_sync;
         let shard_configs = (0..shards)
             .map(|shard_id| ShardConfig {
                 issuer: IssuerConfig {

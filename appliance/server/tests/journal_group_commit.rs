@@ -20,6 +20,7 @@ fn roomy_config(dir: &Path) -> JournalConfig {
         segment_bytes_max: 4 << 20,
         commit_bytes_max: 1 << 20,
         recovery_chunk_bytes: RECOVERY_CHUNK_BYTES_MIN,
+        ..JournalConfig::new(dir)
     }
 }
 

@@ -25,6 +25,37 @@ pub const RECOVERY_CHUNK_BYTES_DEFAULT: usize = 1 << 20;
 pub const RECOVERY_CHUNK_BYTES_MIN: usize =
     record_bytes(RECORD_BODY_BYTES_MAX).div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
 
+/// How a commit's write is made durable before `Journal::commit` returns.
+///
+/// Both give the same guarantee: the write returns only once its data, and the metadata
+/// needed to read it back (an unwritten extent converted to written, a grown size), are on
+/// stable storage, as after fdatasync(2). They differ in how many operations a commit
+/// costs the shard: on this kind of machine (ext4 on a virtio disk) `Dsync` was faster
+/// under load (docs/PERFORMANCE.md §15).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JournalSync {
+    /// Segment files are opened with `O_DSYNC`: each O_DIRECT write is synchronized by the
+    /// kernel as part of the write (one io_uring operation per commit, completed when the
+    /// data is durable). The default.
+    #[default]
+    Dsync,
+    /// Each write is followed by an fdatasync (two io_uring operations per commit, the
+    /// second run by an io_uring worker thread). For devices or file systems where
+    /// synchronized writes are slower than a flush.
+    Fdatasync,
+}
+
+impl JournalSync {
+    /// The flags segment files are opened with, beside `O_DIRECT` (which glommio adds).
+    pub fn open_flags(self) -> i32 {
+        match self {
+            JournalSync::Dsync => libc::O_DSYNC,
+            JournalSync::Fdatasync => 0,
+        }
+    }
+}
+
 /// Where a shard's journal lives and how large its pieces may grow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JournalConfig {
@@ -44,6 +75,8 @@ pub struct JournalConfig {
     /// Size of one read during recovery. Default [`RECOVERY_CHUNK_BYTES_DEFAULT`] (1 MiB).
     /// Must be a multiple of [`BLOCK_BYTES`] and at least [`RECOVERY_CHUNK_BYTES_MIN`].
     pub recovery_chunk_bytes: usize,
+    /// How commits are made durable. Default [`JournalSync::Dsync`].
+    pub sync: JournalSync,
 }
 
 impl JournalConfig {
@@ -54,6 +87,7 @@ impl JournalConfig {
             segment_bytes_max: SEGMENT_BYTES_MAX_DEFAULT,
             commit_bytes_max: COMMIT_BYTES_MAX_DEFAULT,
             recovery_chunk_bytes: RECOVERY_CHUNK_BYTES_DEFAULT,
+            sync: JournalSync::default(),
         }
     }
 

@@ -1,12 +1,14 @@
 //! The journal files of one shard: append-only segment files written with O_DIRECT, one
-//! aligned write and one fdatasync per commit, or per group of commits (group commit),
-//! recovery on open, and reads of single records for idempotent replays.
+//! aligned synchronized write per commit, or per group of commits (group commit),
+//! recovery on open, and reads of single records for idempotent replays. A write is
+//! synchronized by `O_DSYNC` on the segment files (the default) or by an fdatasync after
+//! it ([`JournalSync`]).
 //!
 //! This module knows the framing (`appliance_core::journal::frame`) but not what record
 //! bodies mean: the shard frames a tick's records as one commit (`frame::begin_commit`,
 //! the core's records, `frame::seal_commit(.., 4096, ..)`: commit header, records,
 //! padding to the block), [`Journal::commit`] makes it durable ([`Journal::commit_many`]
-//! several ticks' commits with one write and one fdatasync), and on start-up
+//! several ticks' commits with one write), and on start-up
 //! [`Journal::open`] hands every record back to the core's recovery; a commit whose
 //! write a crash tore is dropped whole. docs/journal.md
 //! describes the on-disk format and the rules.
@@ -33,7 +35,7 @@ use appliance_core::journal::frame::{
 use glommio::io::{Directory, DmaFile, OpenOptions};
 
 pub use config::{
-    JournalConfig, COMMIT_BYTES_MAX_DEFAULT, RECOVERY_CHUNK_BYTES_DEFAULT,
+    JournalConfig, JournalSync, COMMIT_BYTES_MAX_DEFAULT, RECOVERY_CHUNK_BYTES_DEFAULT,
     RECOVERY_CHUNK_BYTES_MIN, SEGMENT_BYTES_MAX_DEFAULT,
 };
 pub use error::{CommitRejection, JournalError, OpenError};
@@ -116,7 +118,7 @@ pub struct Journal {
     index: Vec<IndexEntry>,
     /// Set by the first failed write, fdatasync or rotation: see [`JournalError::Poisoned`].
     poisoned: Option<String>,
-    /// Writes (each with its fdatasync) made since open: see [`Journal::writes_total`].
+    /// Synchronized writes made since open: see [`Journal::writes_total`].
     writes_total: u64,
     /// The last older (non-current) segment read by `read_record`, kept open because
     /// replays tend to cluster.
@@ -162,9 +164,11 @@ impl Journal {
             let is_last = i + 1 == segments.len();
             let path = &segment.path;
             let file = if is_last {
+                // Appended to from now on: with the flags of a segment made by `rotate`.
                 OpenOptions::new()
                     .read(true)
                     .write(true)
+                    .custom_flags(config.sync.open_flags())
                     .dma_open(path)
                     .await
             } else {
@@ -322,8 +326,8 @@ impl Journal {
         })
     }
 
-    /// Makes one commit durable: one aligned O_DIRECT write at the current segment's tail
-    /// (after rotating to a new segment if it does not fit) and one fdatasync. Returns
+    /// Makes one commit durable: one aligned, synchronized O_DIRECT write at the current
+    /// segment's tail (after rotating to a new segment if it does not fit). Returns
     /// only when the commit is on disk, so the caller may release the answers of every
     /// record in it ("nothing acknowledged is lost").
     ///
@@ -352,7 +356,7 @@ impl Journal {
 
     /// Makes several consecutive commits durable at once (group commit across ticks):
     /// the commits are laid back to back at the segment's tail and written with one
-    /// aligned O_DIRECT write and one fdatasync, instead of one of each per commit.
+    /// aligned, synchronized O_DIRECT write, instead of one per commit.
     /// Returns their positions, in order, only when every one of them is on disk.
     ///
     /// Each commit stays a separately framed commit on disk, exactly as [`Journal::commit`]
@@ -363,8 +367,8 @@ impl Journal {
     /// group is refused with [`JournalError::InvalidGroupCommit`] (naming the commit)
     /// before anything is written, and the journal stays usable.
     ///
-    /// A commit is never split. The group is cut into several writes, each with its own
-    /// fdatasync, only where it must be: at a rotation (the commits that fit go to the old
+    /// A commit is never split. The group is cut into several writes, each synchronized,
+    /// only where it must be: at a rotation (the commits that fit go to the old
     /// segment and are synced there before the new segment is created, so a segment is
     /// never left with a torn tail behind a later one), and where a write would exceed
     /// `commit_bytes_max` bytes (see [`Journal::writes_total`]). An empty group writes
@@ -431,10 +435,11 @@ impl Journal {
         Ok(positions)
     }
 
-    /// How many writes (each one O_DIRECT write followed by one fdatasync) `commit` and
+    /// How many synchronized writes (one O_DIRECT write each, with `O_DSYNC` or followed
+    /// by an fdatasync: [`JournalSync`]) `commit` and
     /// `commit_many` made since the journal was opened. With group commit it grows by one
     /// per group (more only at a rotation or beyond `commit_bytes_max` bytes), so its
-    /// ratio to the commits written is the number of commits each fdatasync carried.
+    /// ratio to the commits written is the number of commits each device flush carried.
     pub fn writes_total(&self) -> u64 {
         self.writes_total
     }
@@ -727,10 +732,14 @@ impl Journal {
         let segment = (self.segments.len() - 1) as u32;
         let path = &self.segments[segment as usize].path;
         let file = self.current.as_ref().expect("rotate opened a segment");
+        // With `O_DSYNC` the write returns once it is durable; otherwise the fdatasync
+        // makes it so.
         write_all(file, path, self.tail, run).await?;
-        file.fdatasync()
-            .await
-            .map_err(|e| io_err("fdatasync", path, self.tail)(e.into()))?;
+        if self.config.sync == JournalSync::Fdatasync {
+            file.fdatasync()
+                .await
+                .map_err(|e| io_err("fdatasync", path, self.tail)(e.into()))?;
+        }
         Ok((segment, self.tail, count))
     }
 
@@ -743,6 +752,7 @@ impl Journal {
             .read(true)
             .write(true)
             .create_new(true)
+            .custom_flags(self.config.sync.open_flags())
             .dma_open(&path)
             .await
             .map_err(|e| io_err("create", &path, 0)(e.into()))?;

@@ -46,6 +46,7 @@ pub fn config(dir: &Path) -> JournalConfig {
         segment_bytes_max: SEGMENT_BYTES,
         commit_bytes_max: 16 * 1024,
         recovery_chunk_bytes: RECOVERY_CHUNK_BYTES_MIN,
+        ..JournalConfig::new(dir)
     }
 }
 
