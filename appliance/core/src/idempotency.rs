@@ -402,7 +402,10 @@ impl IdempotencyIndex {
                 "order inserted twice"
             );
             probes += 1;
-            assert!(probes < self.table.len(), "idempotency table has no empty slot");
+            assert!(
+                probes < self.table.len(),
+                "idempotency table has no empty slot"
+            );
             pos = (pos + 1) & mask;
         }
         let slot = ((self.head + u64::from(self.len)) & u64::from(self.capacity() - 1)) as u32;
