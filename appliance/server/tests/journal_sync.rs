@@ -46,7 +46,12 @@ fn with_sync(dir: &Path, sync: JournalSync) -> JournalConfig {
 fn assert_segment_flags(path: &Path, dsync: bool) {
     let flags = open_flags_of(path);
     assert_eq!(flags.len(), 1, "one descriptor on {}", path.display());
-    assert_ne!(flags[0] & libc::O_DIRECT, 0, "O_DIRECT on {}", path.display());
+    assert_ne!(
+        flags[0] & libc::O_DIRECT,
+        0,
+        "O_DIRECT on {}",
+        path.display()
+    );
     assert_eq!(
         flags[0] & libc::O_DSYNC != 0,
         dsync,
@@ -79,7 +84,11 @@ fn appended_segments_carry_o_dsync_after_rotation_and_after_recovery() {
             let last = segments.last().unwrap().clone();
             assert_segment_flags(&last, dsync);
             for older in &segments[..segments.len() - 1] {
-                assert!(open_flags_of(older).is_empty(), "{} closed", older.display());
+                assert!(
+                    open_flags_of(older).is_empty(),
+                    "{} closed",
+                    older.display()
+                );
             }
             journal.close().await.unwrap();
             assert!(open_flags_of(&last).is_empty());
