@@ -164,12 +164,89 @@ pub enum ShardError {
 enum Message {
     Issue {
         requests: Vec<IssueRequest>,
-        reply: flume::Sender<Vec<IssueResult>>,
+        reply: Reply,
         enqueued: Instant,
     },
     Metrics {
         reply: flume::Sender<ShardMetrics>,
     },
+}
+
+/// Where a batch's results go once its tick is durable.
+enum Reply {
+    /// A one-shot channel ([`ShardHandle::submit`]).
+    Once(flume::Sender<Vec<IssueResult>>),
+    /// A QUIC endpoint's answer queue.
+    Endpoint(EndpointReply),
+}
+
+impl Reply {
+    /// Delivers the results; a receiver that is gone no longer wants them.
+    fn send(self, results: Vec<IssueResult>) {
+        match self {
+            Reply::Once(tx) => {
+                let _ = tx.send(results);
+            }
+            Reply::Endpoint(reply) => reply.send(results),
+        }
+    }
+}
+
+/// Results of one batch, delivered to the endpoint that submitted it.
+#[derive(Debug)]
+pub struct Answered {
+    /// The endpoint's name for the batch ([`EndpointReply::new`]).
+    pub token: u64,
+    /// One result per request, in order; **empty** when the batch was dropped unanswered
+    /// (its shard stopped, or was already gone when it was submitted): every request of
+    /// it then failed with [`IssueFailure::ShardStopped`].
+    pub results: Vec<IssueResult>,
+}
+
+/// Where a QUIC endpoint wants one batch's results: its answer queue and its token for
+/// the batch. Unlike a one-shot channel per batch it costs no allocation, and the
+/// endpoint's driver takes the results itself (no task per request frame).
+///
+/// Dropped without an answer (the batch was lost with a stopped shard, or never reached
+/// one), it sends an empty [`Answered`], so the endpoint never waits for an answer that
+/// cannot come.
+#[derive(Debug)]
+pub struct EndpointReply {
+    to: flume::Sender<Answered>,
+    token: u64,
+    answered: bool,
+}
+
+impl EndpointReply {
+    /// Results of the batch go to `to`, tagged with `token`. The queue should be
+    /// unbounded: shards answer from their tick loop and must never block on it (what
+    /// bounds it is the number of request frames in flight).
+    pub fn new(to: flume::Sender<Answered>, token: u64) -> EndpointReply {
+        EndpointReply {
+            to,
+            token,
+            answered: false,
+        }
+    }
+
+    fn send(mut self, results: Vec<IssueResult>) {
+        self.answered = true;
+        let _ = self.to.send(Answered {
+            token: self.token,
+            results,
+        });
+    }
+}
+
+impl Drop for EndpointReply {
+    fn drop(&mut self) {
+        if !self.answered {
+            let _ = self.to.send(Answered {
+                token: self.token,
+                results: Vec::new(),
+            });
+        }
+    }
 }
 
 /// Handle to a running shard, usable from any thread.
@@ -191,23 +268,31 @@ pub struct ShardSender {
 }
 
 impl ShardSender {
-    /// Queues a batch (waiting while the inbox is full); `None` if the shard stopped.
-    /// The batch must not exceed the shard's `tick_requests_max`, which is at least the
-    /// protocol's `BATCH_REQUESTS_MAX`.
-    pub async fn submit_async(
+    /// Queues a batch whose results go to `reply`. The batch must not exceed the shard's
+    /// `tick_requests_max`, which is at least the protocol's `BATCH_REQUESTS_MAX`.
+    ///
+    /// Never blocks: when the inbox is full it returns the send as a future, for the
+    /// caller to run (back-pressure without holding up its other work). A batch for a
+    /// shard that stopped is dropped, and `reply` answers it as stopped.
+    pub fn submit_to(
         &self,
         requests: Vec<IssueRequest>,
-    ) -> Option<flume::Receiver<Vec<IssueResult>>> {
-        let (reply, rx) = flume::bounded(1);
-        self.tx
-            .send_async(Message::Issue {
-                requests,
-                reply,
-                enqueued: Instant::now(),
-            })
-            .await
-            .ok()?;
-        Some(rx)
+        reply: EndpointReply,
+    ) -> Option<impl std::future::Future<Output = ()> + 'static> {
+        let message = Message::Issue {
+            requests,
+            reply: Reply::Endpoint(reply),
+            enqueued: Instant::now(),
+        };
+        match self.tx.try_send(message) {
+            Ok(()) | Err(flume::TrySendError::Disconnected(_)) => None,
+            Err(flume::TrySendError::Full(message)) => {
+                let tx = self.tx.clone();
+                Some(async move {
+                    let _ = tx.send_async(message).await;
+                })
+            }
+        }
     }
 
     /// A snapshot of the shard's metrics (blocking; for threads outside the shards).
@@ -353,7 +438,7 @@ impl ShardHandle {
         self.sender()?
             .send(Message::Issue {
                 requests,
-                reply,
+                reply: Reply::Once(reply),
                 enqueued: Instant::now(),
             })
             .map_err(|_| ShardError::Stopped {
@@ -459,7 +544,7 @@ struct RefillDone {
 /// they arrived.
 struct BatchSlot {
     len: usize,
-    reply: flume::Sender<Vec<IssueResult>>,
+    reply: Reply,
     enqueued: Instant,
 }
 
@@ -592,7 +677,7 @@ fn answer_inbox_as_stopped(
                     Message::Issue {
                         requests, reply, ..
                     } => {
-                        let _ = reply.send(vec![Err(failure.clone()); requests.len()]);
+                        reply.send(vec![Err(failure.clone()); requests.len()]);
                     }
                     Message::Metrics { reply } => {
                         let _ = reply.send(metrics.clone());
@@ -878,7 +963,7 @@ impl Shard {
                 requests, reply, ..
             }) = carry
             {
-                let _ = reply.send(vec![Err(failure); requests.len()]);
+                reply.send(vec![Err(failure); requests.len()]);
             }
         }
         served
@@ -1371,7 +1456,7 @@ impl TickInFlight {
 
 fn answer_all(slots: Vec<BatchSlot>, failure: IssueFailure) {
     for slot in slots {
-        let _ = slot.reply.send(vec![Err(failure.clone()); slot.len]);
+        slot.reply.send(vec![Err(failure.clone()); slot.len]);
     }
 }
 
@@ -1564,7 +1649,7 @@ async fn commit_group(
                 micros(slot.enqueued.elapsed()),
                 slot.len as u64,
             );
-            let _ = slot.reply.send(results);
+            slot.reply.send(results);
         }
     }
     Ok(())
@@ -1663,4 +1748,76 @@ async fn requisition(
 
 fn micros(d: Duration) -> u64 {
     d.as_micros().min(u128::from(u64::MAX)) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_reply_answers_exactly_once() {
+        let (tx, rx) = flume::unbounded();
+        let failure = IssueFailure::TaxServer("down".into());
+        Reply::Endpoint(EndpointReply::new(tx.clone(), 7)).send(vec![Err(failure.clone())]);
+        let answered = rx.try_recv().expect("answered");
+        assert_eq!(answered.token, 7);
+        assert_eq!(answered.results, vec![Err(failure)]);
+        assert!(
+            rx.try_recv().is_err(),
+            "the answer is not followed by a drop answer"
+        );
+    }
+
+    #[test]
+    fn an_endpoint_reply_dropped_unanswered_answers_empty() {
+        let (tx, rx) = flume::unbounded();
+        let message = Message::Issue {
+            requests: Vec::new(),
+            reply: Reply::Endpoint(EndpointReply::new(tx, 9)),
+            enqueued: Instant::now(),
+        };
+        drop(message);
+        let answered = rx.try_recv().expect("answered on drop");
+        assert_eq!(answered.token, 9);
+        assert!(answered.results.is_empty());
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn a_batch_for_a_stopped_shard_is_answered_as_dropped() {
+        let (inbox_tx, inbox_rx) = flume::bounded(1);
+        drop(inbox_rx);
+        let sender = ShardSender { tx: inbox_tx };
+        let (tx, rx) = flume::unbounded();
+        assert!(sender
+            .submit_to(Vec::new(), EndpointReply::new(tx, 3))
+            .is_none());
+        let answered = rx.try_recv().expect("answered");
+        assert_eq!(answered.token, 3);
+        assert!(answered.results.is_empty());
+    }
+
+    #[test]
+    fn a_full_inbox_hands_back_the_send() {
+        let (inbox_tx, inbox_rx) = flume::bounded(1);
+        let sender = ShardSender { tx: inbox_tx };
+        let (tx, rx) = flume::unbounded();
+        assert!(sender
+            .submit_to(Vec::new(), EndpointReply::new(tx.clone(), 1))
+            .is_none());
+        let send = sender
+            .submit_to(Vec::new(), EndpointReply::new(tx, 2))
+            .expect("the inbox is full");
+        assert_eq!(inbox_rx.len(), 1);
+        drop(inbox_rx.try_recv().expect("first batch"));
+        futures_lite::future::block_on(send);
+        assert_eq!(
+            inbox_rx.len(),
+            1,
+            "the second batch went in once there was room"
+        );
+        // The first batch was dropped unanswered; the second is still queued.
+        assert_eq!(rx.try_recv().expect("dropped").token, 1);
+        assert!(rx.try_recv().is_err());
+    }
 }

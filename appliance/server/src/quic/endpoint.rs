@@ -1,14 +1,16 @@
 //! One QUIC endpoint on one UDP socket, driven by quinn-proto (sans-IO) from the shard's
 //! glommio executor: no Send futures, no locks, no other thread.
 //!
-//! Three kinds of task share the executor with the shard's tick loop:
+//! Two tasks share the executor with the shard's tick loop:
 //! - the receiver reads datagrams from the socket and queues them for the driver;
 //! - the driver owns the quinn-proto endpoint and every connection: it feeds datagrams
-//!   in, reads requests from streams, writes replies, sends what quinn-proto wants sent
-//!   and fires its timers;
-//! - one exchange task per issue frame hands the requests to their home shards (this one
-//!   or, forwarded over a channel, another), waits until they are durable and queues the
-//!   encoded reply for the driver.
+//!   in, reads requests from streams, hands each issue frame's requests to their home
+//!   shards (this one or, forwarded, another: always over the shard's inbox channel),
+//!   takes the shards' answers from its answer queue once they are durable, writes the
+//!   replies, sends what quinn-proto wants sent and fires its timers.
+//!
+//! A request frame costs no task and no channel of its own: the shards answer into the
+//! driver's one answer queue, tagged with the frame ([`PendingFrame`]).
 //!
 //! Limits (TigerStyle: a bound on everything): connections per endpoint, streams per
 //! connection (QUIC flow control enforces it on the client), bytes buffered per stream
@@ -18,7 +20,7 @@
 use super::auth::Authorisation;
 use super::udp::{Received, RecvScratch, UdpIo};
 use crate::metrics::ShardMetrics;
-use crate::shard::{IssueFailure, IssueResult, ShardSender};
+use crate::shard::{Answered, EndpointReply, IssueFailure, IssueResult, ShardSender};
 use appliance_proto::{
     encode_error_frame, encode_result, home_shard, split_frame, split_items, ErrorCode, FrameKind,
     Header, HeaderError, HelloReply, ItemResult, BATCH_REQUESTS_MAX, FRAME_BYTES_MAX, HEADER_BYTES,
@@ -40,11 +42,15 @@ pub const CONNECTIONS_MAX: usize = 1024;
 /// Bytes of request frames being received per connection (reserved from their headers);
 /// a frame that would exceed it is refused with the retryable `Overloaded` error.
 pub const CONNECTION_INBOUND_BYTES_MAX: usize = 64 * 1024 * 1024;
-/// Inputs queued between the receiver task and the driver (a datagram input holds one
-/// GRO batch of up to 64 datagrams).
+/// Inputs queued between the receiver task and the driver (an input holds one GRO batch
+/// of up to 64 datagrams).
 const INPUT_QUEUE_MAX: usize = 1024;
 /// Inputs the driver takes per turn before it drives the connections.
 const INPUTS_PER_TURN_MAX: usize = 128;
+/// Answers the driver takes per turn before it drives the connections.
+const ANSWERS_PER_TURN_MAX: usize = 1024;
+/// Bits of an answer token that name the home shard (the rest name the frame).
+const TOKEN_SHARD_BITS: u32 = 16;
 /// Bytes quinn-proto may lay out for one send (GSO batch or single datagram).
 const TRANSMIT_BYTES_MAX: usize = 64 * 1024;
 
@@ -76,15 +82,6 @@ pub struct EndpointContext {
     pub metrics: Rc<RefCell<ShardMetrics>>,
 }
 
-enum Input {
-    Datagrams(Received),
-    Reply {
-        ch: ConnectionHandle,
-        stream: StreamId,
-        frame: Vec<u8>,
-    },
-}
-
 /// A request frame being received.
 #[derive(Default)]
 struct Inbound {
@@ -108,6 +105,18 @@ struct Conn {
     outbound: HashMap<StreamId, Outbound>,
 }
 
+/// An issue frame whose requests are with their home shards.
+struct PendingFrame {
+    ch: ConnectionHandle,
+    stream: StreamId,
+    /// One per request of the frame; those refused before submission are already set.
+    results: Vec<Option<ItemResult>>,
+    /// Per home shard: the positions in the frame of the requests it was given.
+    positions: Vec<Vec<u32>>,
+    /// Shards whose answer has not come yet.
+    outstanding: usize,
+}
+
 /// Runs one endpoint on `socket` until `shutdown` disconnects.
 pub async fn serve(
     socket: UdpIo,
@@ -118,8 +127,10 @@ pub async fn serve(
     let socket = Rc::new(socket);
     let local_ip = socket.local_addr().ok().map(|a| a.ip());
     let (input_tx, input_rx) = flume::bounded(INPUT_QUEUE_MAX);
-    let input_tx = Rc::new(input_tx);
-    let receiver = glommio::spawn_local(receive(Rc::clone(&socket), Rc::clone(&input_tx)));
+    let receiver = glommio::spawn_local(receive(Rc::clone(&socket), input_tx));
+    // Unbounded because shards must never block on it; what bounds it is the number of
+    // frames in flight (streams per connection × connections).
+    let (answers_tx, answers_rx) = flume::unbounded();
     let endpoint = quinn_proto::Endpoint::new(
         Arc::new(quinn_proto::EndpointConfig::default()),
         Some(Arc::clone(&server_config)),
@@ -132,21 +143,23 @@ pub async fn serve(
         local_ip,
         conns: HashMap::new(),
         context,
-        input_tx,
+        answers_tx,
+        pending: HashMap::new(),
+        next_frame: 0,
         buf: Vec::with_capacity(TRANSMIT_BYTES_MAX),
     };
-    driver.run(input_rx, shutdown).await;
+    driver.run(input_rx, answers_rx, shutdown).await;
     receiver.cancel().await;
 }
 
-async fn receive(socket: Rc<UdpIo>, inputs: Rc<flume::Sender<Input>>) {
+async fn receive(socket: Rc<UdpIo>, inputs: flume::Sender<Received>) {
     let mut scratch = RecvScratch::default();
     let mut received = Vec::new();
     loop {
         match socket.recv(&mut scratch, &mut received).await {
             Ok(()) => {
                 for batch in received.drain(..) {
-                    if inputs.send_async(Input::Datagrams(batch)).await.is_err() {
+                    if inputs.send_async(batch).await.is_err() {
                         return;
                     }
                 }
@@ -166,18 +179,28 @@ struct Driver {
     local_ip: Option<std::net::IpAddr>,
     conns: HashMap<ConnectionHandle, Conn>,
     context: Rc<EndpointContext>,
-    input_tx: Rc<flume::Sender<Input>>,
+    /// Where shards answer this endpoint's frames.
+    answers_tx: flume::Sender<Answered>,
+    /// Frames waiting for their shards' answers, by frame number.
+    pending: HashMap<u64, PendingFrame>,
+    next_frame: u64,
     buf: Vec<u8>,
 }
 
 enum Wake {
-    Input(Option<Input>),
+    Input(Option<Received>),
+    Answer(Answered),
     Timer,
     Shutdown,
 }
 
 impl Driver {
-    async fn run(&mut self, inputs: flume::Receiver<Input>, shutdown: flume::Receiver<()>) {
+    async fn run(
+        &mut self,
+        inputs: flume::Receiver<Received>,
+        answers: flume::Receiver<Answered>,
+        shutdown: flume::Receiver<()>,
+    ) {
         loop {
             let timeout = self
                 .conns
@@ -187,6 +210,13 @@ impl Driver {
             let wait = timeout.map(|t| t.saturating_duration_since(Instant::now()));
             let wake = {
                 let input = async { Wake::Input(inputs.recv_async().await.ok()) };
+                // The driver holds a sender itself, so this never ends.
+                let answer = async {
+                    match answers.recv_async().await {
+                        Ok(answered) => Wake::Answer(answered),
+                        Err(_) => futures_lite::future::pending().await,
+                    }
+                };
                 let stop = async {
                     let _ = shutdown.recv_async().await;
                     Wake::Shutdown
@@ -198,23 +228,35 @@ impl Driver {
                     }
                     Wake::Timer
                 };
-                futures_lite::future::or(input, futures_lite::future::or(stop, timer)).await
+                futures_lite::future::or(
+                    futures_lite::future::or(input, answer),
+                    futures_lite::future::or(stop, timer),
+                )
+                .await
             };
             match wake {
                 Wake::Input(Some(input)) => {
-                    self.handle_input(input).await;
+                    self.handle_datagrams(input).await;
                     for _ in 1..INPUTS_PER_TURN_MAX {
                         match inputs.try_recv() {
-                            Ok(input) => self.handle_input(input).await,
+                            Ok(input) => self.handle_datagrams(input).await,
                             Err(_) => break,
                         }
                     }
                 }
+                Wake::Answer(answered) => self.answered(answered),
                 Wake::Input(None) => return,
                 Wake::Timer => {}
                 Wake::Shutdown => {
                     self.close_all().await;
                     return;
+                }
+            }
+            // Answers that came meanwhile go out in this pass too.
+            for _ in 0..ANSWERS_PER_TURN_MAX {
+                match answers.try_recv() {
+                    Ok(answered) => self.answered(answered),
+                    Err(_) => break,
                 }
             }
             self.drive_all().await;
@@ -234,15 +276,10 @@ impl Driver {
         self.drive_all().await;
     }
 
-    async fn handle_input(&mut self, input: Input) {
-        match input {
-            Input::Datagrams(mut batch) => {
-                while !batch.data.is_empty() {
-                    let datagram = batch.data.split_to(batch.stride.min(batch.data.len()));
-                    self.handle_datagram(&batch, datagram).await;
-                }
-            }
-            Input::Reply { ch, stream, frame } => self.reply(ch, stream, frame),
+    async fn handle_datagrams(&mut self, mut batch: Received) {
+        while !batch.data.is_empty() {
+            let datagram = batch.data.split_to(batch.stride.min(batch.data.len()));
+            self.handle_datagram(&batch, datagram).await;
         }
     }
 
@@ -576,19 +613,7 @@ impl Driver {
                 };
                 let identity = self.conns[&ch].identity.clone().expect("connected");
                 let exchange = Exchange::prepare(&self.context, &identity, &items);
-                let context = Rc::clone(&self.context);
-                let inputs = Rc::clone(&self.input_tx);
-                glommio::spawn_local(async move {
-                    let frame = exchange.run(&context).await;
-                    let _ = inputs
-                        .send_async(Input::Reply {
-                            ch,
-                            stream: id,
-                            frame,
-                        })
-                        .await;
-                })
-                .detach();
+                self.submit(ch, id, exchange);
             }
             FrameKind::HelloReply | FrameKind::IssueReply | FrameKind::Error => {
                 self.refuse_stream(
@@ -598,6 +623,65 @@ impl Driver {
                     "servers accept hello and issue frames only",
                 );
             }
+        }
+    }
+
+    /// Hands a frame's requests to their home shards; the reply goes out once every
+    /// shard has answered ([`Driver::answered`]), at once if none was given any.
+    fn submit(&mut self, ch: ConnectionHandle, stream: StreamId, exchange: Exchange) {
+        let frame = self.next_frame;
+        self.next_frame += 1;
+        let mut outstanding = 0;
+        let mut positions = Vec::with_capacity(exchange.groups.len());
+        for (shard, (requests, at)) in exchange.groups.into_iter().enumerate() {
+            if !requests.is_empty() {
+                if shard as u32 != self.context.shard_id {
+                    self.context.metrics.borrow_mut().quic.forwarded_requests +=
+                        requests.len() as u64;
+                }
+                debug_assert!(shard < 1 << TOKEN_SHARD_BITS);
+                let token = frame << TOKEN_SHARD_BITS | shard as u64;
+                let reply = EndpointReply::new(self.answers_tx.clone(), token);
+                // Whatever happens to the batch now, an answer comes back for it.
+                outstanding += 1;
+                if let Some(send) = self.context.shards[shard].submit_to(requests, reply) {
+                    // The inbox is full: wait for room without holding up the driver.
+                    glommio::spawn_local(send).detach();
+                }
+            }
+            positions.push(at);
+        }
+        if outstanding == 0 {
+            self.reply(ch, stream, encode_reply(exchange.results));
+            return;
+        }
+        self.pending.insert(
+            frame,
+            PendingFrame {
+                ch,
+                stream,
+                results: exchange.results,
+                positions,
+                outstanding,
+            },
+        );
+    }
+
+    /// One shard's answer to a frame; the last one completes the frame's reply.
+    fn answered(&mut self, answered: Answered) {
+        let frame = answered.token >> TOKEN_SHARD_BITS;
+        let shard = (answered.token & ((1 << TOKEN_SHARD_BITS) - 1)) as usize;
+        let Some(pending) = self.pending.get_mut(&frame) else {
+            return;
+        };
+        let positions = std::mem::take(&mut pending.positions[shard]);
+        for (position, result) in positions.into_iter().zip(answered.results) {
+            pending.results[position as usize] = Some(to_item_result(result));
+        }
+        pending.outstanding -= 1;
+        if pending.outstanding == 0 {
+            let done = self.pending.remove(&frame).expect("present");
+            self.reply(done.ch, done.stream, encode_reply(done.results));
         }
     }
 }
@@ -681,52 +765,26 @@ impl Exchange {
         }
         Exchange { results, groups }
     }
-
-    /// Submits each group to its shard, waits for the results and encodes the reply.
-    async fn run(mut self, context: &EndpointContext) -> Vec<u8> {
-        let mut pending = Vec::new();
-        for (shard, (requests, positions)) in self.groups.drain(..).enumerate() {
-            if requests.is_empty() {
-                continue;
-            }
-            if shard as u32 != context.shard_id {
-                context.metrics.borrow_mut().quic.forwarded_requests += requests.len() as u64;
-            }
-            let receiver = context.shards[shard].submit_async(requests).await;
-            pending.push((receiver, positions));
-        }
-        for (receiver, positions) in pending {
-            let results: Vec<IssueResult> = match receiver {
-                Some(rx) => match rx.recv_async().await {
-                    Ok(results) => results,
-                    Err(_) => stopped(positions.len()),
-                },
-                None => stopped(positions.len()),
-            };
-            for (position, result) in positions.into_iter().zip(results) {
-                self.results[position as usize] = Some(to_item_result(result));
-            }
-        }
-        let mut frame = Vec::with_capacity(HEADER_BYTES + self.results.len() * 74);
-        let at = appliance_proto::frame::begin_frame(
-            &mut frame,
-            FrameKind::IssueReply,
-            self.results.len() as u32,
-        );
-        for result in &self.results {
-            let result = result.clone().unwrap_or_else(|| ItemResult::Failed {
-                code: ErrorCode::ShardStopped,
-                message: "no result".into(),
-            });
-            encode_result(&mut frame, &result);
-        }
-        appliance_proto::frame::finish_frame(&mut frame, at);
-        frame
-    }
 }
 
-fn stopped(count: usize) -> Vec<IssueResult> {
-    vec![Err(IssueFailure::ShardStopped("shard stopped".into())); count]
+/// The reply frame: one result per request, in order. A request without a result (its
+/// shard dropped the batch) failed with `ShardStopped`.
+fn encode_reply(results: Vec<Option<ItemResult>>) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(HEADER_BYTES + results.len() * 74);
+    let at = appliance_proto::frame::begin_frame(
+        &mut frame,
+        FrameKind::IssueReply,
+        results.len() as u32,
+    );
+    for result in results {
+        let result = result.unwrap_or_else(|| ItemResult::Failed {
+            code: ErrorCode::ShardStopped,
+            message: "shard stopped".into(),
+        });
+        encode_result(&mut frame, &result);
+    }
+    appliance_proto::frame::finish_frame(&mut frame, at);
+    frame
 }
 
 fn to_item_result(result: IssueResult) -> ItemResult {
