@@ -758,6 +758,13 @@ impl Exchange {
                 }
                 Ok(request) => {
                     let home = home_shard(&request, shards) as usize;
+                    if groups[home].0.capacity() == 0 {
+                        // A shard-aware client's frame goes to one shard: room for the
+                        // rest of it at once rather than regrowing (and moving) the
+                        // requests as they come.
+                        groups[home].0.reserve_exact(items.len() - i);
+                        groups[home].1.reserve_exact(items.len() - i);
+                    }
                     groups[home].0.push(request);
                     groups[home].1.push(i as u32);
                 }
