@@ -2,10 +2,13 @@
 //! the demo and by tests prints `listening <addr>` once it serves.
 //!
 //! The child is killed and reaped when the handle drops, so a failing test or an
-//! interrupted demo leaves no emulator behind.
+//! interrupted demo leaves no emulator behind. When the parent dies without dropping it
+//! (SIGKILL, abort), the kernel sends the child SIGTERM (`PR_SET_PDEATHSIG`), so it
+//! does not outlive the parent holding its ports and shared-memory region either.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -58,8 +61,27 @@ impl ListeningChild {
     /// Starts `command` (stdout is taken over) and waits up to `timeout` for its line
     /// `listening <addr>`. Later stdout lines are drained in the background so that the
     /// child never blocks on a full pipe.
+    ///
+    /// The child is sent SIGTERM when the **thread** that called `spawn` ends (that is
+    /// how the kernel's parent-death signal works): spawn from a thread that lives as
+    /// long as the handle, such as the main thread or the test's own.
     pub fn spawn(mut command: Command, timeout: Duration) -> Result<Self, ChildError> {
         let program = command.get_program().to_string_lossy().into_owned();
+        let parent = std::process::id();
+        // SAFETY: between fork and exec the closure only makes async-signal-safe system
+        // calls (prctl, getppid) and allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died before the prctl: then nothing would signal.
+                if libc::getppid() as u32 != parent {
+                    return Err(std::io::Error::other("parent exited during spawn"));
+                }
+                Ok(())
+            });
+        }
         let mut child =
             command
                 .stdout(Stdio::piped())
@@ -161,6 +183,38 @@ mod tests {
         drop(child);
         // Reaped on drop, so the pid is gone (not even a zombie).
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    }
+
+    #[test]
+    fn the_child_is_terminated_when_its_spawning_thread_ends_without_dropping_it() {
+        // Stands in for a parent killed with SIGKILL: the handle is never dropped.
+        let pid = std::thread::spawn(|| {
+            let mut cmd = Command::new("sh");
+            cmd.args(["-c", "echo 'listening 127.0.0.1:4243'; exec sleep 60"]);
+            let child = ListeningChild::spawn(cmd, Duration::from_secs(10)).unwrap();
+            let pid = child.pid();
+            std::mem::forget(child);
+            pid
+        })
+        .join()
+        .unwrap();
+        let pid = libc::pid_t::try_from(pid).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut status = 0;
+        loop {
+            // SAFETY: reaps our own child; `status` is a valid out-pointer.
+            let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if reaped == pid {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the orphaned child {pid} is still running"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(libc::WIFSIGNALED(status));
+        assert_eq!(libc::WTERMSIG(status), libc::SIGTERM);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use hdrhistogram::Histogram;
 use hsm_driver::proto::{Request, Response, UploadBatch, UploadStatus};
 use hsm_driver::tcp::{blocking, TcpClientConfig};
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -157,8 +157,9 @@ fn run_in(options: &DemoOptions, data_dir: &std::path::Path) -> Result<DemoRepor
             .arg(format!("{}:{}:1:99999999", s, invoice_code(i as u32)));
     }
     // The PCIe region lives in shared memory (/dev/shm), one queue pair per shard.
+    remove_stale_regions(Path::new(SHM_DIR));
     let region = PathBuf::from(format!(
-        "/dev/shm/einvoice-demo-{}.pcie",
+        "{SHM_DIR}/{REGION_PREFIX}{}{REGION_SUFFIX}",
         std::process::id()
     ));
     if !options.tcp {
@@ -325,6 +326,34 @@ fn run_in(options: &DemoOptions, data_dir: &std::path::Path) -> Result<DemoRepor
 }
 
 /// Removes a file when dropped (the demo's PCIe region).
+/// Where the demo's PCIe regions live, and how they are named: by the demo's pid.
+const SHM_DIR: &str = "/dev/shm";
+const REGION_PREFIX: &str = "einvoice-demo-";
+const REGION_SUFFIX: &str = ".pcie";
+
+/// Removes the PCIe regions of earlier demos whose process is gone. A demo killed with
+/// SIGKILL cannot remove its own (its emulator child is signalled and exits, but the
+/// 32 MiB of shared memory stay); the next demo does.
+fn remove_stale_regions(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(REGION_PREFIX))
+            .and_then(|n| n.strip_suffix(REGION_SUFFIX))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
@@ -485,4 +514,31 @@ fn verify_replay(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_regions_of_dead_demos_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let region = |pid: &str| {
+            dir.path()
+                .join(format!("{REGION_PREFIX}{pid}{REGION_SUFFIX}"))
+        };
+        // Above the kernel's largest pid_max: never a live process.
+        let dead = region("999999999");
+        let alive = region(&std::process::id().to_string());
+        let other = dir.path().join("einvoice-e2e-4433.pcie");
+        let odd = region("not-a-pid");
+        for path in [&dead, &alive, &other, &odd] {
+            std::fs::write(path, b"region").unwrap();
+        }
+        remove_stale_regions(dir.path());
+        assert!(!dead.exists());
+        assert!(alive.exists());
+        assert!(other.exists());
+        assert!(odd.exists());
+    }
 }
