@@ -121,9 +121,15 @@ pub fn run(options: &DemoOptions) -> Result<DemoReport, DemoError> {
     }
     let data_dir = match &options.data_dir {
         Some(dir) => dir.clone(),
-        None => PathBuf::from(format!("/var/tmp/einvoice-demo-{}", std::process::id())),
+        None => {
+            remove_stale_data_dirs(Path::new(DATA_PARENT));
+            PathBuf::from(format!("{DATA_PARENT}/{DEMO_PREFIX}{}", std::process::id()))
+        }
     };
     std::fs::create_dir_all(&data_dir).map_err(setup)?;
+    if options.data_dir.is_none() && !options.keep_data {
+        std::fs::write(data_dir.join(THROWAWAY_MARKER), b"").map_err(setup)?;
+    }
     let result = run_in(options, &data_dir);
     if !options.keep_data {
         let _ = std::fs::remove_dir_all(&data_dir);
@@ -159,7 +165,7 @@ fn run_in(options: &DemoOptions, data_dir: &std::path::Path) -> Result<DemoRepor
     // The PCIe region lives in shared memory (/dev/shm), one queue pair per shard.
     remove_stale_regions(Path::new(SHM_DIR));
     let region = PathBuf::from(format!(
-        "{SHM_DIR}/{REGION_PREFIX}{}{REGION_SUFFIX}",
+        "{SHM_DIR}/{DEMO_PREFIX}{}{REGION_SUFFIX}",
         std::process::id()
     ));
     if !options.tcp {
@@ -326,30 +332,61 @@ fn run_in(options: &DemoOptions, data_dir: &std::path::Path) -> Result<DemoRepor
 }
 
 /// Removes a file when dropped (the demo's PCIe region).
-/// Where the demo's PCIe regions live, and how they are named: by the demo's pid.
+/// A demo's throw-away data dir (unless `--data-dir`) and PCIe region are named by its
+/// pid: `DATA_PARENT/DEMO_PREFIX<pid>` and `SHM_DIR/DEMO_PREFIX<pid>REGION_SUFFIX`.
+const DATA_PARENT: &str = "/var/tmp";
 const SHM_DIR: &str = "/dev/shm";
-const REGION_PREFIX: &str = "einvoice-demo-";
+const DEMO_PREFIX: &str = "einvoice-demo-";
 const REGION_SUFFIX: &str = ".pcie";
+/// Present in a default data dir that the demo would have removed at its end (no
+/// `--keep-data`): only such dirs are removed when their demo is found dead.
+const THROWAWAY_MARKER: &str = ".throwaway";
+
+/// Entries of `dir` named `DEMO_PREFIX<pid><suffix>` whose process is gone.
+fn dead_demos(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name();
+            name.to_str()
+                .and_then(|n| n.strip_prefix(DEMO_PREFIX))
+                .and_then(|n| n.strip_suffix(suffix))
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|pid| !process_alive(pid))
+        })
+        .map(|entry| entry.path())
+        .collect()
+}
+
+/// Whether `pid` is a running process: a zombie (killed, not yet reaped by whoever
+/// inherited it) is not.
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the command name, which is in parentheses and may hold any
+        // byte, so look after the last ')'.
+        stat.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
 
 /// Removes the PCIe regions of earlier demos whose process is gone. A demo killed with
 /// SIGKILL cannot remove its own (its emulator child is signalled and exits, but the
 /// 32 MiB of shared memory stay); the next demo does.
 fn remove_stale_regions(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(REGION_PREFIX))
-            .and_then(|n| n.strip_suffix(REGION_SUFFIX))
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_file(entry.path());
+    for region in dead_demos(dir, REGION_SUFFIX) {
+        let _ = std::fs::remove_file(region);
+    }
+}
+
+/// Removes the throw-away data dirs (~2 GB of journal segments) of earlier demos killed
+/// before they could; dirs kept with `--keep-data` carry no marker and stay.
+fn remove_stale_data_dirs(dir: &Path) {
+    for data in dead_demos(dir, "") {
+        if data.join(THROWAWAY_MARKER).is_file() {
+            let _ = std::fs::remove_dir_all(data);
         }
     }
 }
@@ -525,7 +562,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let region = |pid: &str| {
             dir.path()
-                .join(format!("{REGION_PREFIX}{pid}{REGION_SUFFIX}"))
+                .join(format!("{DEMO_PREFIX}{pid}{REGION_SUFFIX}"))
         };
         // Above the kernel's largest pid_max: never a live process.
         let dead = region("999999999");
@@ -540,5 +577,42 @@ mod tests {
         assert!(alive.exists());
         assert!(other.exists());
         assert!(odd.exists());
+    }
+
+    #[test]
+    fn a_zombie_is_not_alive() {
+        assert!(process_alive(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Exited but not reaped: a zombie until `wait`.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while process_alive(pid) {
+            assert!(std::time::Instant::now() < deadline, "`true` did not exit");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
+    }
+
+    #[test]
+    fn only_the_throwaway_data_dirs_of_dead_demos_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = |pid: &str, marked: bool| {
+            let path = dir.path().join(format!("{DEMO_PREFIX}{pid}"));
+            std::fs::create_dir_all(path.join("journal")).unwrap();
+            std::fs::write(path.join("journal/segment"), b"records").unwrap();
+            if marked {
+                std::fs::write(path.join(THROWAWAY_MARKER), b"").unwrap();
+            }
+            path
+        };
+        let dead = data("999999999", true);
+        let kept = data("999999998", false); // --keep-data
+        let alive = data(&std::process::id().to_string(), true);
+        remove_stale_data_dirs(dir.path());
+        assert!(!dead.exists());
+        assert!(kept.join("journal/segment").exists());
+        assert!(alive.join("journal/segment").exists());
     }
 }
