@@ -117,6 +117,25 @@ struct PendingFrame {
     outstanding: usize,
 }
 
+impl PendingFrame {
+    /// Takes shard `shard`'s results for its group (empty: the batch was dropped, so
+    /// its requests stay without a result and are answered as `ShardStopped`); returns
+    /// whether that was the frame's last answer.
+    fn take_answer(&mut self, shard: usize, results: Vec<IssueResult>) -> bool {
+        // Each batch's `EndpointReply` answers exactly once.
+        assert!(
+            self.outstanding > 0,
+            "frame answered more often than submitted"
+        );
+        let positions = std::mem::take(&mut self.positions[shard]);
+        for (position, result) in positions.into_iter().zip(results) {
+            self.results[position as usize] = Some(to_item_result(result));
+        }
+        self.outstanding -= 1;
+        self.outstanding == 0
+    }
+}
+
 /// Runs one endpoint on `socket` until `shutdown` disconnects.
 pub async fn serve(
     socket: UdpIo,
@@ -674,12 +693,7 @@ impl Driver {
         let Some(pending) = self.pending.get_mut(&frame) else {
             return;
         };
-        let positions = std::mem::take(&mut pending.positions[shard]);
-        for (position, result) in positions.into_iter().zip(answered.results) {
-            pending.results[position as usize] = Some(to_item_result(result));
-        }
-        pending.outstanding -= 1;
-        if pending.outstanding == 0 {
+        if pending.take_answer(shard, answered.results) {
             let done = self.pending.remove(&frame).expect("present");
             self.reply(done.ch, done.stream, encode_reply(done.results));
         }
@@ -822,5 +836,72 @@ fn to_item_result(result: IssueResult) -> ItemResult {
             code: ErrorCode::ShardStopped,
             message,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use appliance_proto::decode_results;
+
+    fn codes(frame: &[u8]) -> Vec<ErrorCode> {
+        let (header, body) = split_frame(frame).unwrap();
+        assert_eq!(header.kind, FrameKind::IssueReply);
+        decode_results(body, header.count)
+            .unwrap()
+            .into_iter()
+            .map(|result| match result {
+                ItemResult::Failed { code, .. } => code,
+                other => panic!("expected a failure, got {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_frame_completes_with_its_last_answer_and_a_dropped_batch_reads_shard_stopped() {
+        let mut pending = PendingFrame {
+            ch: ConnectionHandle(0),
+            stream: StreamId::new(quinn_proto::Side::Client, Dir::Bi, 0),
+            // Item 0 was refused before submission; 1 and 3 went to shard 0, 2 to shard 1.
+            results: vec![
+                Some(ItemResult::Failed {
+                    code: ErrorCode::InvalidItem,
+                    message: "bad".into(),
+                }),
+                None,
+                None,
+                None,
+            ],
+            positions: vec![vec![1, 3], vec![2]],
+            outstanding: 2,
+        };
+        // Shard 1 stopped and its batch was dropped: an empty answer.
+        assert!(!pending.take_answer(1, Vec::new()));
+        let down = IssueFailure::TaxServer("down".into());
+        let refused = IssueFailure::Rejected(appliance_core::IssueError::IdempotencyConflict);
+        assert!(pending.take_answer(0, vec![Err(down), Err(refused)]));
+        assert_eq!(
+            codes(&encode_reply(pending.results)),
+            vec![
+                ErrorCode::InvalidItem,
+                ErrorCode::TaxServerUnavailable,
+                ErrorCode::ShardStopped,
+                ErrorCode::from_issue_error(&appliance_core::IssueError::IdempotencyConflict),
+            ]
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "answered more often")]
+    fn an_answer_beyond_the_submitted_batches_is_a_bug() {
+        let mut pending = PendingFrame {
+            ch: ConnectionHandle(0),
+            stream: StreamId::new(quinn_proto::Side::Client, Dir::Bi, 0),
+            results: vec![None],
+            positions: vec![vec![0]],
+            outstanding: 1,
+        };
+        assert!(pending.take_answer(0, Vec::new()));
+        pending.take_answer(0, Vec::new());
     }
 }
