@@ -255,6 +255,10 @@ pub fn issue_time_s(now_ms: u64) -> u32 {
     u32::try_from(now_ms / 1000).unwrap_or(u32::MAX)
 }
 
+/// Due entries [`IdempotencyIndex::expire`] warms, then removes, at a time: enough
+/// misses in flight to overlap them, few enough lines to stay cached until used.
+pub const EXPIRE_WARM_CHUNK: u32 = 64;
+
 /// Bounded idempotency index (see the module docs for layout and memory).
 #[derive(Clone)]
 pub struct IdempotencyIndex {
@@ -417,25 +421,45 @@ impl IdempotencyIndex {
     /// Forgets orders issued more than the retention window before `now_ms`, oldest
     /// first; returns how many. Red totals of a forgotten original go with it: reds
     /// against it are refused from then on (its original is unknown).
+    ///
+    /// In steady state about one order expires per order issued, and each removal
+    /// misses the cache on its table line just as a lookup does. So the due entries are
+    /// taken [`EXPIRE_WARM_CHUNK`] at a time: their table lines are warmed in a tight
+    /// loop (misses in flight together, as in `begin_tick`), then removed. The chunk
+    /// bounds what is warmed ahead, so a large backlog (after a long idle) does not
+    /// evict its own lines.
     pub fn expire(&mut self, now_ms: u64) -> u32 {
         let now_s = now_ms / 1000;
+        let mask = u64::from(self.capacity() - 1);
         let mut expired = 0;
-        while self.len > 0 {
-            let slot = (self.head & u64::from(self.capacity() - 1)) as usize;
-            let entry = self.ring[slot];
-            if now_s.saturating_sub(u64::from(entry.issue_time_s)) <= self.retention_s {
-                break;
+        loop {
+            // Issue times never decrease along the ring, so the due entries are a prefix.
+            let mut due = 0u32;
+            while due < EXPIRE_WARM_CHUNK && due < self.len {
+                let entry = &self.ring[((self.head + u64::from(due)) & mask) as usize];
+                if now_s.saturating_sub(u64::from(entry.issue_time_s)) <= self.retention_s {
+                    break;
+                }
+                due += 1;
             }
-            let pos = self
-                .find_position(entry.fingerprint())
-                .expect("ring entry missing from the table");
-            self.remove_position(pos);
-            self.red_totals_fen.remove(&entry.fingerprint());
-            self.head += 1;
-            self.len -= 1;
-            expired += 1;
+            if due == 0 {
+                return expired;
+            }
+            for i in 0..u64::from(due) {
+                self.prefetch(self.ring[((self.head + i) & mask) as usize].fingerprint());
+            }
+            for _ in 0..due {
+                let entry = self.ring[(self.head & mask) as usize];
+                let pos = self
+                    .find_position(entry.fingerprint())
+                    .expect("ring entry missing from the table");
+                self.remove_position(pos);
+                self.red_totals_fen.remove(&entry.fingerprint());
+                self.head += 1;
+                self.len -= 1;
+            }
+            expired += due;
         }
-        expired
     }
 
     /// Backward-shift deletion for linear probing.
@@ -506,6 +530,30 @@ mod tests {
             issue_time_s: time_s,
             total_fen: 100,
         }
+    }
+
+    #[test]
+    fn expiry_across_warm_chunks_removes_exactly_the_due_entries() {
+        let chunk = EXPIRE_WARM_CHUNK as u64;
+        let total = 4 * chunk + 7;
+        let mut index = IdempotencyIndex::new(1024, 10_000);
+        // Issue time = i / 2 s, so entries share seconds as they do live.
+        for i in 0..total {
+            index.insert(entry(i, (i / 2) as u32));
+        }
+        // now = 2 chunks + 13 s: times < chunk + 3 are due (two and a bit chunks).
+        let now_s = chunk + 13;
+        let due = 2 * (chunk + 3);
+        assert_eq!(index.expire(now_s * 1000), due as u32);
+        assert_eq!(u64::from(index.len()), total - due);
+        for i in 0..total {
+            let e = entry(i, (i / 2) as u32);
+            assert_eq!(index.get(e.fingerprint()).is_some(), i >= due, "{i}");
+        }
+        // Nothing more is due at the same time; everything is due much later.
+        assert_eq!(index.expire(now_s * 1000), 0);
+        assert_eq!(u64::from(index.expire(1_000_000_000)), total - due);
+        assert_eq!(index.len(), 0);
     }
 
     #[test]
