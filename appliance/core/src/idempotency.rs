@@ -433,20 +433,19 @@ impl IdempotencyIndex {
         let mask = u64::from(self.capacity() - 1);
         let mut expired = 0;
         loop {
-            // Issue times never decrease along the ring, so the due entries are a prefix.
+            // Issue times never decrease along the ring, so the due entries are a prefix;
+            // each is warmed as it is found.
             let mut due = 0u32;
             while due < EXPIRE_WARM_CHUNK && due < self.len {
                 let entry = &self.ring[((self.head + u64::from(due)) & mask) as usize];
                 if now_s.saturating_sub(u64::from(entry.issue_time_s)) <= self.retention_s {
                     break;
                 }
+                self.prefetch(entry.fingerprint());
                 due += 1;
             }
             if due == 0 {
                 return expired;
-            }
-            for i in 0..u64::from(due) {
-                self.prefetch(self.ring[((self.head + i) & mask) as usize].fingerprint());
             }
             for _ in 0..due {
                 let entry = self.ring[(self.head & mask) as usize];

@@ -331,7 +331,6 @@ fn run_in(options: &DemoOptions, data_dir: &std::path::Path) -> Result<DemoRepor
     Ok(report)
 }
 
-/// Removes a file when dropped (the demo's PCIe region).
 /// A demo's throw-away data dir (unless `--data-dir`) and PCIe region are named by its
 /// pid: `DATA_PARENT/DEMO_PREFIX<pid>` and `SHM_DIR/DEMO_PREFIX<pid>REGION_SUFFIX`.
 const DATA_PARENT: &str = "/var/tmp";
@@ -391,6 +390,7 @@ fn remove_stale_data_dirs(dir: &Path) {
     }
 }
 
+/// Removes a file when dropped (the demo's PCIe region).
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {

@@ -230,6 +230,10 @@ impl EndpointReply {
     }
 
     fn send(mut self, results: Vec<IssueResult>) {
+        self.deliver(results);
+    }
+
+    fn deliver(&mut self, results: Vec<IssueResult>) {
         self.answered = true;
         let _ = self.to.send(Answered {
             token: self.token,
@@ -241,10 +245,7 @@ impl EndpointReply {
 impl Drop for EndpointReply {
     fn drop(&mut self) {
         if !self.answered {
-            let _ = self.to.send(Answered {
-                token: self.token,
-                results: Vec::new(),
-            });
+            self.deliver(Vec::new());
         }
     }
 }
