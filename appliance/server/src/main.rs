@@ -223,6 +223,7 @@ fn main() -> ExitCode {
 fn issue_loop(args: IssueLoopArgs) -> Result<(), String> {
     let sellers: Vec<_> = (0..args.sellers).map(seller).collect();
     let config = ShardConfig {
+        appliance_id: 0,
         issuer: IssuerConfig {
             shard_id: 0,
             taxpayers: sellers

@@ -87,6 +87,8 @@ impl Appliance {
         journal.sync = config.limits.journal_sync;
         let shard_configs = (0..shards)
             .map(|shard_id| ShardConfig {
+                // Replaced by the data dir's identity (appliance init) in this session.
+                appliance_id: 0,
                 issuer: IssuerConfig {
                     shard_id,
                     taxpayers: taxpayers.clone(),

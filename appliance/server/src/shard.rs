@@ -61,6 +61,10 @@ pub const IO_MEMORY_BYTES: usize = 512 * 1024;
 /// Settings of one shard.
 #[derive(Debug, Clone)]
 pub struct ShardConfig {
+    /// The appliance's identity (128-bit id from its data dir): with the shard id it is
+    /// the holder the tax server grants segments to, so that another appliance (or this
+    /// one after its data dir was wiped) never adopts them.
+    pub appliance_id: u128,
     /// Issuer settings (shard id, taxpayers, limits).
     pub issuer: IssuerConfig,
     /// The shard's journal.

@@ -45,6 +45,7 @@ pub fn shard_config(
     tax_server: TcpClientConfig,
 ) -> ShardConfig {
     ShardConfig {
+        appliance_id: 0x5eed,
         issuer: IssuerConfig {
             shard_id: 0,
             taxpayers: vec![TaxpayerConfig {
