@@ -168,7 +168,9 @@ fn main() {
     let grants = vec![Grant::new(SELLER, CODE, 1, 10_000_000).expect("grant")];
     let emu = Emulator::open(&Config::new(dir.path(), grants)).expect("emulator");
     let tp = SELLER.as_bytes().try_into().expect("18 bytes");
-    let seg = emu.requisition(&tp, 10_000_000, 1, 1).expect("segment");
+    let seg = emu
+        .requisition(&tp, 10_000_000, hsm_driver::proto::Holder::default(), 1)
+        .expect("segment");
     assert_eq!(seg.first, 1);
 
     let (geometries, dma_bytes) = plan_layout(1, 64, 16 << 20).expect("layout");

@@ -31,7 +31,9 @@ use crate::crypto::{
 /// Magic at the start of every frame.
 pub const FRAME_MAGIC: [u8; 4] = *b"TXSV";
 /// Protocol version written and accepted by this build.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// Version 2: every grant, return and TaxCodes command names its holder as (appliance id,
+/// shard) ([`Holder`]), and `Inventory` reports each held segment's coded mark.
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Bytes of [`FrameHeader`].
 pub const FRAME_HEADER_BYTES: usize = 24;
 /// Largest frame body: bounds the memory one frame can make a peer allocate.
@@ -59,6 +61,60 @@ pub const NOP_BYTES_MAX: usize = FRAME_BODY_BYTES_MAX;
 pub const TAXPAYER_BYTES: usize = 18;
 /// Bytes of one `TaxCodes` result item.
 pub const TAX_CODE_ITEM_BYTES: usize = 56;
+/// Bytes of a [`Holder`] on the wire.
+pub const HOLDER_BYTES: usize = 20;
+
+/// Who holds a segment: one shard of one appliance. The appliance id is the random 128-bit
+/// id of the appliance's data dir, so a second appliance, or the same host after its data
+/// dir was wiped, is another holder even with the same shard numbers: it can neither adopt
+/// nor code the numbers of a segment granted to someone else.
+///
+/// Wire layout (20 bytes): `appliance` u128 @0, `shard` u32 @16, little-endian.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct Holder {
+    /// The appliance's id (from its data dir).
+    pub appliance: u128,
+    /// The shard within the appliance.
+    pub shard: u32,
+}
+
+impl Holder {
+    /// A holder.
+    pub fn new(appliance: u128, shard: u32) -> Self {
+        Self { appliance, shard }
+    }
+
+    /// Appends the 20-byte wire form.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_bytes());
+    }
+
+    /// The 20-byte wire form.
+    pub fn to_bytes(&self) -> [u8; HOLDER_BYTES] {
+        let mut b = [0u8; HOLDER_BYTES];
+        b[..16].copy_from_slice(&self.appliance.to_le_bytes());
+        b[16..].copy_from_slice(&self.shard.to_le_bytes());
+        b
+    }
+
+    /// Reads the 20-byte wire form.
+    pub fn from_bytes(b: &[u8; HOLDER_BYTES]) -> Self {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&b[..16]);
+        let mut s = [0u8; 4];
+        s.copy_from_slice(&b[16..]);
+        Self {
+            appliance: u128::from_le_bytes(a),
+            shard: u32::from_le_bytes(s),
+        }
+    }
+}
+
+impl fmt::Display for Holder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}/{}", self.appliance, self.shard)
+    }
+}
 
 /// An 18-character unified social credit code, ASCII.
 pub type Taxpayer = [u8; TAXPAYER_BYTES];
@@ -264,6 +320,9 @@ pub enum TaxCodeStatus {
     NumberNotGranted = 2,
     /// The seller is not served by this device.
     UnknownTaxpayer = 3,
+    /// The number lies in a segment granted to another holder (another appliance, or
+    /// another shard): coding it would let two issuers use one number.
+    NotHolder = 4,
 }
 
 impl TaxCodeStatus {
@@ -274,6 +333,7 @@ impl TaxCodeStatus {
             1 => Some(Self::MalformedInvoice),
             2 => Some(Self::NumberNotGranted),
             3 => Some(Self::UnknownTaxpayer),
+            4 => Some(Self::NotHolder),
             _ => None,
         }
     }
@@ -443,6 +503,9 @@ pub enum InventoryScope {
     All,
     /// One taxpayer.
     Taxpayer(Taxpayer),
+    /// Every taxpayer, listing only the segments of one holder: what a starting appliance
+    /// shard adopts and reconciles with its journal.
+    Holder(Holder),
 }
 
 /// What a TaxCodes batch's limit errors name.
@@ -644,15 +707,19 @@ impl<'a> Invoices<'a> {
     /// Checks a `TaxCodes` request body exactly as [`Request::decode`] does (same
     /// errors) and iterates its invoices in place: no copy of the body and no offset
     /// table. The emulator's hot path uses it instead of building an [`InvoiceBatch`].
-    pub fn decode(body: &'a [u8]) -> Result<Self, DecodeError> {
-        let (count, wire) = RawBatch::walk(body, TAX_CODES_BATCH_MAX, 0, TAX_CODES_ITEMS, None)?;
-        Ok(Self {
-            raw: RawIter {
-                wire,
-                remaining: count,
-                suffix_len: 0,
+    pub fn decode(body: &'a [u8]) -> Result<(Holder, Self), DecodeError> {
+        let (holder, rest) = split_holder(body)?;
+        let (count, wire) = RawBatch::walk(rest, TAX_CODES_BATCH_MAX, 0, TAX_CODES_ITEMS, None)?;
+        Ok((
+            holder,
+            Self {
+                raw: RawIter {
+                    wire,
+                    remaining: count,
+                    suffix_len: 0,
+                },
             },
-        })
+        ))
     }
 }
 
@@ -725,6 +792,7 @@ impl ExactSizeIterator for UploadItems<'_> {}
 /// tick after tick ([`InvoiceBatch::clear`]).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct InvoiceBatch {
+    holder: Holder,
     raw: RawBatch,
 }
 
@@ -737,11 +805,23 @@ impl InvoiceBatch {
     /// An empty batch with room for `items` invoices of `bytes` total.
     pub fn with_capacity(items: usize, bytes: usize) -> Self {
         Self {
+            holder: Holder::default(),
             raw: RawBatch::with_capacity(items, bytes + 2 * items),
         }
     }
 
-    /// Removes every item, keeping the allocation.
+    /// The holder the batch is coded for: the device codes only numbers of segments
+    /// granted to it (others get [`TaxCodeStatus::NotHolder`]).
+    pub fn holder(&self) -> Holder {
+        self.holder
+    }
+
+    /// Sets the holder (kept by [`InvoiceBatch::clear`]).
+    pub fn set_holder(&mut self, holder: Holder) {
+        self.holder = holder;
+    }
+
+    /// Removes every item, keeping the allocation and the holder.
     pub fn clear(&mut self) {
         self.raw.clear();
     }
@@ -793,6 +873,7 @@ impl InvoiceBatch {
 impl fmt::Debug for InvoiceBatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InvoiceBatch")
+            .field("holder", &self.holder)
             .field("items", &self.len())
             .field("bytes", &self.raw.wire.len())
             .finish()
@@ -926,11 +1007,16 @@ pub struct DeviceInfo {
 pub struct HeldSegment {
     /// The segment.
     pub segment: Segment,
-    /// Holder (shard id) it was granted to.
-    pub holder: u32,
+    /// Holder it was granted to.
+    pub holder: Holder,
     /// The requisition's request id, so that a restarted holder can match it to its own
     /// pending requisition.
     pub request_id: u64,
+    /// Coded mark: one past the highest number of the segment the device has given a tax
+    /// code (0 when none). Every number below it may have been coded, so a holder whose
+    /// journal lost them (a crash between TaxCodes and the commit, a damaged last commit)
+    /// must never use them again.
+    pub coded_end: u32,
 }
 
 /// `Inventory` answer for one taxpayer.
@@ -983,17 +1069,19 @@ pub enum Request {
         taxpayer: Taxpayer,
         /// Numbers wanted.
         count: u32,
-        /// Holder (shard id).
-        holder: u32,
+        /// Holder (appliance id, shard).
+        holder: Holder,
         /// Caller-chosen idempotency key of this requisition.
         request_id: u64,
     },
-    /// Give back the unused `segment` of `taxpayer`.
+    /// Give back the unused `segment` of `taxpayer`, held by `holder`.
     ReturnSegment {
         /// Seller.
         taxpayer: Taxpayer,
         /// The unused segment (may be the tail of a granted one).
         segment: Segment,
+        /// The holder the segment was granted to (the device refuses another's).
+        holder: Holder,
     },
     /// Tax codes for a batch of canonical invoices.
     TaxCodes(InvoiceBatch),
@@ -1020,17 +1108,18 @@ pub enum Request {
 }
 
 /// A request body as two borrowed pieces whose concatenation is exactly what
-/// [`Request::encode_body`] appends: a short head (a batch's item count, or nothing) and
-/// the bulk, already in wire layout ([`Request::body_parts`]).
+/// [`Request::encode_body`] appends: a short head (a TaxCodes batch's holder and item
+/// count, an Upload batch's item count, or nothing) and the bulk, already in wire layout
+/// ([`Request::body_parts`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BodyParts<'a> {
-    head: [u8; 4],
+    head: [u8; BODY_HEAD_BYTES_MAX],
     head_len: usize,
     bulk: &'a [u8],
 }
 
 impl<'a> BodyParts<'a> {
-    /// The head (0 or 4 bytes).
+    /// The head (0, 4 or 24 bytes).
     pub fn head(&self) -> &[u8] {
         &self.head[..self.head_len]
     }
@@ -1050,6 +1139,9 @@ impl<'a> BodyParts<'a> {
         self.len() == 0
     }
 }
+
+/// Largest [`BodyParts`] head: a TaxCodes holder and count.
+const BODY_HEAD_BYTES_MAX: usize = HOLDER_BYTES + 4;
 
 /// A successful answer of the tax server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1187,6 +1279,20 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Bytes of one held segment in an `Inventory` answer: segment, holder, request id,
+/// coded mark.
+const HELD_SEGMENT_BYTES: usize = 16 + HOLDER_BYTES + 8 + 4;
+
+/// Splits a TaxCodes body into its holder and the batch after it.
+fn split_holder(body: &[u8]) -> Result<(Holder, &[u8]), DecodeError> {
+    let head = body
+        .get(..HOLDER_BYTES)
+        .ok_or(DecodeError::Truncated("holder"))?;
+    let mut h = [0u8; HOLDER_BYTES];
+    h.copy_from_slice(head);
+    Ok((Holder::from_bytes(&h), &body[HOLDER_BYTES..]))
+}
+
 fn put_segment(out: &mut Vec<u8>, s: &Segment) {
     out.extend_from_slice(&s.code.to_le_bytes());
     out.extend_from_slice(&s.first.to_le_bytes());
@@ -1254,14 +1360,22 @@ impl Request {
             } => {
                 out.extend_from_slice(taxpayer);
                 out.extend_from_slice(&count.to_le_bytes());
-                out.extend_from_slice(&holder.to_le_bytes());
+                holder.encode(out);
                 out.extend_from_slice(&request_id.to_le_bytes());
             }
-            Request::ReturnSegment { taxpayer, segment } => {
+            Request::ReturnSegment {
+                taxpayer,
+                segment,
+                holder,
+            } => {
                 out.extend_from_slice(taxpayer);
                 put_segment(out, segment);
+                holder.encode(out);
             }
-            Request::TaxCodes(batch) => batch.raw.encode(out),
+            Request::TaxCodes(batch) => {
+                batch.holder.encode(out);
+                batch.raw.encode(out);
+            }
             Request::Sign { digest } => out.extend_from_slice(digest),
             Request::Upload(batch) => batch.raw.encode(out),
             Request::ReportAndClear {
@@ -1275,6 +1389,10 @@ impl Request {
             Request::Inventory(InventoryScope::Taxpayer(t)) => {
                 out.push(1);
                 out.extend_from_slice(t);
+            }
+            Request::Inventory(InventoryScope::Holder(h)) => {
+                out.push(2);
+                h.encode(out);
             }
             Request::Nop(bytes) => {
                 limit("nop bytes", bytes.len(), NOP_BYTES_MAX)?;
@@ -1297,22 +1415,28 @@ impl Request {
     /// parts straight to their destination (the PCIe data area) instead of encoding a
     /// ~1 MB batch into a buffer and copying that again.
     pub fn body_parts(&self) -> Result<Option<BodyParts<'_>>, EncodeError> {
-        fn batch(raw: &RawBatch) -> BodyParts<'_> {
+        fn batch<'b>(holder: Option<&Holder>, raw: &'b RawBatch) -> BodyParts<'b> {
+            let mut head = [0u8; BODY_HEAD_BYTES_MAX];
+            let mut len = 0;
+            if let Some(h) = holder {
+                head[..HOLDER_BYTES].copy_from_slice(&h.to_bytes());
+                len = HOLDER_BYTES;
+            }
             // Pushes keep the count within the batch maxima, far below u32::MAX.
-            let count = (raw.starts.len() as u32).to_le_bytes();
+            head[len..len + 4].copy_from_slice(&(raw.starts.len() as u32).to_le_bytes());
             BodyParts {
-                head: count,
-                head_len: count.len(),
+                head,
+                head_len: len + 4,
                 bulk: &raw.wire,
             }
         }
         Ok(match self {
-            Request::TaxCodes(b) => Some(batch(&b.raw)),
-            Request::Upload(b) => Some(batch(&b.raw)),
+            Request::TaxCodes(b) => Some(batch(Some(&b.holder), &b.raw)),
+            Request::Upload(b) => Some(batch(None, &b.raw)),
             Request::Nop(bytes) => {
                 limit("nop bytes", bytes.len(), NOP_BYTES_MAX)?;
                 Some(BodyParts {
-                    head: [0; 4],
+                    head: [0; BODY_HEAD_BYTES_MAX],
                     head_len: 0,
                     bulk: bytes,
                 })
@@ -1330,9 +1454,11 @@ impl Request {
         // Batches parse their whole body themselves.
         match op {
             Opcode::TaxCodes => {
+                let (holder, rest) = split_holder(body)?;
                 return Ok(Request::TaxCodes(InvoiceBatch {
-                    raw: RawBatch::decode(body, TAX_CODES_BATCH_MAX, 0, TAX_CODES_ITEMS)?,
-                }))
+                    holder,
+                    raw: RawBatch::decode(rest, TAX_CODES_BATCH_MAX, 0, TAX_CODES_ITEMS)?,
+                }));
             }
             Opcode::Upload => {
                 return Ok(Request::Upload(UploadBatch {
@@ -1363,12 +1489,13 @@ impl Request {
             Opcode::Requisition => Request::Requisition {
                 taxpayer: r.array("taxpayer")?,
                 count: r.u32("count")?,
-                holder: r.u32("holder")?,
+                holder: Holder::from_bytes(&r.array("holder")?),
                 request_id: r.u64("request id")?,
             },
             Opcode::ReturnSegment => Request::ReturnSegment {
                 taxpayer: r.array("taxpayer")?,
                 segment: get_segment(&mut r)?,
+                holder: Holder::from_bytes(&r.array("holder")?),
             },
             Opcode::Sign => Request::Sign {
                 digest: r.array("digest")?,
@@ -1380,6 +1507,9 @@ impl Request {
             Opcode::Inventory => match r.u8("inventory scope")? {
                 0 => Request::Inventory(InventoryScope::All),
                 1 => Request::Inventory(InventoryScope::Taxpayer(r.array("taxpayer")?)),
+                2 => Request::Inventory(InventoryScope::Holder(Holder::from_bytes(
+                    &r.array("holder")?,
+                ))),
                 other => {
                     return Err(DecodeError::InvalidValue {
                         what: "inventory scope",
@@ -1480,8 +1610,9 @@ impl Response {
                     out.extend_from_slice(&(inv.segments.len() as u32).to_le_bytes());
                     for s in &inv.segments {
                         put_segment(out, &s.segment);
-                        out.extend_from_slice(&s.holder.to_le_bytes());
+                        s.holder.encode(out);
                         out.extend_from_slice(&s.request_id.to_le_bytes());
+                        out.extend_from_slice(&s.coded_end.to_le_bytes());
                     }
                 }
             }
@@ -1594,13 +1725,19 @@ impl Response {
                     let issued = r.u64("issued")?;
                     let uploaded = r.u64("uploaded")?;
                     let m = r.u32("segment count")? as usize;
-                    let m = r.count(m, INVENTORY_SEGMENTS_MAX, 28, "inventory segments")?;
+                    let m = r.count(
+                        m,
+                        INVENTORY_SEGMENTS_MAX,
+                        HELD_SEGMENT_BYTES,
+                        "inventory segments",
+                    )?;
                     let mut segments = Vec::with_capacity(m);
                     for _ in 0..m {
                         segments.push(HeldSegment {
                             segment: get_segment(&mut r)?,
-                            holder: r.u32("holder")?,
+                            holder: Holder::from_bytes(&r.array("holder")?),
                             request_id: r.u64("request id")?,
+                            coded_end: r.u32("coded end")?,
                         });
                     }
                     list.push(TaxpayerInventory {
@@ -1930,6 +2067,7 @@ mod tests {
 
     fn sample_batch(n: usize) -> InvoiceBatch {
         let mut b = InvoiceBatch::new();
+        b.set_holder(Holder::new(0xabc, 2));
         for i in 0..n {
             b.push(&vec![i as u8; 100 + i % 7]).expect("within limits");
         }
@@ -1945,7 +2083,7 @@ mod tests {
             Request::Requisition {
                 taxpayer: TP,
                 count: 1000,
-                holder: 3,
+                holder: Holder::new(u128::MAX - 7, 3),
                 request_id: u64::MAX,
             },
             Request::ReturnSegment {
@@ -1955,7 +2093,9 @@ mod tests {
                     first: 500,
                     count: 20,
                 },
+                holder: Holder::new(1, 2),
             },
+            Request::Inventory(InventoryScope::Holder(Holder::new(5, 6))),
             Request::TaxCodes(sample_batch(17)),
             Request::TaxCodes(InvoiceBatch::new()),
             Request::Sign { digest: [9; 32] },
@@ -2031,8 +2171,9 @@ mod tests {
                         first: 2,
                         count: 3,
                     },
-                    holder: 1,
+                    holder: Holder::new(0x1234, 1),
                     request_id: 99,
+                    coded_end: 4,
                 }],
             }]),
             Response::Nop(vec![1, 2, 3]),
@@ -2045,7 +2186,7 @@ mod tests {
         let h = FrameHeader::new(4, 0x0102, 0x1122_3344_5566_7788, b"abc");
         let bytes = h.as_bytes();
         assert_eq!(&bytes[0..4], b"TXSV");
-        assert_eq!(bytes[4], 1);
+        assert_eq!(bytes[4], PROTOCOL_VERSION);
         assert_eq!(bytes[5], 4);
         assert_eq!(&bytes[6..8], &[0x02, 0x01]);
         assert_eq!(&bytes[8..16], &0x1122_3344_5566_7788u64.to_le_bytes());
@@ -2110,25 +2251,26 @@ mod tests {
         }
         bodies.push([good.as_slice(), &[0]].concat());
         let mut lying = good.clone();
-        lying[..4].copy_from_slice(&18u32.to_le_bytes());
+        lying[HOLDER_BYTES..HOLDER_BYTES + 4].copy_from_slice(&18u32.to_le_bytes());
         bodies.push(lying);
         let mut lying = good.clone();
-        lying[..4].copy_from_slice(&16u32.to_le_bytes());
+        lying[HOLDER_BYTES..HOLDER_BYTES + 4].copy_from_slice(&16u32.to_le_bytes());
         bodies.push(lying);
         let mut huge = good.clone();
-        huge[..4].copy_from_slice(&(TAX_CODES_BATCH_MAX as u32 + 1).to_le_bytes());
+        huge[HOLDER_BYTES..HOLDER_BYTES + 4].copy_from_slice(&(TAX_CODES_BATCH_MAX as u32 + 1).to_le_bytes());
         bodies.push(huge);
         let mut long_item = good.clone();
-        long_item[4..6].copy_from_slice(&u16::MAX.to_le_bytes());
+        long_item[HOLDER_BYTES + 4..HOLDER_BYTES + 6].copy_from_slice(&u16::MAX.to_le_bytes());
         bodies.push(long_item);
         for body in bodies {
             match (Request::decode(op, &body), Invoices::decode(&body)) {
-                (Ok(Request::TaxCodes(batch)), Ok(items)) => {
+                (Ok(Request::TaxCodes(batch)), Ok((holder, items))) => {
+                    assert_eq!(holder, batch.holder());
                     assert_eq!(items.len(), batch.len());
                     assert!(items.eq(batch.iter()));
                 }
                 (Err(a), Err(b)) => assert_eq!(a, b),
-                (a, b) => panic!("decoders disagree: {a:?} / {:?}", b.map(|i| i.len())),
+                (a, b) => panic!("decoders disagree: {a:?} / {:?}", b.map(|(_, i)| i.len())),
             }
         }
     }
@@ -2210,7 +2352,8 @@ mod tests {
 
     #[test]
     fn hostile_counts_are_rejected_before_allocating() {
-        let mut body = u32::MAX.to_le_bytes().to_vec();
+        let mut body = [0u8; HOLDER_BYTES].to_vec();
+        body.extend_from_slice(&u32::MAX.to_le_bytes());
         body.extend_from_slice(&[0; 8]);
         assert!(matches!(
             Request::decode(Opcode::TaxCodes as u8, &body),
@@ -2311,12 +2454,15 @@ mod tests {
 
         // Wrong version: skipped, not fatal.
         let mut v2 = stream[first_len..].to_vec();
-        v2[4] = 2;
+        v2[4] = PROTOCOL_VERSION + 1;
         let mut dec = FrameDecoder::new();
         dec.extend(&v2);
         dec.extend(&stream[first_len..]);
         let e = dec.next_frame().expect_err("version");
-        assert_eq!(e.error, DecodeError::UnsupportedVersion(2));
+        assert_eq!(
+            e.error,
+            DecodeError::UnsupportedVersion(PROTOCOL_VERSION + 1)
+        );
         assert!(!e.fatal);
         assert!(dec.next_frame().expect("ok").is_some());
 
@@ -2342,18 +2488,19 @@ mod tests {
         let tp = proptest::array::uniform18(any::<u8>());
         prop_oneof![
             Just(Request::DeviceInfo),
-            (tp, any::<u32>(), any::<u32>(), any::<u64>()).prop_map(
-                |(taxpayer, count, holder, request_id)| Request::Requisition {
+            (tp, any::<u32>(), any::<(u128, u32)>(), any::<u64>()).prop_map(
+                |(taxpayer, count, (appliance, shard), request_id)| Request::Requisition {
                     taxpayer,
                     count,
-                    holder,
+                    holder: Holder::new(appliance, shard),
                     request_id
                 }
             ),
-            (tp, any::<u64>(), any::<u32>(), any::<u32>()).prop_map(
-                |(taxpayer, code, first, count)| Request::ReturnSegment {
+            (tp, any::<u64>(), any::<u32>(), any::<u32>(), any::<u128>()).prop_map(
+                |(taxpayer, code, first, count, appliance)| Request::ReturnSegment {
                     taxpayer,
-                    segment: Segment { code, first, count }
+                    segment: Segment { code, first, count },
+                    holder: Holder::new(appliance, first),
                 }
             ),
             proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..40)

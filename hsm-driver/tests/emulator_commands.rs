@@ -102,7 +102,7 @@ fn requisition_return_inventory() {
             Request::Requisition {
                 taxpayer: tp(&stranger),
                 count: 1,
-                holder: 0,
+                holder: hsm_driver::proto::Holder::new(0, 0),
                 request_id: 9
             }
         ),
@@ -114,7 +114,7 @@ fn requisition_return_inventory() {
             Request::Requisition {
                 taxpayer: tp(&a),
                 count: 0,
-                holder: 0,
+                holder: hsm_driver::proto::Holder::new(0, 0),
                 request_id: 9
             }
         ),
@@ -126,7 +126,7 @@ fn requisition_return_inventory() {
             Request::Requisition {
                 taxpayer: tp(&seller_b()),
                 count: 1,
-                holder: 0,
+                holder: hsm_driver::proto::Holder::new(0, 0),
                 request_id: 1
             }
         ),
@@ -141,13 +141,29 @@ fn requisition_return_inventory() {
             Request::Requisition {
                 taxpayer: tp(&a),
                 count: 1,
-                holder: 2,
+                holder: hsm_driver::proto::Holder::new(0, 2),
                 request_id: 2
             }
         ),
         Status::InventoryExhausted
     );
 
+    // Another holder (another appliance's shard 0) cannot return s1's numbers.
+    assert_eq!(
+        refused(
+            &mut c,
+            Request::ReturnSegment {
+                taxpayer: tp(&a),
+                segment: Segment {
+                    code: CODE_A,
+                    first: 501,
+                    count: 100,
+                },
+                holder: hsm_driver::proto::Holder::new(1, 0),
+            }
+        ),
+        Status::SegmentNotHeld
+    );
     // Return the tail of s1; returning it again is an idempotent no-op; overlapping or
     // ungranted ranges are refused.
     let tail = Segment {
@@ -160,7 +176,8 @@ fn requisition_return_inventory() {
             &mut c,
             Request::ReturnSegment {
                 taxpayer: tp(&a),
-                segment: tail
+                segment: tail,
+                holder: hsm_driver::proto::Holder::new(0, 0),
             }
         ),
         Response::ReturnSegment
@@ -170,7 +187,8 @@ fn requisition_return_inventory() {
             &mut c,
             Request::ReturnSegment {
                 taxpayer: tp(&a),
-                segment: tail
+                segment: tail,
+                holder: hsm_driver::proto::Holder::new(0, 0),
             }
         ),
         Response::ReturnSegment
@@ -184,7 +202,8 @@ fn requisition_return_inventory() {
                     code: CODE_A,
                     first: 550,
                     count: 10
-                }
+                },
+                holder: hsm_driver::proto::Holder::new(0, 0),
             }
         ),
         Status::SegmentNotHeld
@@ -198,7 +217,8 @@ fn requisition_return_inventory() {
                     code: CODE_B,
                     first: 1,
                     count: 1
-                }
+                },
+                holder: hsm_driver::proto::Holder::new(0, 0),
             }
         ),
         Status::SegmentNotHeld
@@ -212,7 +232,7 @@ fn requisition_return_inventory() {
     let held: Vec<(Segment, u32, u64)> = inv[0]
         .segments
         .iter()
-        .map(|h| (h.segment, h.holder, h.request_id))
+        .map(|h| (h.segment, h.holder.shard, h.request_id))
         .collect();
     assert_eq!(
         held,
@@ -257,6 +277,7 @@ fn tax_codes_statuses_and_values() {
                 first: 91,
                 count: 10,
             },
+            holder: hsm_driver::proto::Holder::new(0, 0),
         },
     );
     let good = invoice(&a, CODE_A, seg.first, false, 1);
@@ -374,7 +395,8 @@ fn upload_statuses_and_report() {
                     code: CODE_A,
                     first: 2,
                     count: 5
-                }
+                },
+                holder: hsm_driver::proto::Holder::new(0, 0),
             }
         ),
         Status::SegmentNotHeld

@@ -47,7 +47,7 @@ fn sigkill_mid_load_never_grants_twice() {
                         let req = Request::Requisition {
                             taxpayer: tp(&seller_a()),
                             count: 97 + holder,
-                            holder,
+                            holder: hsm_driver::proto::Holder::new(0, holder),
                             request_id: id,
                         };
                         match c.call(&req) {
@@ -115,7 +115,7 @@ fn sigkill_mid_load_never_grants_twice() {
     let held: std::collections::HashSet<(Segment, u32, u64)> = inv[0]
         .segments
         .iter()
-        .map(|h| (h.segment, h.holder, h.request_id))
+        .map(|h| (h.segment, h.holder.shard, h.request_id))
         .collect();
     for &(holder, id, seg) in &all {
         assert!(held.contains(&(seg, holder, id)), "lost grant {seg:?}");
@@ -159,6 +159,7 @@ fn uploads_keys_and_returns_survive_restart() {
                     first: 51,
                     count: 50,
                 },
+                holder: hsm_driver::proto::Holder::default(),
             },
         );
         let items = tax_codes(&mut c, &[inv1.clone(), inv1_other.clone()]);

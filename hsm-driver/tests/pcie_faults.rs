@@ -153,7 +153,7 @@ fn full_ring_and_data_area_push_back_without_loss() {
             .call(&Request::Requisition {
                 taxpayer: tp(&seller),
                 count: 1000,
-                holder: 0,
+                holder: hsm_driver::proto::Holder::new(0, 0),
                 request_id: 1,
             })
             .await

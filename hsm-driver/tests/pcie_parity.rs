@@ -76,7 +76,7 @@ async fn sequence(client: HsmClient) -> Vec<Seen> {
     let req = Request::Requisition {
         taxpayer: tp(&a),
         count: 100,
-        holder: 0,
+        holder: hsm_driver::proto::Holder::new(0, 0),
         request_id: 1,
     };
     let seg_a = match call(&client, &req).await.expect("requisition") {
@@ -91,7 +91,7 @@ async fn sequence(client: HsmClient) -> Vec<Seen> {
             &Request::Requisition {
                 taxpayer: tp(&emulator_support::taxpayer("91440000300000000")),
                 count: 5,
-                holder: 0,
+                holder: hsm_driver::proto::Holder::new(0, 0),
                 request_id: 2,
             },
         )
@@ -167,6 +167,7 @@ async fn sequence(client: HsmClient) -> Vec<Seen> {
     let ret = Request::ReturnSegment {
         taxpayer: tp(&a),
         segment: tail,
+        holder: hsm_driver::proto::Holder::default(),
     };
     out.push(seen(call(&client, &ret).await));
     out.push(seen(call(&client, &ret).await));
@@ -180,6 +181,7 @@ async fn sequence(client: HsmClient) -> Vec<Seen> {
                     first: seg_a.first + 500,
                     count: 1,
                 },
+                holder: hsm_driver::proto::Holder::default(),
             },
         )
         .await,
@@ -207,7 +209,7 @@ async fn sequence(client: HsmClient) -> Vec<Seen> {
         &Request::Requisition {
             taxpayer: tp(&b),
             count: 4096,
-            holder: 1,
+            holder: hsm_driver::proto::Holder::new(0, 1),
             request_id: 9,
         },
     )
@@ -218,6 +220,7 @@ async fn sequence(client: HsmClient) -> Vec<Seen> {
         other => panic!("unexpected {other:?}"),
     };
     let mut batch = InvoiceBatch::new();
+    batch.set_holder(hsm_driver::proto::Holder::new(0, 1));
     for i in 0..4096u32 {
         batch
             .push(&invoice(

@@ -28,7 +28,7 @@ use appliance_core::{
 use hsm_driver::crypto::{self, Sm2Verifier, TaxCode, TaxCodeAlgorithm, TaxCodeKey};
 use hsm_driver::keys::{DeviceKeys, KeyBackend, SoftwareBackend};
 use hsm_driver::proto::{
-    FaultConfig, HeldSegment, InventoryScope, InvoiceBatch, Request, Response, Segment, Status,
+    FaultConfig, HeldSegment, Holder, InventoryScope, InvoiceBatch, Request, Response, Segment, Status,
     TaxCodeItem, TaxCodeStatus, TaxpayerInventory, UploadBatch, UploadStatus, TAX_CODES_BATCH_MAX,
 };
 use hsm_driver::tcp::{HsmError, TcpClient, TcpClientConfig};
@@ -283,7 +283,7 @@ async fn requisition(
         .call(&Request::Requisition {
             taxpayer: *seller.as_bytes(),
             count,
-            holder,
+            holder: Holder::new(0, holder),
             request_id,
         })
         .await?
@@ -293,8 +293,14 @@ async fn requisition(
     }
 }
 
-async fn tax_codes(c: &TcpClient, items: &[&[u8]]) -> Result<Vec<TaxCodeItem>, HsmError> {
+/// TaxCodes for `items` on behalf of shard `shard` (appliance id 0).
+async fn tax_codes(
+    c: &TcpClient,
+    shard: u32,
+    items: &[&[u8]],
+) -> Result<Vec<TaxCodeItem>, HsmError> {
     let mut batch = InvoiceBatch::new();
+    batch.set_holder(Holder::new(0, shard));
     for item in items {
         batch.push(item).expect("batch within limits");
     }
@@ -438,7 +444,7 @@ fn every_command_through_the_glommio_client() {
         let req = |taxpayer: TaxpayerId, holder, request_id| Request::Requisition {
             taxpayer: *taxpayer.as_bytes(),
             count: 10,
-            holder,
+            holder: Holder::new(0, holder),
             request_id,
         };
         assert_eq!(
@@ -467,7 +473,8 @@ fn every_command_through_the_glommio_client() {
                     &c,
                     Request::ReturnSegment {
                         taxpayer: *a.as_bytes(),
-                        segment: tail
+                        segment: tail,
+                        holder: Holder::new(0, 1),
                     }
                 )
                 .await,
@@ -483,7 +490,8 @@ fn every_command_through_the_glommio_client() {
                         code: CODE_A,
                         first: 5_000,
                         count: 10
-                    }
+                    },
+                    holder: Holder::new(0, 1),
                 }
             )
             .await,
@@ -507,7 +515,7 @@ fn every_command_through_the_glommio_client() {
             truncated,
             b"not an invoice".as_slice(),
         ]);
-        let results = tax_codes(&c, &items).await.expect("TaxCodes");
+        let results = tax_codes(&c, 1, &items).await.expect("TaxCodes");
         for (bytes, item) in issued_bytes.iter().zip(&results) {
             assert_codes(&key, bytes, item);
         }
@@ -546,7 +554,7 @@ fn every_command_through_the_glommio_client() {
         assert_codes(
             &key,
             &b1,
-            &tax_codes(&c, &[&b1]).await.expect("TaxCodes B")[0],
+            &tax_codes(&c, 2, &[&b1]).await.expect("TaxCodes B")[0],
         );
         let (mut blue_codes, red_codes) = (64u64, 1u64);
 
@@ -566,7 +574,7 @@ fn every_command_through_the_glommio_client() {
         );
         // A tampered tax code is forged; the true one is then accepted.
         let late = canonical::encode(&blue(0, CODE_A, 66, "T"));
-        let late_code = tax_codes(&c, &[&late]).await.expect("TaxCodes")[0].tax_code;
+        let late_code = tax_codes(&c, 1, &[&late]).await.expect("TaxCodes")[0].tax_code;
         blue_codes += 1;
         let mut tampered = late_code;
         tampered[31] ^= 1;
@@ -580,7 +588,7 @@ fn every_command_through_the_glommio_client() {
         );
         // Another invoice under an uploaded number, with its own valid code: conflict.
         let other = canonical::encode(&blue(0, CODE_A, 2, "OTHER"));
-        let other_code = tax_codes(&c, &[&other]).await.expect("TaxCodes")[0].tax_code;
+        let other_code = tax_codes(&c, 1, &[&other]).await.expect("TaxCodes")[0].tax_code;
         blue_codes += 1;
         // A number the device never granted, even with a correctly keyed code.
         let forged_identity = crypto::tax_code(&key, &never_granted);
@@ -635,8 +643,9 @@ fn every_command_through_the_glommio_client() {
             segments: vec![
                 HeldSegment {
                     segment: s1,
-                    holder: 1,
+                    holder: Holder::new(0, 1),
                     request_id: 1,
+                    coded_end: 67, // numbers 1-64 and 66 were coded
                 },
                 // s2 less its returned tail.
                 HeldSegment {
@@ -645,8 +654,9 @@ fn every_command_through_the_glommio_client() {
                         first: 201,
                         count: 30,
                     },
-                    holder: 1,
+                    holder: Holder::new(0, 1),
                     request_id: 2,
+                    coded_end: 0,
                 },
             ],
         };
@@ -667,8 +677,9 @@ fn every_command_through_the_glommio_client() {
                 uploaded: 0,
                 segments: vec![HeldSegment {
                     segment: sb,
-                    holder: 2,
-                    request_id: 1
+                    holder: Holder::new(0, 2),
+                    request_id: 1,
+                    coded_end: 2,
                 }],
             })
         );
@@ -764,7 +775,7 @@ fn five_hundred_concurrent_calls_pipeline_on_one_connection() {
                         }
                         _ => {
                             let bytes = canonical::encode(&blue(0, CODE_A, seg.first + i, "P"));
-                            match tax_codes(&c, &[&bytes]).await {
+                            match tax_codes(&c, 1, &[&bytes]).await {
                                 Ok(items) => {
                                     items[0].status() == Some(TaxCodeStatus::Ok)
                                         && items[0].tax_code == crypto::tax_code(&key, &bytes)
@@ -1153,7 +1164,7 @@ fn emulator_killed_and_restarted_mid_load_client_reconnects_and_never_regrants()
                 .map(|k| canonical::encode(&blue(0, s.code, s.first + k, "R")))
                 .collect();
             let refs: Vec<&[u8]> = invoices.iter().map(Vec::as_slice).collect();
-            let outcome = match tax_codes(&c, &refs).await {
+            let outcome = match tax_codes(&c, 7, &refs).await {
                 Ok(items) => {
                     for (bytes, item) in invoices.iter().zip(&items) {
                         // The keys survive the restart: codes verify under the same key.
@@ -1229,7 +1240,7 @@ fn emulator_killed_and_restarted_mid_load_client_reconnects_and_never_regrants()
         .segments
         .iter()
         .map(|h| {
-            assert_eq!(h.holder, 7);
+            assert_eq!(h.holder, Holder::new(0, 7));
             (h.request_id, h.segment)
         })
         .collect();

@@ -27,7 +27,7 @@ use appliance_core::{
 };
 use hsm_driver::emulator::{Config, Emulator, Grant};
 use hsm_driver::proto::{
-    InventoryScope, InvoiceBatch, Request, Response, TaxCodeStatus, UploadBatch, UploadStatus,
+    Holder, InventoryScope, InvoiceBatch, Request, Response, TaxCodeStatus, UploadBatch, UploadStatus,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -35,6 +35,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 const SHARD: u32 = 3;
+/// The simulated appliance's holder at the device.
+const HOLDER: Holder = Holder {
+    appliance: 0x51a1_0000_0000_0000_0000_0000_0000_0003,
+    shard: SHARD,
+};
 const STEPS: usize = 400;
 
 fn sellers() -> Vec<TaxpayerId> {
@@ -109,6 +114,12 @@ struct World {
     crashes: u32,
     hsm_restarts: u32,
     adopted: u32,
+    /// Every number the device coded, with the tax code it gave: the device must never
+    /// code one number for two different invoices.
+    coded: HashMap<(u64, u32), [u8; 32]>,
+    /// Numbers spoiled at restarts because the device had coded them and the journal had
+    /// lost them.
+    spoiled_coded: u32,
 }
 
 fn open_hsm(dir: &Path) -> Emulator {
@@ -143,6 +154,8 @@ impl World {
             crashes: 0,
             hsm_restarts: 0,
             adopted: 0,
+            coded: HashMap::new(),
+            spoiled_coded: 0,
         };
         world.restart();
         world
@@ -173,7 +186,7 @@ impl World {
                 .iter()
                 .find(|i| &i.taxpayer == seller.as_bytes())
                 .unwrap();
-            for held in inventory.segments.iter().filter(|h| h.holder == SHARD) {
+            for held in inventory.segments.iter().filter(|h| h.holder == HOLDER) {
                 let segment = NumberSegment::new(
                     InvoiceCode::new(held.segment.code).unwrap(),
                     InvoiceNumber::new(held.segment.first).unwrap(),
@@ -183,6 +196,17 @@ impl World {
                 if self.issuer.adopt_granted(&seller, segment).unwrap() {
                     self.adopted += 1;
                 }
+            }
+            // As the server does: numbers the device coded that the journal lost (a crash
+            // after TaxCodes) are spoiled before anything is issued.
+            for held in inventory.segments.iter().filter(|h| h.holder == HOLDER) {
+                let code = InvoiceCode::new(held.segment.code).unwrap();
+                let (spoiled, left) = self
+                    .issuer
+                    .spoil_coded(&seller, code, held.coded_end)
+                    .unwrap();
+                assert_eq!(left, 0, "a tick's numbers fit the control queue");
+                self.spoiled_coded += spoiled;
             }
         }
         // Start-up commit of the adoptions, then one tick to trigger refills.
@@ -221,7 +245,7 @@ impl World {
                 Request::Requisition {
                     taxpayer: *refill.seller.as_bytes(),
                     count: refill.count,
-                    holder: SHARD,
+                    holder: HOLDER,
                     request_id,
                 },
             );
@@ -311,12 +335,28 @@ impl World {
             Vec::new()
         } else {
             let mut batch = InvoiceBatch::new();
+            batch.set_holder(HOLDER);
             for item in tick.canonical_items() {
                 batch.push(item).unwrap();
             }
+            let identities: Vec<(u64, u32)> = tick
+                .canonical_items()
+                .map(|item| {
+                    let h = appliance_core::canonical::decode_header(item).unwrap();
+                    (h.invoice_code.get(), h.invoice_number.get())
+                })
+                .collect();
             let Response::TaxCodes(items) = call(self.hsm(), Request::TaxCodes(batch)) else {
                 panic!("tax codes answer")
             };
+            for (identity, item) in identities.iter().zip(items.iter()) {
+                if let Some(earlier) = self.coded.insert(*identity, item.tax_code) {
+                    assert_eq!(
+                        earlier, item.tax_code,
+                        "number {identity:?} coded for two different invoices"
+                    );
+                }
+            }
             items
                 .iter()
                 .map(|item| {
@@ -460,7 +500,7 @@ fn run(seed: u64) {
             .unwrap()
             .segments
             .iter()
-            .filter(|h| h.holder == SHARD)
+            .filter(|h| h.holder == HOLDER)
             .map(|h| u64::from(h.segment.count))
             .sum();
         let accounting = world.issuer.accounting(&seller).unwrap();
@@ -472,12 +512,13 @@ fn run(seed: u64) {
     }
     assert!(!world.acked.is_empty());
     eprintln!(
-        "seed {seed}: {} invoices acknowledged, {} crashes ({} with multi-block commits persisted out of order), {} tax-server restarts, {} segments adopted",
+        "seed {seed}: {} invoices acknowledged, {} crashes ({} with multi-block commits persisted out of order), {} tax-server restarts, {} segments adopted, {} coded numbers spoiled at restarts",
         world.acked.len(),
         world.crashes,
         world.out_of_order,
         world.hsm_restarts,
-        world.adopted
+        world.adopted,
+        world.spoiled_coded
     );
     drop(world);
     let _ = std::fs::remove_dir_all(&dir);

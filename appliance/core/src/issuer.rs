@@ -555,6 +555,41 @@ impl Issuer {
         Ok(returned)
     }
 
+    /// Start-up reconciliation with the tax server's coded mark of one segment: the device
+    /// reports every number of the segment below `coded_end` as possibly coded. Those the
+    /// journal holds no invoice for (from the pool's cursor up to `coded_end`) were coded
+    /// for invoices that were never journaled; they are spoiled (queued `NumberSpoiled`
+    /// records, reason [`ItemError::CodedNotJournaled`]) so that none is ever coded again
+    /// for another invoice. Spoils at most as many as the control queue has room for and
+    /// returns `(spoiled, left)`: commit, then call again while `left > 0`.
+    pub fn spoil_coded(
+        &mut self,
+        seller: &TaxpayerId,
+        code: InvoiceCode,
+        coded_end: u32,
+    ) -> Result<(u32, u32), ControlError> {
+        if !self.in_flight.is_empty() {
+            return Err(ControlError::TickInFlight);
+        }
+        let room = (CONTROL_RECORDS_MAX - self.control.len()) as u32;
+        let pool = self.pool_mut(seller)?;
+        let numbers = pool.spoil_until(code, coded_end, room);
+        for &number in &numbers {
+            self.queue(Record::NumberSpoiled {
+                seller: *seller,
+                identity: InvoiceIdentity { code, number },
+                reason: ItemError::CodedNotJournaled,
+            })?;
+        }
+        let pending = self
+            .pool_mut(seller)?
+            .available_segments()
+            .iter()
+            .find(|s| s.code == code && s.first.get() < coded_end && coded_end <= s.end())
+            .map_or(0, |s| coded_end - s.first.get());
+        Ok((numbers.len() as u32, pending))
+    }
+
     /// The requisition for this seller failed: the next tick may ask again.
     pub fn refill_failed(&mut self, seller: &TaxpayerId) -> Result<(), ControlError> {
         self.pool_mut(seller)?.refill_failed();

@@ -226,6 +226,41 @@ impl Pool {
         self.counts.spoiled += 1;
     }
 
+    /// Start-up reconciliation: takes the available numbers of the segment holding
+    /// `end - 1` (under `code`) from its cursor up to `end` exclusive, at most `max` of
+    /// them, and counts them spoiled. Returns the numbers, in order; empty when the cursor
+    /// is already at or past `end` or no held segment holds `end - 1`.
+    ///
+    /// # Panics
+    /// With numbers in flight: reconciliation runs before any tick.
+    pub fn spoil_until(&mut self, code: InvoiceCode, end: u32, max: u32) -> Vec<InvoiceNumber> {
+        assert_eq!(self.counts.in_flight, 0);
+        let Some(last) = end.checked_sub(1).and_then(|n| InvoiceNumber::new(n).ok()) else {
+            return Vec::new();
+        };
+        let Some(cursor) = self
+            .cursors
+            .iter_mut()
+            .find(|k| k.segment.contains(code, last))
+        else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        while cursor.next < end && (out.len() as u32) < max {
+            // next < end ≤ segment end ≤ 100,000,000 and next ≥ first ≥ 1: valid.
+            let Ok(number) = InvoiceNumber::new(cursor.next) else {
+                break;
+            };
+            out.push(number);
+            cursor.next += 1;
+        }
+        let n = out.len() as u64;
+        self.counts.available -= n;
+        self.counts.spoiled += n;
+        self.accounting();
+        out
+    }
+
     /// Drops exhausted segments from the queue; only with nothing in flight, because
     /// [`Pool::untake`] needs the cursor of every in-flight number.
     pub fn compact(&mut self) {

@@ -58,6 +58,12 @@ pub enum ItemError {
     /// The device answered a check code that is not 20 ASCII digits.
     #[error("tax server: invalid check code")]
     InvalidCheckCode,
+    /// Found at start-up: the device reports the number as coded (below its segment's
+    /// coded mark) but the journal holds no invoice for it (a crash between the tax codes
+    /// and the commit, or a damaged last commit dropped at recovery). Spoiled so that the
+    /// number is never coded again for another invoice.
+    #[error("tax server coded the number, the journal holds no invoice for it")]
+    CodedNotJournaled,
 }
 
 /// Every reason an issue request is refused.

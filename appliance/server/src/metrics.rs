@@ -64,6 +64,10 @@ pub struct ShardMetrics {
     /// Journal writes (one O_DIRECT write and one fdatasync each) that made them durable:
     /// below `journal_ticks` when group commit carried several ticks per fdatasync.
     pub journal_writes: u64,
+    /// Numbers spoiled at start-up because the tax server had coded them but the journal
+    /// held no invoice for them (non-zero only after a crash mid-tick or a dropped
+    /// damaged commit).
+    pub spoiled_at_start: u64,
     /// Counters of the shard's QUIC endpoints.
     pub quic: QuicMetrics,
 }
@@ -116,6 +120,7 @@ impl ShardMetrics {
             tick_invoices_max: 0,
             journal_ticks: 0,
             journal_writes: 0,
+            spoiled_at_start: 0,
             quic: QuicMetrics::default(),
         }
     }
@@ -146,6 +151,7 @@ impl ShardMetrics {
         self.tick_invoices_max = self.tick_invoices_max.max(other.tick_invoices_max);
         self.journal_ticks += other.journal_ticks;
         self.journal_writes += other.journal_writes;
+        self.spoiled_at_start += other.spoiled_at_start;
         self.quic.merge(&other.quic);
     }
 }
@@ -228,7 +234,7 @@ pub fn prometheus_text(shards: &[ShardMetrics]) -> String {
             );
         }
     }
-    let counters: [Counter; 12] = [
+    let counters: [Counter; 13] = [
         (
             "einvoice_issued_invoices_total",
             "Invoices newly issued.",
@@ -259,6 +265,11 @@ pub fn prometheus_text(shards: &[ShardMetrics]) -> String {
             "einvoice_journal_writes_total",
             "Journal writes (one O_DIRECT write and one fdatasync each) that made them durable.",
             |m| m.journal_writes,
+        ),
+        (
+            "einvoice_spoiled_at_start_total",
+            "Numbers spoiled at start-up: coded by the tax server, absent from the journal.",
+            |m| m.spoiled_at_start,
         ),
         (
             "einvoice_quic_connections_total",

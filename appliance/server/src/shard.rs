@@ -37,7 +37,7 @@ use appliance_core::{
 use glommio::channels::local_channel::{LocalReceiver, LocalSender};
 use glommio::{LocalExecutorBuilder, Placement};
 use hsm_driver::proto::{
-    InventoryScope, InvoiceBatch, Request, Response, Segment, TaxCodeItem, TaxCodeStatus,
+    Holder, InventoryScope, InvoiceBatch, Request, Response, Segment, TaxCodeItem, TaxCodeStatus,
     TAX_CODES_BATCH_MAX,
 };
 use hsm_driver::route::{HsmClient, HsmClientConfig, Route};
@@ -609,6 +609,8 @@ const COMMIT_GROUP_BYTES_MAX: usize = 1 << 20;
 
 struct Shard {
     id: u32,
+    /// (appliance id, shard id): whom the tax server grants this shard's segments to.
+    holder: Holder,
     issuer: Issuer,
     /// One client per tax server (index as in `ShardConfig::tax_servers`).
     hsm: Vec<Rc<HsmClient>>,
@@ -773,6 +775,7 @@ async fn start(config: &ShardConfig) -> Result<(Shard, Journal), ShardError> {
     let (refills_tx, refills_rx) = flume::unbounded();
     let mut shard = Shard {
         id,
+        holder: Holder::new(config.appliance_id, id),
         issuer,
         hsm,
         taxpayer_routes: config.taxpayer_routes.clone(),
@@ -784,7 +787,9 @@ async fn start(config: &ShardConfig) -> Result<(Shard, Journal), ShardError> {
     };
     // Adopted segments count as available at once, so `fill_pools` only asks for what is
     // still missing; one commit then makes every reservation durable before serving.
-    shard.adopt_granted_segments(config).await?;
+    // Reconciliation with the device's coded marks spoils, before anything is issued,
+    // every number the device coded but the journal does not hold.
+    shard.adopt_and_reconcile(config, &mut journal).await?;
     shard.fill_pools(config).await?;
     shard.commit_control_records(&mut journal).await?;
     Ok((shard, journal))
@@ -829,14 +834,26 @@ fn to_core_segment(segment: &Segment) -> Result<NumberSegment, IdentityError> {
 }
 
 impl Shard {
-    /// Segments the tax server granted to this shard that the journal does not know: a
-    /// crash between the grant and the journal commit of its reservation. Adopting them
-    /// keeps every granted number accounted for.
-    async fn adopt_granted_segments(&mut self, config: &ShardConfig) -> Result<(), ShardError> {
+    /// Start-up, before any tick: asks every tax server for the segments granted to this
+    /// holder (appliance id, shard) only, then
+    /// - adopts those the journal does not know (a crash between the grant and the journal
+    ///   commit of its reservation), which keeps every granted number accounted for;
+    /// - spoils every number below a segment's coded mark that the journal holds no invoice
+    ///   for (a crash between the tax codes and the commit, or a damaged last commit
+    ///   dropped at recovery), so that no number the device coded is ever coded again for
+    ///   another invoice. The spoiled records are committed before serving.
+    ///
+    /// Another appliance's segments (another appliance id, e.g. this host's previous data
+    /// dir, or a second site on the same tax server) are never listed, so never adopted.
+    async fn adopt_and_reconcile(
+        &mut self,
+        config: &ShardConfig,
+        journal: &mut Journal,
+    ) -> Result<(), ShardError> {
         let mut inventories = Vec::with_capacity(self.hsm.len());
         for hsm in &self.hsm {
             let response = hsm
-                .call(&Request::Inventory(InventoryScope::All))
+                .call(&Request::Inventory(InventoryScope::Holder(self.holder)))
                 .await
                 .map_err(|e| tax_server_error(self.id, e))?;
             let Response::Inventory(inventory) = response else {
@@ -859,7 +876,16 @@ impl Shard {
                     ),
                 ));
             };
-            for held in inventory.segments.iter().filter(|h| h.holder == self.id) {
+            for held in &inventory.segments {
+                if held.holder != self.holder {
+                    return Err(tax_server_error(
+                        self.id,
+                        format!(
+                            "tax server listed a segment of holder {} when asked for {}'s",
+                            held.holder, self.holder
+                        ),
+                    ));
+                }
                 let segment =
                     to_core_segment(&held.segment).map_err(|e| tax_server_error(self.id, e))?;
                 let adopted = self
@@ -867,9 +893,50 @@ impl Shard {
                     .adopt_granted(&seller, segment)
                     .map_err(|e| tax_server_error(self.id, e))?;
                 if adopted {
-                    tracing::warn!(shard = self.id, %seller, ?segment, "adopted a segment granted to this shard but not journaled");
+                    tracing::warn!(shard = self.id, holder = %self.holder, %seller, ?segment, "adopted a segment granted to this appliance's shard but not journaled");
                 }
             }
+            for held in &inventory.segments {
+                self.spoil_coded(&seller, held, journal).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Spoils the numbers of `held` below its coded mark that the journal lacks,
+    /// committing as often as the control queue fills.
+    async fn spoil_coded(
+        &mut self,
+        seller: &TaxpayerId,
+        held: &hsm_driver::proto::HeldSegment,
+        journal: &mut Journal,
+    ) -> Result<(), ShardError> {
+        if held.coded_end <= held.segment.first {
+            return Ok(());
+        }
+        let code = InvoiceCode::new(held.segment.code).map_err(|e| tax_server_error(self.id, e))?;
+        let mut total = 0u64;
+        loop {
+            let (spoiled, left) = self
+                .issuer
+                .spoil_coded(seller, code, held.coded_end)
+                .map_err(|e| internal(self.id, e))?;
+            total += u64::from(spoiled);
+            if spoiled == 0 || left == 0 {
+                break;
+            }
+            self.commit_control_records(journal).await?;
+        }
+        if total > 0 {
+            tracing::error!(
+                shard = self.id,
+                %seller,
+                code = held.segment.code,
+                coded_end = held.coded_end,
+                spoiled = total,
+                "the tax server coded numbers the journal holds no invoice for; spoiled them so none is coded again (see the journal's recovery log for a dropped tail)"
+            );
+            self.metrics.borrow_mut().spoiled_at_start += total;
         }
         Ok(())
     }
@@ -891,7 +958,7 @@ impl Shard {
                 .unwrap_or(0);
             if available < u64::from(seller_config.low_watermark) || available == 0 {
                 let hsm = &self.hsm[self.route_of(&seller)];
-                let segment = requisition(hsm, self.id, &seller, seller_config.refill_count)
+                let segment = requisition(hsm, self.holder, &seller, seller_config.refill_count)
                     .await
                     .map_err(|e| tax_server_error(self.id, e))?;
                 self.issuer
@@ -1145,12 +1212,12 @@ impl Shard {
         for request in requests {
             let hsm = Rc::clone(&self.hsm[self.route_of(&request.seller)]);
             let done = self.refills_tx.clone();
-            let shard = self.id;
+            let holder = self.holder;
             let seller = request.seller;
             let count = request.count;
             self.refills_in_flight += 1;
             glommio::spawn_local(async move {
-                let result = requisition(&hsm, shard, &seller, count)
+                let result = requisition(&hsm, holder, &seller, count)
                     .await
                     .map_err(|e| e.to_string());
                 let _ = done.send(RefillDone { seller, result });
@@ -1396,6 +1463,7 @@ impl Shard {
             for chunk in positions.chunks(TAX_CODES_BATCH_MAX) {
                 let bytes = chunk.iter().map(|&i| items[i].len()).sum();
                 let mut batch = InvoiceBatch::with_capacity(chunk.len(), bytes);
+                batch.set_holder(self.holder);
                 for &i in chunk {
                     batch.push(items[i]).map_err(|e| e.to_string())?;
                 }
@@ -1720,7 +1788,10 @@ fn item_result(item: &TaxCodeItem) -> TaxCodeResult {
             }
         }
         Some(TaxCodeStatus::MalformedInvoice) => Err(ItemError::MalformedInvoice),
-        Some(TaxCodeStatus::NumberNotGranted) => Err(ItemError::NumberNotHeld),
+        // Not granted at all, or granted to another holder: either way not this shard's.
+        Some(TaxCodeStatus::NumberNotGranted | TaxCodeStatus::NotHolder) => {
+            Err(ItemError::NumberNotHeld)
+        }
         Some(TaxCodeStatus::UnknownTaxpayer) => Err(ItemError::UnknownTaxpayer),
         None => Err(ItemError::Device(item.status)),
     }
@@ -1728,7 +1799,7 @@ fn item_result(item: &TaxCodeItem) -> TaxCodeResult {
 
 async fn requisition(
     hsm: &HsmClient,
-    shard: u32,
+    holder: Holder,
     seller: &TaxpayerId,
     count: u32,
 ) -> Result<NumberSegment, String> {
@@ -1739,7 +1810,7 @@ async fn requisition(
     let request = Request::Requisition {
         taxpayer: *seller.as_bytes(),
         count,
-        holder: shard,
+        holder,
         request_id,
     };
     let mut attempts = 0;

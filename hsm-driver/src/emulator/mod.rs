@@ -14,6 +14,7 @@
 //! Durability: every change a response depends on (grants, returns, report marks,
 //! uploads) is on disk before the response is written; see docs/hsm-emulator.md.
 
+mod coded;
 pub mod config;
 mod counters;
 mod faults;
@@ -36,7 +37,7 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::crypto::{self, Sm2Signer, TaxCodeAlgorithm, TaxCodeKey};
 use crate::keys::{KeyBackend, KeyError, Pkcs11Backend, SoftwareBackend};
 use crate::proto::{
-    self, DecodeError, DeviceInfo, FaultConfig, HeldSegment, InventoryScope, Opcode, PeriodReport,
+    self, DecodeError, DeviceInfo, FaultConfig, HeldSegment, Holder, InventoryScope, Opcode, PeriodReport,
     Request, Response, Segment, Status, TaxCodeItem, TaxCodeStatus, Taxpayer, TaxpayerInventory,
     UploadStatus, INVENTORY_SEGMENTS_MAX, TAX_CODES_BATCH_MAX, TAX_CODE_ITEM_BYTES,
 };
@@ -127,6 +128,7 @@ pub struct Emulator {
     index: RwLock<Arc<GrantIndex>>,
     uploads: Mutex<UploadBook>,
     counters: Mutex<counters::Counters>,
+    coded: coded::CodedMarks,
 }
 
 impl std::fmt::Debug for Emulator {
@@ -159,6 +161,7 @@ fn refusal_status(r: &Refusal) -> Status {
         Refusal::BadRequest(_) => Status::Malformed,
         Refusal::RequestIdConflict => Status::RequestIdConflict,
         Refusal::NotGranted => Status::SegmentNotHeld,
+        Refusal::NotHolder => Status::SegmentNotHeld,
         Refusal::ReturnConflict => Status::SegmentNotHeld,
         Refusal::Limit(_) => Status::Busy,
         Refusal::Storage(_) => Status::StorageFailure,
@@ -263,6 +266,7 @@ impl Emulator {
             }
         }
         let counters = counters::Counters::open(dir, &index.taxpayers)?;
+        let coded = coded::CodedMarks::open(dir)?;
         let faults = Faults::new(config.faults);
         tracing::info!(
             data_dir = %dir.display(),
@@ -289,6 +293,7 @@ impl Emulator {
             index: RwLock::new(Arc::new(index)),
             uploads: Mutex::new(book),
             counters: Mutex::new(counters),
+            coded,
         })
     }
 
@@ -345,9 +350,9 @@ impl Emulator {
         if opcode == Opcode::TaxCodes.request_byte() {
             // Checked and walked in place: no copy of the (up to ~1 MB) body.
             return match proto::Invoices::decode(body) {
-                Ok(items) => {
+                Ok((holder, items)) => {
                     let count = items.len();
-                    self.tax_codes_frame(correlation_id, items, count, out);
+                    self.tax_codes_frame(correlation_id, &holder, items, count, out);
                     Effects::default()
                 }
                 Err(e) => {
@@ -417,16 +422,21 @@ impl Emulator {
             } => self
                 .requisition(&taxpayer, count, holder, request_id)
                 .map(Response::Requisition),
-            Request::ReturnSegment { taxpayer, segment } => self
-                .return_segment(&taxpayer, segment)
+            Request::ReturnSegment {
+                taxpayer,
+                segment,
+                holder,
+            } => self
+                .return_segment(&taxpayer, segment, holder)
                 .map(|()| Response::ReturnSegment),
             Request::TaxCodes(batch) => {
                 let mut items = Vec::with_capacity(batch.len());
                 let index = self.index();
                 let mut tally = vec![(0u64, 0u64); index.taxpayers.len()];
                 let mut hint = GrantHint::default();
+                let holder = batch.holder();
                 for item in batch.iter() {
-                    items.push(self.tax_code_item(&index, &mut hint, item, &mut tally));
+                    items.push(self.tax_code_item(&index, &mut hint, &holder, item, &mut tally));
                 }
                 self.record_tally(&tally);
                 Ok(Response::TaxCodes(items))
@@ -480,7 +490,7 @@ impl Emulator {
         &self,
         taxpayer: &Taxpayer,
         count: u32,
-        holder: u32,
+        holder: Holder,
         request_id: u64,
     ) -> Result<Segment, proto::DeviceError> {
         let tp = std::str::from_utf8(taxpayer)
@@ -503,7 +513,7 @@ impl Emulator {
             self.publish_index(&state);
             tracing::info!(
                 taxpayer = tp,
-                holder,
+                %holder,
                 request_id,
                 ?segment,
                 "segment granted"
@@ -512,11 +522,13 @@ impl Emulator {
         Ok(segment)
     }
 
-    /// ReturnSegment: marks a range of a granted segment returned (never re-granted).
+    /// ReturnSegment: marks a range of a segment granted to `holder` returned (never
+    /// re-granted).
     pub fn return_segment(
         &self,
         taxpayer: &Taxpayer,
         segment: Segment,
+        holder: Holder,
     ) -> Result<(), proto::DeviceError> {
         let tp = std::str::from_utf8(taxpayer)
             .map_err(|_| device_error(Status::UnknownTaxpayer, "taxpayer is not ASCII"))?;
@@ -536,14 +548,14 @@ impl Emulator {
         }
         let mut next = state.clone();
         let changed = next
-            .return_range(tp, segment.code, segment.first, segment.count)
+            .return_range(tp, segment.code, segment.first, segment.count, holder)
             .map_err(from_refusal)?;
         if changed {
             next.persist(&self.data_dir)
                 .map_err(|e| device_error(Status::StorageFailure, e.to_string()))?;
             *state = next;
             self.publish_index(&state);
-            tracing::info!(taxpayer = tp, ?segment, "segment returned");
+            tracing::info!(taxpayer = tp, %holder, ?segment, "segment returned");
         }
         Ok(())
     }
@@ -555,19 +567,25 @@ impl Emulator {
         &self,
         index: &GrantIndex,
         hint: &mut GrantHint,
+        holder: &Holder,
         item: &[u8],
         tally: &mut [(u64, u64)],
     ) -> TaxCodeItem {
         let Some(hdr) = canonical_header(item) else {
             return TaxCodeItem::failed(TaxCodeStatus::MalformedInvoice);
         };
+        let number = hdr.invoice_number.get();
         match index.check_hinted(
             hint,
+            holder,
             &hdr.seller_taxpayer,
             hdr.invoice_code.get(),
-            hdr.invoice_number.get(),
+            number,
         ) {
-            NumberCheck::Held(slot) => {
+            NumberCheck::Held { slot, segment } => {
+                // Marked before the answer leaves: a holder that loses this invoice in a
+                // crash learns at restart that the number was coded.
+                self.coded.note(segment, number);
                 if let Some(t) = tally.get_mut(slot) {
                     if hdr.kind == KIND_RED {
                         t.1 += 1;
@@ -582,6 +600,7 @@ impl Emulator {
             }
             NumberCheck::UnknownTaxpayer => TaxCodeItem::failed(TaxCodeStatus::UnknownTaxpayer),
             NumberCheck::NotGranted => TaxCodeItem::failed(TaxCodeStatus::NumberNotGranted),
+            NumberCheck::NotHolder => TaxCodeItem::failed(TaxCodeStatus::NotHolder),
         }
     }
 
@@ -598,6 +617,7 @@ impl Emulator {
     pub fn tax_codes_frame<'a>(
         &self,
         correlation_id: u64,
+        holder: &Holder,
         items: impl Iterator<Item = &'a [u8]>,
         count: usize,
         out: &mut Vec<u8>,
@@ -615,7 +635,7 @@ impl Emulator {
                 let mut written = 0usize;
                 let mut hint = GrantHint::default();
                 for item in items.take(count) {
-                    let r = self.tax_code_item(&index, &mut hint, item, &mut tally);
+                    let r = self.tax_code_item(&index, &mut hint, holder, item, &mut tally);
                     o.extend_from_slice(r.as_bytes());
                     written += 1;
                 }
@@ -662,8 +682,8 @@ impl Emulator {
                 hdr.invoice_code.get(),
                 hdr.invoice_number.get(),
             ) {
-                NumberCheck::Held(slot) => slot,
-                NumberCheck::UnknownTaxpayer | NumberCheck::NotGranted => {
+                NumberCheck::Held { slot, .. } => slot,
+                NumberCheck::UnknownTaxpayer | NumberCheck::NotGranted | NumberCheck::NotHolder => {
                     statuses.push(UploadStatus::NotGranted);
                     continue;
                 }
@@ -792,8 +812,12 @@ impl Emulator {
         scope: InventoryScope,
     ) -> Result<Vec<TaxpayerInventory>, proto::DeviceError> {
         let index = self.index();
+        let only = match scope {
+            InventoryScope::Holder(h) => Some(h),
+            _ => None,
+        };
         let slots: Vec<usize> = match scope {
-            InventoryScope::All => (0..index.taxpayers.len()).collect(),
+            InventoryScope::All | InventoryScope::Holder(_) => (0..index.taxpayers.len()).collect(),
             InventoryScope::Taxpayer(t) => vec![index
                 .taxpayer_slot(&t)
                 .ok_or_else(|| device_error(Status::UnknownTaxpayer, "taxpayer not served"))?],
@@ -806,7 +830,14 @@ impl Emulator {
             let taxpayer = index.taxpayers[slot];
             let tp = String::from_utf8_lossy(&taxpayer);
             let mut segments = Vec::new();
-            for s in state.segments.iter().filter(|s| s.taxpayer == tp) {
+            let mine = state
+                .segments
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.taxpayer == tp && only.is_none_or(|h| s.holder() == h));
+            for (i, s) in mine {
+                let holder = s.holder();
+                let coded_end = self.coded.get(i);
                 // The held pieces: the segment minus its returned ranges.
                 let mut cursor = u64::from(s.first);
                 let end = u64::from(s.first) + u64::from(s.count);
@@ -818,8 +849,9 @@ impl Emulator {
                                 first: from as u32,
                                 count: (to - from) as u32,
                             },
-                            holder: s.holder,
+                            holder,
                             request_id: s.request_id,
+                            coded_end,
                         });
                     }
                 };

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::config::{Grant, TAXPAYER_BYTES};
+use crate::proto::Holder;
 
 /// File name of the state inside the data dir.
 pub const STATE_FILE: &str = "state.json";
@@ -28,7 +29,8 @@ pub const RETURNS_PER_SEGMENT_MAX: usize = 64;
 pub const REQUISITION_COUNT_MAX: u32 = 10_000_000;
 /// Limit on the state file's size when reading it back.
 const STATE_FILE_BYTES_MAX: u64 = 64 * 1024 * 1024;
-const STATE_VERSION: u32 = 1;
+/// Layout version 2: segments name their holder as (appliance id, shard).
+const STATE_VERSION: u32 = 2;
 
 /// Errors of the persistent state.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,9 @@ pub enum Refusal {
     /// The range is not inside one granted segment of the taxpayer.
     #[error("range was not granted")]
     NotGranted,
+    /// The range lies in a segment granted to another holder.
+    #[error("range is held by another holder")]
+    NotHolder,
     /// The range overlaps a range already returned, or an uploaded invoice.
     #[error("range conflicts with a return or an upload")]
     ReturnConflict,
@@ -109,8 +114,10 @@ pub struct SegmentState {
     pub first: u32,
     /// Numbers in the segment.
     pub count: u32,
-    /// Holder (appliance shard id) that requisitioned it.
-    pub holder: u32,
+    /// Id of the appliance that requisitioned it (32 hex digits).
+    pub appliance: String,
+    /// Shard of that appliance.
+    pub shard: u32,
     /// The holder's request id.
     pub request_id: u64,
     /// Returned sub-ranges `(first, count)`, sorted, disjoint.
@@ -118,6 +125,14 @@ pub struct SegmentState {
 }
 
 impl SegmentState {
+    /// The holder (an unparsable appliance id, which `check` refuses on load, reads 0).
+    pub fn holder(&self) -> Holder {
+        Holder::new(
+            u128::from_str_radix(&self.appliance, 16).unwrap_or(0),
+            self.shard,
+        )
+    }
+
     /// Numbers of the segment not returned.
     pub fn held_count(&self) -> u32 {
         let returned: u64 = self.returned.iter().map(|r| u64::from(r.1)).sum();
@@ -270,7 +285,12 @@ impl DeviceState {
     /// Checks the invariants after reading (TigerStyle: assert on both sides of the disk).
     fn check(&self) -> Result<(), String> {
         if self.version != STATE_VERSION {
-            return Err(format!("version {} unsupported", self.version));
+            return Err(format!(
+                "version {} unsupported (this emulator reads version {STATE_VERSION}; version 1 \
+                 state names holders by shard only and cannot be converted: start on a new \
+                 data dir)",
+                self.version
+            ));
         }
         if self.segments.len() > SEGMENTS_MAX {
             return Err("too many segments".into());
@@ -294,7 +314,9 @@ impl DeviceState {
                     && u64::from(s.first) + u64::from(s.count)
                         <= u64::from(g.first) + u64::from(g.carved)
             });
-            if !inside || s.returned.len() > RETURNS_PER_SEGMENT_MAX {
+            let appliance_ok =
+                s.appliance.len() == 32 && u128::from_str_radix(&s.appliance, 16).is_ok();
+            if !inside || !appliance_ok || s.returned.len() > RETURNS_PER_SEGMENT_MAX {
                 return Err(format!(
                     "segment {} {} not inside a carved grant",
                     s.invoice_code, s.first
@@ -344,13 +366,13 @@ impl DeviceState {
         &mut self,
         taxpayer: &str,
         count: u32,
-        holder: u32,
+        holder: Holder,
         request_id: u64,
     ) -> Result<(usize, bool), Refusal> {
         if let Some(i) = self
             .segments
             .iter()
-            .position(|s| s.holder == holder && s.request_id == request_id)
+            .position(|s| s.holder() == holder && s.request_id == request_id)
         {
             // A retry after a lost answer: same segment, provided it asks for the same
             // thing. The count may legitimately exceed what was granted (a grant's tail
@@ -385,7 +407,8 @@ impl DeviceState {
             invoice_code: grant.invoice_code,
             first,
             count: take,
-            holder,
+            appliance: format!("{:032x}", holder.appliance),
+            shard: holder.shard,
             request_id,
             returned: Vec::new(),
         };
@@ -393,14 +416,15 @@ impl DeviceState {
         Ok((self.segments.len() - 1, true))
     }
 
-    /// Marks `first..first+count` of `code` returned. Returns whether the state changed
-    /// (false for a retried identical return).
+    /// Marks `first..first+count` of `code`, held by `holder`, returned. Returns whether
+    /// the state changed (false for a retried identical return).
     pub fn return_range(
         &mut self,
         taxpayer: &str,
         code: u64,
         first: u32,
         count: u32,
+        holder: Holder,
     ) -> Result<bool, Refusal> {
         if !self.serves(taxpayer) {
             return Err(Refusal::UnknownTaxpayer);
@@ -419,6 +443,9 @@ impl DeviceState {
                     && end <= u64::from(s.first) + u64::from(s.count)
             })
             .ok_or(Refusal::NotGranted)?;
+        if seg.holder() != holder {
+            return Err(Refusal::NotHolder);
+        }
         if seg.returned.contains(&(first, count)) {
             return Ok(false);
         }
@@ -456,6 +483,9 @@ struct IndexedRange {
     end: u64,
     taxpayer: usize,
     returned: Vec<(u32, u32)>,
+    holder: Holder,
+    /// Index of the segment in `DeviceState::segments` (its coded-mark slot).
+    segment: usize,
 }
 
 /// The grant ranges and sellers of the last few held numbers
@@ -496,8 +526,16 @@ impl Default for GrantHint {
 /// Outcome of checking one invoice's number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NumberCheck {
-    /// Granted to the seller and not returned; carries the seller's slot.
-    Held(usize),
+    /// Granted to the seller (and, for a holder's check, to that holder) and not
+    /// returned.
+    Held {
+        /// The seller's taxpayer slot.
+        slot: usize,
+        /// Index of the segment in `DeviceState::segments`.
+        segment: usize,
+    },
+    /// Granted to the seller, but to another holder.
+    NotHolder,
     /// The seller is not served here.
     UnknownTaxpayer,
     /// The number is not in a live segment of this seller.
@@ -521,7 +559,8 @@ impl GrantIndex {
         let mut ranges: Vec<IndexedRange> = state
             .segments
             .iter()
-            .map(|s| IndexedRange {
+            .enumerate()
+            .map(|(i, s)| IndexedRange {
                 code: s.invoice_code,
                 first: s.first,
                 end: u64::from(s.first) + u64::from(s.count),
@@ -530,6 +569,8 @@ impl GrantIndex {
                     .position(|t| t == s.taxpayer.as_bytes())
                     .unwrap_or(usize::MAX),
                 returned: s.returned.clone(),
+                holder: s.holder(),
+                segment: i,
             })
             .collect();
         ranges.sort_unstable_by_key(|r| (r.code, r.first));
@@ -548,9 +589,13 @@ impl GrantIndex {
     /// Same answer as `check` for every input (segments of one code never overlap, so a
     /// range holding the number is the one the search would find); `hint` is updated
     /// to the range of a held number.
+    ///
+    /// Unlike `check`, a number held for the seller but granted to another holder than
+    /// `holder` is [`NumberCheck::NotHolder`].
     pub fn check_hinted(
         &self,
         hint: &mut GrantHint,
+        holder: &Holder,
         seller: &[u8; TAXPAYER_BYTES],
         code: u64,
         number: u32,
@@ -566,12 +611,19 @@ impl GrantIndex {
                 && number >= r.first
                 && u64::from(number) < r.end
                 && !r.is_returned(number)
+                && r.holder == *holder
             {
-                return NumberCheck::Held(entry.slot);
+                return NumberCheck::Held {
+                    slot: entry.slot,
+                    segment: r.segment,
+                };
             }
         }
         let (check, range) = self.check_at(seller, code, number);
-        if let (NumberCheck::Held(slot), Some(range)) = (check, range) {
+        if let (NumberCheck::Held { slot, .. }, Some(range)) = (check, range) {
+            if self.ranges[range].holder != *holder {
+                return NumberCheck::NotHolder;
+            }
             hint.entries[hint.next] = HintEntry {
                 range,
                 seller: *seller,
@@ -608,7 +660,13 @@ impl GrantIndex {
         let r = &self.ranges[idx - 1];
         let inside = r.code == code && u64::from(number) < r.end && r.taxpayer == slot;
         if inside && !r.is_returned(number) {
-            (NumberCheck::Held(slot), Some(idx - 1))
+            (
+                NumberCheck::Held {
+                    slot,
+                    segment: r.segment,
+                },
+                Some(idx - 1),
+            )
         } else {
             (NumberCheck::NotGranted, None)
         }
@@ -627,6 +685,10 @@ impl IndexedRange {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn h(shard: u32) -> Holder {
+        Holder::new(0xfeed, shard)
+    }
 
     fn tp(s: &str) -> [u8; TAXPAYER_BYTES] {
         s.as_bytes().try_into().unwrap()
@@ -655,12 +717,12 @@ mod tests {
     fn requisitions_carve_in_order_and_replay() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = DeviceState::open(dir.path(), &grants(), "dev").unwrap();
-        let (i, changed) = s.requisition(A, 60, 0, 1).unwrap();
+        let (i, changed) = s.requisition(A, 60, h(0), 1).unwrap();
         assert!(changed);
         assert_eq!((s.segments[i].first, s.segments[i].count), (1, 60));
-        let (j, _) = s.requisition(A, 60, 0, 2).unwrap();
+        let (j, _) = s.requisition(A, 60, h(0), 2).unwrap();
         assert_eq!((s.segments[j].first, s.segments[j].count), (61, 40));
-        let (k, _) = s.requisition(A, 60, 1, 2).unwrap();
+        let (k, _) = s.requisition(A, 60, h(1), 2).unwrap();
         assert_eq!(
             (
                 s.segments[k].invoice_code,
@@ -669,8 +731,8 @@ mod tests {
             ),
             (11002, 500, 10)
         );
-        assert_eq!(s.requisition(A, 1, 1, 3), Err(Refusal::Exhausted));
-        assert_eq!(s.requisition(A, 60, 0, 1), Ok((i, false)));
+        assert_eq!(s.requisition(A, 1, h(1), 3), Err(Refusal::Exhausted));
+        assert_eq!(s.requisition(A, 60, h(0), 1), Ok((i, false)));
         s.persist(dir.path()).unwrap();
         let again = DeviceState::open(dir.path(), &grants(), "other").unwrap();
         assert_eq!(again, s);
@@ -680,17 +742,17 @@ mod tests {
     fn returns_and_index() {
         let dir = tempfile::tempdir().unwrap();
         let mut s = DeviceState::open(dir.path(), &grants(), "dev").unwrap();
-        s.requisition(A, 50, 0, 1).unwrap();
-        assert_eq!(s.return_range(A, 11001, 40, 11), Ok(true));
-        assert_eq!(s.return_range(A, 11001, 40, 11), Ok(false));
+        s.requisition(A, 50, h(0), 1).unwrap();
+        assert_eq!(s.return_range(A, 11001, 40, 11, h(0)), Ok(true));
+        assert_eq!(s.return_range(A, 11001, 40, 11, h(0)), Ok(false));
         assert_eq!(
-            s.return_range(A, 11001, 45, 2),
+            s.return_range(A, 11001, 45, 2, h(0)),
             Err(Refusal::ReturnConflict)
         );
-        assert_eq!(s.return_range(A, 11001, 51, 2), Err(Refusal::NotGranted));
+        assert_eq!(s.return_range(A, 11001, 51, 2, h(0)), Err(Refusal::NotGranted));
         let idx = GrantIndex::build(&s);
-        assert_eq!(idx.check(&tp(A), 11001, 1), NumberCheck::Held(0));
-        assert_eq!(idx.check(&tp(A), 11001, 39), NumberCheck::Held(0));
+        assert_eq!(idx.check(&tp(A), 11001, 1), NumberCheck::Held { slot: 0, segment: 0 });
+        assert_eq!(idx.check(&tp(A), 11001, 39), NumberCheck::Held { slot: 0, segment: 0 });
         assert_eq!(idx.check(&tp(A), 11001, 40), NumberCheck::NotGranted);
         assert_eq!(idx.check(&tp(A), 11001, 51), NumberCheck::NotGranted);
         assert_eq!(idx.check(&tp(A), 11002, 500), NumberCheck::NotGranted);
@@ -715,13 +777,13 @@ mod tests {
             count: 100,
         });
         let mut s = DeviceState::open(dir.path(), &g, "dev").unwrap();
-        s.requisition(A, 30, 0, 1).unwrap();
-        s.requisition(A, 30, 0, 2).unwrap();
-        s.requisition(A, 5, 1, 3).unwrap();
-        s.requisition(B, 50, 0, 4).unwrap();
-        s.requisition(B, 20, 0, 5).unwrap();
-        s.return_range(A, 11001, 10, 5).unwrap();
-        s.return_range(B, 11001, 260, 3).unwrap();
+        s.requisition(A, 30, h(0), 1).unwrap();
+        s.requisition(A, 30, h(0), 2).unwrap();
+        s.requisition(A, 5, h(1), 3).unwrap();
+        s.requisition(B, 50, h(0), 4).unwrap();
+        s.requisition(B, 20, h(0), 5).unwrap();
+        s.return_range(A, 11001, 10, 5, h(0)).unwrap();
+        s.return_range(B, 11001, 260, 3, h(0)).unwrap();
         let idx = GrantIndex::build(&s);
         let sellers = [tp(A), tp(B), tp("91110000100000002Y")];
         let mut probes = Vec::new();
@@ -738,10 +800,11 @@ mod tests {
         let mut held = 0;
         for i in 0..n * 3 {
             let (seller, code, number) = probes[(i * 7_919) % n];
-            let want = idx.check(&seller, code, number);
-            held += usize::from(matches!(want, NumberCheck::Held(_)));
+            let holder = h((i % 2) as u32);
+            let want = expected(&idx, &holder, &seller, code, number);
+            held += usize::from(matches!(want, NumberCheck::Held { .. }));
             assert_eq!(
-                idx.check_hinted(&mut hint, &seller, code, number),
+                idx.check_hinted(&mut hint, &holder, &seller, code, number),
                 want,
                 "{seller:?} {code} {number}"
             );
@@ -749,11 +812,57 @@ mod tests {
         // In order, as a batch usually is.
         for &(seller, code, number) in &probes {
             assert_eq!(
-                idx.check_hinted(&mut hint, &seller, code, number),
-                idx.check(&seller, code, number)
+                idx.check_hinted(&mut hint, &h(0), &seller, code, number),
+                expected(&idx, &h(0), &seller, code, number)
             );
         }
         assert!(held > 0);
+    }
+
+    /// What `check_hinted` must answer: `check`, with a number held for another holder
+    /// answered `NotHolder`.
+    fn expected(
+        idx: &GrantIndex,
+        holder: &Holder,
+        seller: &[u8; TAXPAYER_BYTES],
+        code: u64,
+        number: u32,
+    ) -> NumberCheck {
+        match idx.check(seller, code, number) {
+            NumberCheck::Held { segment, .. }
+                if idx.ranges.iter().any(|r| r.segment == segment && r.holder != *holder) =>
+            {
+                NumberCheck::NotHolder
+            }
+            other => other,
+        }
+    }
+
+    #[test]
+    fn another_holders_numbers_and_returns_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = DeviceState::open(dir.path(), &grants(), "dev").unwrap();
+        let (i, _) = s.requisition(A, 10, h(0), 1).unwrap();
+        // The same shard number of another appliance is another holder: a new segment,
+        // not a replay of the first one.
+        let other = Holder::new(0xbeef, 0);
+        let (j, changed) = s.requisition(A, 10, other, 1).unwrap();
+        assert!(changed && i != j);
+        let idx = GrantIndex::build(&s);
+        let mut hint = GrantHint::default();
+        assert_eq!(
+            idx.check_hinted(&mut hint, &other, &tp(A), 11001, 1),
+            NumberCheck::NotHolder
+        );
+        assert_eq!(
+            idx.check_hinted(&mut hint, &h(0), &tp(A), 11001, 1),
+            NumberCheck::Held { slot: 0, segment: i }
+        );
+        assert_eq!(
+            s.return_range(A, 11001, 5, 6, other),
+            Err(Refusal::NotHolder)
+        );
+        assert_eq!(s.return_range(A, 11001, 5, 6, h(0)), Ok(true));
     }
 
     #[test]

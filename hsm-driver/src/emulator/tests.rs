@@ -1,7 +1,7 @@
 //! Sans-IO tests of the device logic: frames in, frames out, no sockets.
 
 use super::*;
-use crate::proto::{FrameHeader, InvoiceBatch, UploadBatch};
+use crate::proto::{FrameHeader, Holder, InvoiceBatch, UploadBatch};
 use appliance_core::canonical::CanonicalHeader;
 use zerocopy::little_endian::{I64, U16, U32, U64};
 
@@ -63,7 +63,7 @@ fn frames_in_frames_out() {
         &Request::Requisition {
             taxpayer: tp(),
             count: 10,
-            holder: 3,
+            holder: Holder::new(9, 3),
             request_id: 8,
         },
     ) {
@@ -72,6 +72,7 @@ fn frames_in_frames_out() {
     };
     assert_eq!((seg.first, seg.count), (1, 10));
     let mut batch = InvoiceBatch::new();
+    batch.set_holder(Holder::new(9, 3));
     batch.push(&invoice(1, 100)).unwrap();
     batch.push(&invoice(11, 100)).unwrap();
     let Ok(Response::TaxCodes(items)) = roundtrip(&emu, 2, &Request::TaxCodes(batch.clone()))
@@ -80,6 +81,35 @@ fn frames_in_frames_out() {
     };
     assert_eq!(items[0].status(), Some(TaxCodeStatus::Ok));
     assert_eq!(items[1].status(), Some(TaxCodeStatus::NumberNotGranted));
+    // Another appliance's shard 3, or this appliance's shard 0, is another holder: the
+    // device codes none of the segment's numbers for it.
+    for other in [Holder::new(8, 3), Holder::new(9, 0)] {
+        let mut theirs = batch.clone();
+        theirs.set_holder(other);
+        let Ok(Response::TaxCodes(refused)) = roundtrip(&emu, 2, &Request::TaxCodes(theirs))
+        else {
+            panic!()
+        };
+        assert_eq!(refused[0].status(), Some(TaxCodeStatus::NotHolder));
+    }
+    // The coded mark covers the coded number (and only the holder's segments are listed).
+    let Ok(Response::Inventory(inv)) = roundtrip(
+        &emu,
+        2,
+        &Request::Inventory(InventoryScope::Holder(Holder::new(9, 3))),
+    ) else {
+        panic!()
+    };
+    assert_eq!(inv[0].segments.len(), 1);
+    assert_eq!(inv[0].segments[0].coded_end, 2);
+    let Ok(Response::Inventory(inv)) = roundtrip(
+        &emu,
+        2,
+        &Request::Inventory(InventoryScope::Holder(Holder::new(8, 3))),
+    ) else {
+        panic!()
+    };
+    assert!(inv[0].segments.is_empty());
     // The in-place hot path and the generic path agree.
     let mut effects = Effects::default();
     assert_eq!(
@@ -114,7 +144,7 @@ fn reopen_keeps_grants_and_uploads() {
     let dir = tempfile::tempdir().unwrap();
     let code = {
         let emu = open(dir.path());
-        emu.requisition(&tp(), 5, 0, 1).unwrap();
+        emu.requisition(&tp(), 5, Holder::default(), 1).unwrap();
         let code = crypto::tax_code(emu.tax_code_key(), &invoice(2, 10));
         let inv = invoice(2, 10);
         let st = emu.upload([(inv.as_slice(), code)].into_iter()).unwrap();
@@ -124,14 +154,14 @@ fn reopen_keeps_grants_and_uploads() {
     // Dropping the emulator released the data dir lock.
     let emu = open(dir.path());
     assert_eq!(
-        emu.requisition(&tp(), 5, 0, 1).unwrap(),
+        emu.requisition(&tp(), 5, Holder::default(), 1).unwrap(),
         Segment {
             code: CODE,
             first: 1,
             count: 5
         }
     );
-    assert_eq!(emu.requisition(&tp(), 5, 0, 2).unwrap().first, 6);
+    assert_eq!(emu.requisition(&tp(), 5, Holder::default(), 2).unwrap().first, 6);
     let inv = invoice(2, 10);
     assert_eq!(
         emu.upload([(inv.as_slice(), code)].into_iter()).unwrap(),

@@ -236,7 +236,7 @@ pub fn requisition(
         Request::Requisition {
             taxpayer: tp(seller),
             count,
-            holder,
+            holder: proto::Holder::new(0, holder),
             request_id,
         },
     ) {

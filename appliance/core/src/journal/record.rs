@@ -38,7 +38,9 @@
 //!   root's own record.
 //!
 //! Reason bytes of NumberSpoiled: 1 malformed invoice, 2 number not held, 3 unknown
-//! taxpayer, 4 other device status (in `device_status`), 5 check code not 20 digits.
+//! taxpayer, 4 other device status (in `device_status`), 5 check code not 20 digits,
+//! 7 coded by the device but not in the journal (start-up reconciliation with the device's
+//! coded marks, `Issuer::spoil_coded`).
 
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
@@ -333,6 +335,7 @@ fn reason_to_bytes(reason: ItemError) -> (u8, u8) {
         ItemError::UnknownTaxpayer => (3, 0),
         ItemError::Device(status) => (4, status),
         ItemError::InvalidCheckCode => (5, 0),
+        ItemError::CodedNotJournaled => (7, 0),
     }
 }
 
@@ -343,6 +346,7 @@ fn reason_from_bytes(reason: u8, status: u8) -> Result<ItemError, RecordError> {
         (3, 0) => ItemError::UnknownTaxpayer,
         (4, s) => ItemError::Device(s),
         (5, 0) => ItemError::InvalidCheckCode,
+        (7, 0) => ItemError::CodedNotJournaled,
         _ => return Err(RecordError::BadReason),
     })
 }
