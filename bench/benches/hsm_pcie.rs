@@ -95,7 +95,7 @@ async fn tax_code_requests(client: &HsmClient) -> Vec<Request> {
         .call(&Request::Requisition {
             taxpayer: *seller.as_bytes(),
             count: 1_000,
-            holder: 0,
+            holder: hsm_driver::proto::Holder::default(),
             request_id: 1,
         })
         .await

@@ -71,7 +71,7 @@ fn tax_code_requests(client: &mut blocking::Client) -> Vec<Request> {
         .call(&Request::Requisition {
             taxpayer: *seller.as_bytes(),
             count: 1_000,
-            holder: 0,
+            holder: hsm_driver::proto::Holder::default(),
             request_id: 1,
         })
         .expect("requisition")
