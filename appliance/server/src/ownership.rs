@@ -439,9 +439,9 @@ mod tests {
 
     #[test]
     fn a_tmpfs_data_dir_is_refused_unless_allowed() {
-        let disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let disk = tempfile::tempdir().unwrap();
         if volatile_filesystem(disk.path()).unwrap().is_some() {
-            println!("skipped: the target dir is itself on a volatile filesystem");
+            println!("skipped: the temporary dir is itself on a volatile filesystem");
             return;
         }
         check_persistent(disk.path(), false).unwrap();
