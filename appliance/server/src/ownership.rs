@@ -244,6 +244,43 @@ pub fn lock_udp_port(
     })
 }
 
+/// Removes the port lock files in `runtime_dir` that nobody holds: those of instances
+/// that were killed (a clean stop removes its own). Each is removed while locked, so a
+/// contender that opened it before cannot keep a lock on it (`try_lock` checks that the
+/// path still names the file it locked). Best effort: errors only leave files behind.
+pub fn remove_stale_port_locks(runtime_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(runtime_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let is_port_lock = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("udp-"))
+            .and_then(|n| n.strip_suffix(".lock"))
+            .is_some_and(|port| port.parse::<u16>().is_ok());
+        if !is_port_lock {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue; // held: a live instance's
+        }
+        let same = match (file.metadata(), std::fs::metadata(&path)) {
+            (Ok(ours), Ok(named)) => ours.ino() == named.ino() && ours.dev() == named.dev(),
+            _ => false,
+        };
+        if same {
+            let _ = std::fs::remove_file(&path);
+        }
+        // `file` closes here, releasing the lock.
+    }
+}
+
 /// The runtime dir (port locks) when none is configured: [`RUNTIME_DIR_SYSTEM`] when
 /// this user can create and write it, else `/tmp/einvoice-<uid>`.
 pub fn default_runtime_dir() -> PathBuf {
@@ -413,6 +450,34 @@ mod tests {
         let holder = Holder::parse(&std::fs::read_to_string(lock.path()).unwrap());
         assert_eq!(holder.pid, Some(std::process::id()));
         assert_eq!(holder.data_dir.as_deref(), Some(Path::new("/new")));
+    }
+
+    #[test]
+    fn only_the_port_locks_nobody_holds_are_removed() {
+        let runtime = tempfile::tempdir().unwrap();
+        let held = lock_udp_port(
+            runtime.path(),
+            "0.0.0.0:6000".parse().unwrap(),
+            "service address",
+            Path::new("/live"),
+        )
+        .unwrap();
+        let stale = port_lock_path(runtime.path(), 6001);
+        std::fs::write(&stale, "pid 999999999\ndata_dir /dead\n").unwrap();
+        let other = runtime.path().join("notes.txt");
+        std::fs::write(&other, "kept").unwrap();
+        remove_stale_port_locks(runtime.path());
+        assert!(held.path().exists());
+        assert!(!stale.exists());
+        assert!(other.exists());
+        // The live lock still excludes others.
+        assert!(lock_udp_port(
+            runtime.path(),
+            "0.0.0.0:6000".parse().unwrap(),
+            "service address",
+            Path::new("/other"),
+        )
+        .is_err());
     }
 
     #[test]

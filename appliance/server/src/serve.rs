@@ -116,6 +116,7 @@ impl Appliance {
                 dir
             }
         };
+        crate::ownership::remove_stale_port_locks(&runtime_dir);
         let service = config.listen.service;
         let configured_ports = config.shard_ports();
         let lock_port = |locks: &mut Vec<Lock>, port: u16, what: &str| {
