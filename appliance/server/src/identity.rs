@@ -345,6 +345,20 @@ mod tests {
     }
 
     #[test]
+    fn a_create_interrupted_before_its_link_leaves_no_identity_behind() {
+        // A crash between writing the temporary file and linking it into place: the
+        // identity does not exist (no half-written identity.toml is ever visible), and
+        // the next create succeeds.
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join(format!(".{IDENTITY_FILE}.999999999.tmp"));
+        std::fs::write(&stale, "id = \"0123").unwrap();
+        assert_eq!(load(dir.path()).unwrap(), None);
+        let (identity, created) = load_or_create(dir.path(), Some("x")).unwrap();
+        assert!(created);
+        assert_eq!(load(dir.path()).unwrap(), Some(identity));
+    }
+
+    #[test]
     fn two_data_dirs_get_different_ids() {
         let dir = tempfile::tempdir().unwrap();
         let a = create(&dir.path().join("a"), None).unwrap();
