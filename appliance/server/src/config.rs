@@ -16,9 +16,20 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApplianceConfig {
-    /// Where journals live: one `shard-<i>` directory per shard. Must not be tmpfs
-    /// (journals use O_DIRECT).
+    /// Where journals live: one `shard-<i>` directory per shard, plus the appliance's
+    /// identity (`identity.toml`) and its lock (`LOCK`). Must not be tmpfs or ramfs
+    /// (refused at start unless `unsafe_allow_volatile_data_dir`).
     pub data_dir: PathBuf,
+    /// Accept a data dir on a filesystem that loses its contents at reboot (tmpfs,
+    /// ramfs). Unsafe: invoices acknowledged to clients vanish at the next reboot, and
+    /// the numbers their journals held are lost. For tests only. Default false.
+    #[serde(default)]
+    pub unsafe_allow_volatile_data_dir: bool,
+    /// Where the UDP port locks live (`udp-<port>.lock`): every instance on the host
+    /// must use the same one. Default: `/run/einvoice` when this user can create and
+    /// write it, else `/tmp/einvoice-<uid>`.
+    #[serde(default)]
+    pub runtime_dir: Option<PathBuf>,
     /// Shards (one glommio executor each). Default: one per CPU.
     #[serde(default)]
     pub shards: Option<u32>,
@@ -258,6 +269,17 @@ impl ApplianceConfig {
                 self.listen.shard_ports.len()
             ));
         }
+        // Every UDP socket has SO_REUSEPORT (crate::quic::bind): a port listed twice, or a
+        // shard port equal to the service port, would silently be shared.
+        let service_port = self.listen.service.port();
+        let mut ports = std::collections::HashSet::new();
+        for port in self.listen.shard_ports.iter().copied().filter(|&p| p != 0) {
+            if port == service_port || !ports.insert(port) {
+                return invalid(format!(
+                    "listen.shard_ports: port {port} is used twice (shard ports must differ from each other and from the service port)"
+                ));
+            }
+        }
         if self.taxpayers.is_empty() {
             return invalid("no taxpayers configured".into());
         }
@@ -318,7 +340,9 @@ impl ApplianceConfig {
 
 /// A commented example configuration with every default spelled out.
 pub const EXAMPLE: &str = r#"# appliance serve --config appliance.toml
-data_dir = "/var/lib/einvoice"      # one shard-<i> journal directory per shard; not tmpfs
+data_dir = "/var/lib/einvoice"      # identity.toml, LOCK, one shard-<i> journal dir per shard; not tmpfs
+# unsafe_allow_volatile_data_dir = false  # true accepts tmpfs/ramfs: invoices vanish at reboot (tests only)
+# runtime_dir = "/run/einvoice"     # UDP port locks; default /run/einvoice, else /tmp/einvoice-<uid>
 # shards = 2                        # default: one per CPU
 # cpus = [0, 1]                     # default: shard i on CPU i mod CPUs; [] = unpinned
 # spin_before_park_us = 0           # poll this long before sleeping (dedicated cores)
@@ -406,6 +430,14 @@ mod tests {
             1
         );
         assert_eq!(config.shard_ports(), vec![4434, 4435]);
+        // Shard ports are SO_REUSEPORT too: none may repeat, nor be the service port.
+        config.listen.shard_ports = vec![5000, 5000];
+        assert!(matches!(config.check(), Err(ConfigError::Invalid(_))));
+        config.listen.shard_ports = vec![4433, 5000];
+        assert!(matches!(config.check(), Err(ConfigError::Invalid(_))));
+        config.listen.shard_ports = vec![0, 0];
+        config.check().unwrap();
+        config.listen.shard_ports = Vec::new();
         let unknown = EXAMPLE.replace("[limits]", "[limits]\nbogus = 1");
         assert!(toml::from_str::<ApplianceConfig>(&unknown).is_err());
     }

@@ -195,6 +195,8 @@ fn run_in(options: &DemoOptions, data_dir: &std::path::Path) -> Result<DemoRepor
     let index_capacity = (per_shard_orders.min(1 << 30) as u32).max(INDEX_CAPACITY_MIN);
     let config = ApplianceConfig {
         data_dir: data_dir.join("journal"),
+        unsafe_allow_volatile_data_dir: false,
+        runtime_dir: None,
         shards: Some(options.shards),
         cpus: if options.pin { None } else { Some(Vec::new()) },
         spin_before_park_us: 0,

@@ -2,6 +2,8 @@
 //!
 //! - `appliance` or `appliance demo`: the bulk demo (tax-server emulator as a child
 //!   process, shards on every core, throughput and per-shard latency).
+//! - `appliance init --data-dir D [--name N]`: gives a new data dir its appliance
+//!   identity (`serve` also does on first start).
 //! - `appliance serve --config appliance.toml`: the QUIC service (docs/operations.md).
 //! - `appliance issue --input orders.jsonl --output invoices.jsonl ...`: issue a file's
 //!   invoices through a running appliance.
@@ -41,6 +43,9 @@ struct Cli {
 enum Cmd {
     /// Bulk demo on the embedded default: emulator child process, one shard per core.
     Demo(DemoArgs),
+    /// Give a new data dir its appliance identity (a random id and a name); refused when
+    /// it already has one. `serve` does this on first start too (see docs/operations.md).
+    Init(InitArgs),
     /// Serve invoice requests over QUIC as configured (see docs/operations.md).
     Serve(ServeArgs),
     /// Issue the invoices of a CSV or JSON-lines file through a running appliance and
@@ -67,6 +72,31 @@ struct ServeArgs {
     /// Print a commented example configuration and exit.
     #[arg(long)]
     print_default_config: bool,
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    /// The data directory (created if missing).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// A name for people (logs, the control port's status). Default: the host name.
+    #[arg(long)]
+    name: Option<String>,
+}
+
+/// Creates the data dir's identity and prints it.
+fn init(args: InitArgs) -> Result<(), String> {
+    let identity = appliance_server::identity::create(&args.data_dir, args.name.as_deref())
+        .map_err(|e| e.to_string())?;
+    println!(
+        "appliance {} ({}) created in {}",
+        identity.id_hex(),
+        identity.name,
+        args.data_dir
+            .join(appliance_server::identity::IDENTITY_FILE)
+            .display()
+    );
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -145,13 +175,20 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     // `listening <addr>` first: the line supervisors and tests wait for.
     println!("listening {}", appliance.service_addr());
     println!(
-        "serving {} shards on {} (shard ports {:?}); control {}",
+        "serving {} shards on {} (shard ports {:?}); control {}; appliance {} ({}{})",
         appliance.shard_ports().len(),
         appliance.service_addr(),
         appliance.shard_ports(),
         appliance
             .control_addr()
-            .map_or("disabled".to_owned(), |a| a.to_string())
+            .map_or("disabled".to_owned(), |a| a.to_string()),
+        appliance.identity().id_hex(),
+        appliance.identity().name,
+        if appliance.identity_created() {
+            ", identity created now"
+        } else {
+            ""
+        }
     );
     let mut signal = 0;
     // SAFETY: `signals` is an initialised set; sigwait only writes `signal`.
@@ -205,6 +242,7 @@ fn main() -> ExitCode {
             demo::run(&options).map(|_| ()).map_err(|e| e.to_string())
         }
         Some(Cmd::IssueLoop(args)) => issue_loop(args),
+        Some(Cmd::Init(args)) => init(args),
         Some(Cmd::Serve(args)) => serve(args),
         Some(Cmd::Issue(args)) => appliance_client::cli::run_issue(&args)
             .map(|summary| println!("{summary}"))
@@ -222,8 +260,12 @@ fn main() -> ExitCode {
 
 fn issue_loop(args: IssueLoopArgs) -> Result<(), String> {
     let sellers: Vec<_> = (0..args.sellers).map(seller).collect();
+    // The data dir is this one shard's journal dir; its identity sits beside the
+    // segments (the journal ignores files that are not segments).
+    let (identity, _) = appliance_server::identity::load_or_create(&args.data_dir, None)
+        .map_err(|e| e.to_string())?;
     let config = ShardConfig {
-        appliance_id: 0,
+        appliance_id: identity.id,
         issuer: IssuerConfig {
             shard_id: 0,
             taxpayers: sellers

@@ -2,10 +2,13 @@
 //! [`ApplianceConfig`], and the control port (Prometheus metrics and status).
 
 use crate::config::{ApplianceConfig, ConfigError};
+use crate::identity::{Identity, IdentityError};
 use crate::journal::JournalConfig;
 use crate::metrics::{prometheus_text, ShardMetrics};
+use crate::ownership::{Lock, OwnershipError};
 use crate::quic::auth::{AuthError, Authorisation};
 use crate::quic::tls::TlsError;
+use crate::quic::BindError;
 use crate::shard::{stop_all, ShardConfig, ShardError, ShardHandle, ShardSender};
 use appliance_core::{IssuerConfig, TaxpayerConfig, TaxpayerId};
 use hsm_driver::route::HsmClientConfig;
@@ -28,9 +31,16 @@ pub enum ServeError {
     /// The authorisation table is invalid.
     #[error("clients: {0}")]
     Auth(#[from] AuthError),
+    /// The data dir or a port belongs to another instance, or the data dir is on a
+    /// volatile filesystem.
+    #[error("{0}")]
+    Ownership(#[from] OwnershipError),
+    /// The appliance identity could not be read or created.
+    #[error("{0}")]
+    Identity(#[from] IdentityError),
     /// A socket could not be bound.
-    #[error("bind: {0}")]
-    Bind(std::io::Error),
+    #[error("{0}")]
+    Bind(#[from] BindError),
     /// A shard failed to start.
     #[error("{0}")]
     Shard(#[from] ShardError),
@@ -43,11 +53,29 @@ pub struct Appliance {
     service_addr: SocketAddr,
     shard_ports: Vec<u16>,
     control: Option<ControlServer>,
+    identity: Identity,
+    identity_created: bool,
+    /// The data dir's and the ports' locks, held for the appliance's life. Declared
+    /// last: fields drop after `Drop::drop` stopped the shards, so the locks are
+    /// released only once nothing serves any more.
+    _locks: Vec<Lock>,
 }
 
 impl Appliance {
-    /// Binds the sockets, starts every shard (journal recovery, tax server, pools) and
-    /// the control port. Returns once every shard serves.
+    /// Starts the appliance, in an order that leaves nothing half-taken when a step
+    /// fails:
+    /// 1. checks the configuration and loads the TLS material (nothing written yet);
+    /// 2. refuses a data dir on a volatile filesystem, then takes the data dir's lock and
+    ///    the lock of every configured UDP port ([`crate::ownership`]);
+    /// 3. loads the appliance identity, creating it on a fresh data dir (refused when
+    ///    the data dir has journals but no identity), and checks the shard layout;
+    /// 4. binds every socket: the service port, the shard ports and the control port
+    ///    (ports left to the kernel are locked once known);
+    /// 5. starts every shard (journal recovery, the tax server: segment adoption,
+    ///    pools), then serves the control port.
+    ///
+    /// Nothing before step 5 contacts the tax server, so a start refused or failing
+    /// there has adopted no segments. Returns once every shard serves.
     pub fn start(config: &ApplianceConfig) -> Result<Appliance, ServeError> {
         config.check()?;
         let shards = config.shard_count();
@@ -64,31 +92,90 @@ impl Appliance {
                 })
             })
             .collect::<Result<Vec<_>, ConfigError>>()?;
-        check_layout(&config.data_dir, shards)?;
         let authorisation = Arc::new(Authorisation::new(&config.clients)?);
         let crypto = crate::quic::tls::server_crypto(&config.tls)?;
         let server_config = crate::quic::server_config(crypto);
-        let sockets = crate::quic::bind(
-            config.listen.service,
-            shards as usize,
-            &config.shard_ports(),
-        )
-        .map_err(ServeError::Bind)?;
+        let (tax_servers, taxpayer_routes) = config.routes()?;
+
+        // Ownership: the data dir, then every port known before binding.
+        let data_dir = &config.data_dir;
+        std::fs::create_dir_all(data_dir).map_err(|source| ConfigError::Read {
+            path: data_dir.clone(),
+            source,
+        })?;
+        crate::ownership::check_persistent(data_dir, config.unsafe_allow_volatile_data_dir)?;
+        let mut locks = vec![crate::ownership::lock_data_dir(data_dir)?];
+        let runtime_dir = match &config.runtime_dir {
+            Some(dir) => {
+                crate::ownership::prepare_runtime_dir(dir)?;
+                dir.clone()
+            }
+            None => {
+                let dir = crate::ownership::default_runtime_dir();
+                crate::ownership::prepare_runtime_dir(&dir)?;
+                dir
+            }
+        };
+        crate::ownership::remove_stale_port_locks(&runtime_dir);
+        let service = config.listen.service;
+        let configured_ports = config.shard_ports();
+        let lock_port = |locks: &mut Vec<Lock>, port: u16, what: &str| {
+            let addr = SocketAddr::new(service.ip(), port);
+            crate::ownership::lock_udp_port(&runtime_dir, addr, what, data_dir)
+                .map(|lock| locks.push(lock))
+        };
+        if service.port() != 0 {
+            lock_port(&mut locks, service.port(), "service address")?;
+        }
+        for (shard, &port) in configured_ports.iter().enumerate() {
+            if port != 0 {
+                lock_port(&mut locks, port, &crate::quic::shard_port_name(shard))?;
+            }
+        }
+
+        // The data dir: identity first (before anything else is written in it).
+        let (identity, identity_created) = crate::identity::load_or_create(data_dir, None)?;
+        if identity_created {
+            tracing::info!(id = %identity.id_hex(), name = %identity.name, data_dir = %data_dir.display(), "created the appliance identity");
+        }
+        check_layout(data_dir, shards)?;
+
+        // Every socket, before any shard starts.
+        let sockets = crate::quic::bind(service, shards as usize, &configured_ports)?;
         let service_addr = sockets.service_addr;
         let shard_ports = sockets.shard_ports.clone();
-        let (tax_servers, taxpayer_routes) = config.routes()?;
+        if service.port() == 0 {
+            lock_port(&mut locks, service_addr.port(), "service address")?;
+        }
+        for (shard, (&asked, &bound)) in configured_ports.iter().zip(&shard_ports).enumerate() {
+            if asked == 0 {
+                lock_port(&mut locks, bound, &crate::quic::shard_port_name(shard))?;
+            }
+        }
+        let control_listener = if config.listen.control_disabled {
+            None
+        } else {
+            Some(
+                TcpListener::bind(config.listen.control).map_err(|source| BindError {
+                    transport: "tcp",
+                    addr: config.listen.control,
+                    what: "control port".into(),
+                    source,
+                })?,
+            )
+        };
+
         let hsm = HsmClientConfig::from(TcpClientConfig {
             connect_timeout: Duration::from_millis(config.tax_server.connect_timeout_ms),
             call_timeout: Duration::from_millis(config.tax_server.call_timeout_ms),
             ..TcpClientConfig::default()
         });
-        let mut journal = JournalConfig::new(config.data_dir.join("shard-0"));
+        let mut journal = JournalConfig::new(data_dir.join("shard-0"));
         journal.segment_bytes_max = config.limits.journal_segment_bytes;
         journal.sync = config.limits.journal_sync;
         let shard_configs = (0..shards)
             .map(|shard_id| ShardConfig {
-                // Replaced by the data dir's identity (appliance init) in this session.
-                appliance_id: 0,
+                appliance_id: identity.id,
                 issuer: IssuerConfig {
                     shard_id,
                     taxpayers: taxpayers.clone(),
@@ -97,7 +184,7 @@ impl Appliance {
                     tick_requests_max: config.limits.tick_requests_max,
                 },
                 journal: JournalConfig {
-                    dir: config.data_dir.join(format!("shard-{shard_id}")),
+                    dir: data_dir.join(format!("shard-{shard_id}")),
                     ..journal.clone()
                 },
                 cpu: config.cpu_of(shard_id),
@@ -114,22 +201,44 @@ impl Appliance {
             .iter()
             .filter_map(ShardHandle::sender_handle)
             .collect::<Vec<_>>();
-        let control = if config.listen.control_disabled {
-            None
-        } else {
-            Some(
-                ControlServer::start(config.listen.control, senders.clone())
-                    .map_err(ServeError::Bind)?,
-            )
-        };
-        tracing::info!(%service_addr, ?shard_ports, shards, "appliance serving");
-        Ok(Appliance {
+        let mut appliance = Appliance {
             handles,
             senders,
             service_addr,
             shard_ports,
-            control,
-        })
+            control: None,
+            identity,
+            identity_created,
+            _locks: locks,
+        };
+        if let Some(listener) = control_listener {
+            // On failure `appliance` drops: the shards stop, then the locks go.
+            appliance.control = Some(
+                ControlServer::serve(
+                    listener,
+                    appliance.senders.clone(),
+                    appliance.identity.clone(),
+                )
+                .map_err(|source| BindError {
+                    transport: "tcp",
+                    addr: config.listen.control,
+                    what: "control port".into(),
+                    source,
+                })?,
+            );
+        }
+        tracing::info!(%service_addr, shard_ports = ?appliance.shard_ports, shards, appliance = %appliance.identity.id_hex(), "appliance serving");
+        Ok(appliance)
+    }
+
+    /// This appliance's identity (from the data dir).
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Whether this start created the identity (the data dir was new).
+    pub fn identity_created(&self) -> bool {
+        self.identity_created
     }
 
     /// The service address (port resolved).
@@ -218,8 +327,12 @@ struct ControlServer {
 }
 
 impl ControlServer {
-    fn start(addr: SocketAddr, senders: Vec<ShardSender>) -> std::io::Result<ControlServer> {
-        let listener = TcpListener::bind(addr)?;
+    /// Serves `listener` (bound before the shards started) on its own thread.
+    fn serve(
+        listener: TcpListener,
+        senders: Vec<ShardSender>,
+        identity: Identity,
+    ) -> std::io::Result<ControlServer> {
         let addr = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -230,7 +343,7 @@ impl ControlServer {
                 while !stopping.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
-                            if let Err(e) = serve_control(stream, &senders) {
+                            if let Err(e) = serve_control(stream, &senders, &identity) {
                                 tracing::debug!(error = %e, "control request failed");
                             }
                         }
@@ -259,7 +372,11 @@ impl ControlServer {
 /// Bytes of a control request line and headers read at most.
 const CONTROL_REQUEST_BYTES_MAX: u64 = 8 * 1024;
 
-fn serve_control(stream: TcpStream, senders: &[ShardSender]) -> std::io::Result<()> {
+fn serve_control(
+    stream: TcpStream,
+    senders: &[ShardSender],
+    identity: &Identity,
+) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     let mut reader = BufReader::new(std::io::Read::take(
@@ -298,7 +415,12 @@ fn serve_control(stream: TcpStream, senders: &[ShardSender]) -> std::io::Result<
             (
                 "200 OK",
                 "application/json",
-                serde_json::json!({ "running": running, "shards": shards }).to_string(),
+                serde_json::json!({
+                    "appliance": { "id": identity.id_hex(), "name": identity.name },
+                    "running": running,
+                    "shards": shards,
+                })
+                .to_string(),
             )
         }
         _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),

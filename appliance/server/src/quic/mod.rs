@@ -60,6 +60,33 @@ pub struct BoundSockets {
     pub shard_ports: Vec<u16>,
 }
 
+/// A socket could not be bound; names the address and what it was for.
+#[derive(Debug, thiserror::Error)]
+#[error("bind {transport} {addr} ({what}): {source}")]
+pub struct BindError {
+    /// `udp` or `tcp`.
+    pub transport: &'static str,
+    /// The address asked for.
+    pub addr: SocketAddr,
+    /// What the socket is for: `service address`, `shard 0 port`, `control port`.
+    pub what: String,
+    /// Underlying error.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl BindError {
+    fn udp(addr: SocketAddr, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| BindError {
+            transport: "udp",
+            addr,
+            what,
+            source,
+        }
+    }
+}
+
 fn udp_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if reuse_port {
@@ -79,33 +106,52 @@ fn bound_addr(socket: &Socket) -> std::io::Result<SocketAddr> {
         .ok_or_else(|| std::io::Error::other("socket has no IP address"))
 }
 
-/// Binds `shards` sockets on `service` (SO_REUSEPORT) and one socket per shard on the
-/// same IP at `shard_ports[i]` (0 = any free port; the slice is `shards` long or empty,
-/// meaning all 0).
+/// What shard `shard`'s own port is called in messages.
+pub fn shard_port_name(shard: usize) -> String {
+    format!("shard {shard} port")
+}
+
+/// Binds `shards` sockets on `service` and one socket per shard on the same IP at
+/// `shard_ports[i]` (0 = any free port; the slice is `shards` long or empty, meaning
+/// all 0).
+///
+/// Every socket on a configured port has SO_REUSEPORT, the shard ports' too: the shards
+/// share the service port, and a restart right after a crash must bind although the
+/// dead process's sockets linger for a few milliseconds (io_uring releases them late).
+/// So the kernel would let another instance of the same user bind them as well: the
+/// caller must hold the ports' locks ([`crate::ownership`]). A shard port of 0 is bound
+/// without SO_REUSEPORT, so that the kernel picks a port nobody uses.
 pub fn bind(
     service: SocketAddr,
     shards: usize,
     shard_ports: &[u16],
-) -> std::io::Result<BoundSockets> {
+) -> Result<BoundSockets, BindError> {
     assert!(shards > 0, "at least one shard");
     if !shard_ports.is_empty() && shard_ports.len() != shards {
-        return Err(std::io::Error::new(
+        return Err(BindError::udp(service, "shard ports")(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("{} shard ports for {shards} shards", shard_ports.len()),
-        ));
+        )));
     }
-    let first = udp_socket(service, true)?;
-    let service_addr = bound_addr(&first)?;
+    const SERVICE: &str = "service address";
+    let first = udp_socket(service, true).map_err(BindError::udp(service, SERVICE))?;
+    let service_addr = bound_addr(&first).map_err(BindError::udp(service, SERVICE))?;
     let mut service_sockets = vec![first];
     for _ in 1..shards {
-        service_sockets.push(udp_socket(service_addr, true)?);
+        service_sockets
+            .push(udp_socket(service_addr, true).map_err(BindError::udp(service_addr, SERVICE))?);
     }
     let mut shard_sockets = Vec::with_capacity(shards);
     let mut ports = Vec::with_capacity(shards);
     for i in 0..shards {
-        let port = shard_ports.get(i).copied().unwrap_or(0);
-        let socket = udp_socket(SocketAddr::new(service_addr.ip(), port), false)?;
-        ports.push(bound_addr(&socket)?.port());
+        let addr = SocketAddr::new(service_addr.ip(), shard_ports.get(i).copied().unwrap_or(0));
+        let socket =
+            udp_socket(addr, addr.port() != 0).map_err(BindError::udp(addr, shard_port_name(i)))?;
+        ports.push(
+            bound_addr(&socket)
+                .map_err(BindError::udp(addr, shard_port_name(i)))?
+                .port(),
+        );
         shard_sockets.push(socket);
     }
     Ok(BoundSockets {

@@ -1,0 +1,465 @@
+//! Start-up with real processes (`appliance serve`, `appliance init` and the tax-server
+//! emulator as children): exclusive ports, the appliance identity, the volatile data
+//! dir refusal, and a restart right after SIGKILL under load.
+
+use appliance_client::pki::DevPki;
+use appliance_client::{Client, ClientConfig, ItemResult, RetryPolicy};
+use appliance_core::IssueRequest;
+use appliance_server::child::ListeningChild;
+use appliance_server::workload::{invoice_code, seller, ticket_request};
+use std::io::Read;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const SELLERS: u32 = 2;
+const APPLIANCE: &str = env!("CARGO_BIN_EXE_appliance");
+
+/// A test's directory (on the target dir's disk filesystem), PKI and emulator.
+struct Setup {
+    dir: PathBuf,
+    pki: DevPki,
+    emulator: ListeningChild,
+}
+
+/// What one `serve` instance is configured with.
+struct Instance {
+    data_dir: PathBuf,
+    service: SocketAddr,
+    shard_ports: Vec<u16>,
+    control: SocketAddr,
+    extra: &'static str,
+}
+
+impl Setup {
+    fn new(name: &str) -> Setup {
+        let dir =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let pki = DevPki::generate(&dir.join("pki"), &["appliance.test"], &["ticketing"]).unwrap();
+        let mut command = Command::new(APPLIANCE);
+        command
+            .arg("hsm-emu")
+            .arg("--data-dir")
+            .arg(dir.join("hsm"))
+            .args(["--listen", "127.0.0.1:0"]);
+        for i in 0..SELLERS {
+            command
+                .arg("--taxpayer")
+                .arg(format!("{}:{}:1:99999999", seller(i), invoice_code(i)));
+        }
+        let emulator = ListeningChild::spawn(command, Duration::from_secs(60)).unwrap();
+        Setup { dir, pki, emulator }
+    }
+
+    /// An instance with its own data dir `name`, on `service` (port 0 = free ports).
+    fn instance(&self, name: &str, service: SocketAddr, shard_ports: Vec<u16>) -> Instance {
+        Instance {
+            data_dir: self.dir.join(name),
+            service,
+            shard_ports,
+            control: free_tcp_port(),
+            extra: "",
+        }
+    }
+
+    /// Writes `instance`'s configuration (one shard, small limits: quick to start).
+    fn config(&self, instance: &Instance) -> PathBuf {
+        let path = instance.data_dir.with_extension("toml");
+        let taxpayers: String = (0..SELLERS)
+            .map(|i| {
+                format!(
+                    "[[taxpayers]]\nid = \"{}\"\nceiling_fen = 10000000\nlow_watermark = 200\nrefill_count = 1000\n",
+                    seller(i)
+                )
+            })
+            .collect();
+        let ports: Vec<String> = instance.shard_ports.iter().map(u16::to_string).collect();
+        let text = format!(
+            r#"data_dir = "{data}"
+runtime_dir = "{runtime}"
+shards = {shards}
+cpus = []
+{extra}
+[listen]
+service = "{service}"
+shard_ports = [{ports}]
+control = "{control}"
+[tls]
+cert = "{cert}"
+key = "{key}"
+client_ca = "{ca}"
+[[clients]]
+identity = "ticketing"
+sellers = ["*"]
+[tax_server]
+route = "tcp://{hsm}"
+{taxpayers}
+[limits]
+index_capacity_orders = 10000
+journal_segment_bytes = 67108864
+"#,
+            data = instance.data_dir.display(),
+            runtime = self.dir.join("run").display(),
+            shards = instance.shard_ports.len().max(1),
+            extra = instance.extra,
+            service = instance.service,
+            ports = ports.join(", "),
+            control = instance.control,
+            cert = self.pki.server_cert.display(),
+            key = self.pki.server_key.display(),
+            ca = self.pki.ca.display(),
+            hsm = self.emulator.addr(),
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn serve_command(&self, instance: &Instance) -> Command {
+        let mut command = Command::new(APPLIANCE);
+        command
+            .arg("serve")
+            .arg("--config")
+            .arg(self.config(instance));
+        command
+    }
+
+    /// Starts `instance`; panics if it does not serve.
+    fn start(&self, instance: &Instance) -> ListeningChild {
+        ListeningChild::spawn(self.serve_command(instance), Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("serve did not start: {e}"))
+    }
+
+    fn client(&self, rt: &tokio::runtime::Runtime, addr: SocketAddr) -> Client {
+        let client = self.pki.client("ticketing").unwrap();
+        let mut config = ClientConfig::from_pem_files(
+            addr,
+            "localhost",
+            &self.pki.ca,
+            Some((&client.cert, &client.key)),
+        )
+        .unwrap();
+        config.shard_aware = true;
+        // A connection to a killed instance is abandoned, not retried at length.
+        config.retry = RetryPolicy {
+            attempts_max: 1,
+            ..RetryPolicy::default()
+        };
+        rt.block_on(Client::connect(config)).unwrap()
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.emulator.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A UDP port free right now (the kernel's pick).
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn free_tcp_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn orders(prefix: &str, count: u64) -> Vec<IssueRequest> {
+    (0..count)
+        .map(|n| ticket_request(seller((n % u64::from(SELLERS)) as u32), prefix, n))
+        .collect()
+}
+
+/// Issues `requests` and asserts every one was issued (or replayed).
+fn issue_all(rt: &tokio::runtime::Runtime, client: &Client, requests: Vec<IssueRequest>) {
+    for outcome in rt.block_on(client.issue(requests)) {
+        assert!(
+            matches!(
+                outcome,
+                Ok(ItemResult::Issued(_)) | Ok(ItemResult::Replayed(_))
+            ),
+            "not issued: {outcome:?}"
+        );
+    }
+}
+
+/// Runs `command` to its exit (bounded: a process still serving after a minute is a
+/// failure, so a `serve` that should have been refused cannot hang the test).
+fn run_to_exit(mut command: Command) -> Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = stdout.read_to_end(&mut text);
+        text
+    });
+    let err = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = stderr.read_to_end(&mut text);
+        text
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} was still running after a minute (it should have exited)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    reply
+}
+
+#[test]
+fn a_second_instance_on_the_same_service_address_is_refused() {
+    let setup = Setup::new("startup-second");
+    let rt = runtime();
+    let service = loopback(free_udp_port());
+    let first = setup.instance("first", service, vec![free_udp_port()]);
+    let mut serving = setup.start(&first);
+
+    // Its own data dir and shard port, the same service address.
+    let second = setup.instance("second", service, vec![free_udp_port()]);
+    let output = run_to_exit(setup.serve_command(&second));
+    let stderr = text(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "second instance: {stderr}{}",
+        text(&output.stdout)
+    );
+    let expected = format!(
+        "service address {service} is already served by another appliance (pid {}, data dir {}); lock {}",
+        serving.pid(),
+        first.data_dir.display(),
+        setup
+            .dir
+            .join("run")
+            .join(format!("udp-{}.lock", service.port()))
+            .display()
+    );
+    assert!(stderr.contains(&expected), "{stderr}\nexpected: {expected}");
+    // Refused before touching its data dir's contents.
+    assert!(!second.data_dir.join("identity.toml").exists());
+
+    // The first still serves, alone.
+    let client = setup.client(&rt, serving.addr());
+    issue_all(&rt, &client, orders("SECOND", 20));
+    rt.block_on(client.close());
+    // Its status shows the identity its data dir was given.
+    let identity = std::fs::read_to_string(first.data_dir.join("identity.toml")).unwrap();
+    let status = http_get(first.control, "/status");
+    let id = identity
+        .lines()
+        .find_map(|l| l.strip_prefix("id = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap();
+    assert!(
+        status.contains(&format!("\"appliance\":{{\"id\":\"{id}\"")),
+        "{status}"
+    );
+    serving.kill();
+}
+
+#[test]
+fn a_second_instance_on_the_same_data_dir_is_refused() {
+    let setup = Setup::new("startup-datadir");
+    let first = setup.instance("data", loopback(0), Vec::new());
+    let mut serving = setup.start(&first);
+    let second = setup.instance("data", loopback(0), Vec::new());
+    let output = run_to_exit(setup.serve_command(&second));
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "data dir {} is already used by another appliance (pid {}",
+            first.data_dir.display(),
+            serving.pid()
+        )),
+        "{stderr}"
+    );
+    serving.kill();
+}
+
+#[test]
+fn a_tmpfs_data_dir_is_refused_unless_allowed() {
+    let shm = Path::new("/dev/shm");
+    match appliance_server::ownership::volatile_filesystem(shm) {
+        Ok(Some("tmpfs")) => {}
+        other => {
+            println!("skipped: /dev/shm is not a tmpfs here ({other:?})");
+            return;
+        }
+    }
+    let setup = Setup::new("startup-tmpfs");
+    struct RemoveDir(PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let volatile = RemoveDir(shm.join(format!("einvoice-startup-test-{}", std::process::id())));
+    let mut instance = setup.instance("tmpfs", loopback(0), Vec::new());
+    instance.data_dir = volatile.0.clone();
+    let output = run_to_exit(setup.serve_command(&instance));
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "data dir {} is on tmpfs, which loses its contents at reboot",
+            volatile.0.display()
+        )) && stderr.contains("unsafe_allow_volatile_data_dir = true"),
+        "{stderr}"
+    );
+    assert!(!volatile.0.join("identity.toml").exists());
+
+    instance.extra = "unsafe_allow_volatile_data_dir = true";
+    let mut serving = setup.start(&instance);
+    assert!(volatile.0.join("identity.toml").exists());
+    serving.kill();
+}
+
+#[test]
+fn init_creates_an_identity_once_and_journals_without_one_are_refused() {
+    let setup = Setup::new("startup-init");
+    let data = setup.dir.join("initialised");
+    let init = |name: &str| {
+        let mut command = Command::new(APPLIANCE);
+        command
+            .arg("init")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--name", name]);
+        run_to_exit(command)
+    };
+    let output = init("north-1");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let identity = std::fs::read_to_string(data.join("identity.toml")).unwrap();
+    assert!(identity.contains("name = \"north-1\""), "{identity}");
+    assert!(text(&output.stdout).contains("(north-1)"));
+    let output = init("north-2");
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("already has an appliance identity"),
+        "{}",
+        text(&output.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("identity.toml")).unwrap(),
+        identity
+    );
+
+    // An initialised data dir serves with that identity.
+    let instance = setup.instance("initialised", loopback(0), Vec::new());
+    let mut serving = setup.start(&instance);
+    let status = http_get(instance.control, "/status");
+    assert!(status.contains("\"name\":\"north-1\""), "{status}");
+    serving.kill();
+
+    // Journals without an identity (an older build's, or the identity was lost).
+    let orphan = setup.instance("orphan", loopback(0), Vec::new());
+    std::fs::create_dir_all(orphan.data_dir.join("shard-0")).unwrap();
+    std::fs::write(
+        orphan.data_dir.join("shard-0/00000000000000000001.journal"),
+        b"records",
+    )
+    .unwrap();
+    let output = run_to_exit(setup.serve_command(&orphan));
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("holds journals") && stderr.contains("Restore identity.toml"),
+        "{stderr}"
+    );
+    assert!(!orphan.data_dir.join("identity.toml").exists());
+}
+
+/// Kill -9 and restart at once, 50 times, on fixed ports, with orders in flight at each
+/// kill: every restart must bind (the dead process's sockets linger for a few
+/// milliseconds after it is reaped).
+#[test]
+fn a_restart_right_after_kill_9_binds_every_time() {
+    const CYCLES: u64 = 50;
+    let setup = Setup::new("startup-restart");
+    let rt = runtime();
+    // One shard: the quickest start, so the restart binds while the dead process's
+    // sockets are most likely still there.
+    let instance = setup.instance("data", loopback(free_udp_port()), vec![free_udp_port()]);
+    let mut serving = setup.start(&instance);
+    let identity = std::fs::read_to_string(instance.data_dir.join("identity.toml")).unwrap();
+    for cycle in 0..CYCLES {
+        let client = setup.client(&rt, serving.addr());
+        issue_all(&rt, &client, orders(&format!("R{cycle}-"), 10));
+        // Orders in flight when the process dies.
+        let load = {
+            let client = client.clone();
+            let requests = orders(&format!("L{cycle}-"), 200);
+            rt.spawn(async move { client.issue(requests).await })
+        };
+        serving.kill();
+        // No pause: restart at once.
+        serving =
+            match ListeningChild::spawn(setup.serve_command(&instance), Duration::from_secs(60)) {
+                Ok(child) => child,
+                Err(e) => panic!("cycle {cycle}: the restart failed: {e} (its error is above)"),
+            };
+        load.abort();
+        drop(client);
+    }
+    let client = setup.client(&rt, serving.addr());
+    issue_all(&rt, &client, orders("AFTER", 10));
+    rt.block_on(client.close());
+    serving.kill();
+    // The identity did not change over the restarts.
+    assert_eq!(
+        std::fs::read_to_string(instance.data_dir.join("identity.toml")).unwrap(),
+        identity
+    );
+}
