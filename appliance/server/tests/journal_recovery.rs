@@ -5,8 +5,10 @@ mod journal_support;
 
 use std::path::Path;
 
-use appliance_core::journal::frame::{self, ScanEnd};
-use appliance_server::journal::{JournalError, OpenError};
+use std::sync::{Arc, Mutex};
+
+use appliance_core::journal::frame::{self, FrameError, ScanEnd};
+use appliance_server::journal::{DroppedTail, JournalError, OpenError, TailCause};
 use journal_support::*;
 use rand::{Rng, SeedableRng};
 
@@ -386,18 +388,38 @@ fn agree_on_random_damage(framed: bool, seed: u64) {
             }
         }
         let mut seqs = Vec::new();
-        let expect = match frame::scan::<()>(&bytes, |r| {
+        let scan_end = frame::scan::<()>(&bytes, |r| {
             if r.kind != frame::KIND_PADDING {
                 seqs.push(r.seq);
             }
             Ok(())
         })
-        .unwrap()
-        {
+        .unwrap();
+        let expect = match scan_end {
             ScanEnd::Clean { .. } | ScanEnd::TornTail { .. } => {
                 Expect::Records(seqs.last().copied().unwrap_or(0))
             }
             ScanEnd::Corrupt { offset, .. } => Expect::Corrupt(offset),
+        };
+        // What the journal must report dropped, as `frame::scan` classifies it.
+        let expect_dropped = match scan_end {
+            ScanEnd::TornTail {
+                end,
+                error,
+                cause,
+                header,
+                bytes,
+            } => Some(DroppedTail {
+                path: segment_path(&cfg.dir, 1),
+                offset: end as u64,
+                bytes: bytes as u64,
+                first_seq: header.map_or(seqs.last().map_or(1, |s| s + 1), |h| h.first_seq.get()),
+                last_seq: header.map(|h| h.last_seq.get()),
+                records: header.map(|h| u64::from(h.record_count.get())),
+                cause,
+                error,
+            }),
+            _ => None,
         };
         let dir = copy_with(pristine.path(), 1, &bytes);
         let mut cfg = cfg.clone();
@@ -408,6 +430,11 @@ fn agree_on_random_damage(framed: bool, seed: u64) {
                 (Expect::Records(last), Ok((mut journal, seen))) => {
                     assert_records(&seen, 1, last);
                     assert_eq!(journal.next_seq(), last + 1, "{context}");
+                    let expect_dropped = expect_dropped.map(|d| DroppedTail {
+                        path: segment_path(&cfg.dir, 1),
+                        ..d
+                    });
+                    assert_eq!(journal.dropped_tail(), expect_dropped.as_ref(), "{context}");
                     if framed {
                         // Framed commits are all-or-nothing: whole commits only.
                         assert_eq!(last % 40, 0, "{context}");
@@ -486,6 +513,24 @@ fn out_of_order_blocks_of_the_last_commit_drop_it_and_appending_continues() {
                 // Nothing of the torn commit survives.
                 assert_records(&seen, 1, first - 1);
                 assert_eq!(journal.next_seq(), first, "{context}");
+                // Reported: its range when its header block persisted; torn, unless the
+                // lost blocks hold garbage and so look written (the documented limit).
+                // No block persisted: the journal ends cleanly, nothing was dropped.
+                match journal.dropped_tail() {
+                    None => assert!(mask == 0 && !garbage, "{context}: nothing reported"),
+                    Some(dropped) => {
+                        assert_eq!(dropped.offset as usize, offset, "{context}");
+                        assert_eq!(dropped.first_seq, first, "{context}");
+                        let header_kept = mask & 1 != 0;
+                        assert_eq!(dropped.last_seq, header_kept.then_some(last), "{context}");
+                        let cause = if garbage && header_kept {
+                            TailCause::Corrupt
+                        } else {
+                            TailCause::Torn
+                        };
+                        assert_eq!(dropped.cause, cause, "{context}");
+                    }
+                }
                 // The next commit takes its place.
                 let position = journal
                     .commit(&framed_commit_bytes(first, 3))
@@ -600,4 +645,127 @@ fn damaged_commit_that_is_not_the_last_still_refuses() {
             }
         });
     }
+}
+
+/// A `tracing` writer into a shared buffer, to check what recovery logs.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// Runs `f` with every event at error level written here; returns what `f` returned.
+    fn errors_of<T>(&self, f: impl FnOnce() -> T) -> T {
+        let writer = self.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::ERROR)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
+/// Opens the damaged journal in `dir` with its log captured; checks that it recovered
+/// records `1..first` and returns what it reports dropped and the log.
+fn open_damaged(dir: &Path, first: u64) -> (DroppedTail, String) {
+    let log = Captured::default();
+    let dropped = log.errors_of(|| {
+        run(async {
+            let (journal, seen) = open_collect(config(dir)).await.unwrap();
+            assert_records(&seen, 1, first - 1);
+            assert_eq!(journal.next_seq(), first);
+            let dropped = journal.dropped_tail().cloned().expect("a dropped tail");
+            journal.close().await.unwrap();
+            // The repair leaves a clean journal: nothing is dropped (or logged) again.
+            let (journal, seen) = open_collect(config(dir)).await.unwrap();
+            assert_records(&seen, 1, first - 1);
+            assert_eq!(journal.dropped_tail(), None);
+            journal.close().await.unwrap();
+            dropped
+        })
+    });
+    (dropped, log.text())
+}
+
+#[test]
+fn flipped_byte_in_the_last_commit_is_reported_as_a_dropped_corrupt_acknowledged_commit() {
+    let pristine = temp_dir();
+    let (first, last, segment, offset) = build_framed(pristine.path());
+    let original = std::fs::read(segment_path(pristine.path(), segment)).unwrap();
+    // A byte in a record of the first block, one in the middle, one in the last block's
+    // padding: every block was written, so none of them can be a tear.
+    for at in [
+        offset + frame::COMMIT_HEADER_RECORD_BYTES + 40,
+        offset + 2 * 4096 + 333,
+        offset + 4 * 4096 - 1,
+    ] {
+        let mut bytes = original.clone();
+        bytes[at] ^= 0x10;
+        let dir = copy_with(pristine.path(), segment, &bytes);
+        let (dropped, log) = open_damaged(dir.path(), first);
+        let path = segment_path(dir.path(), segment);
+        assert_eq!(
+            dropped,
+            DroppedTail {
+                path: path.clone(),
+                offset: offset as u64,
+                bytes: 4 * 4096,
+                first_seq: first,
+                last_seq: Some(last),
+                records: Some(last - first + 1),
+                cause: TailCause::Corrupt,
+                error: FrameError::BadCommitChecksum,
+            },
+            "byte {at}"
+        );
+        let line = log.lines().find(|l| l.contains("journal recovery dropped"));
+        let line = line.unwrap_or_else(|| panic!("byte {at}: no log line in {log:?}"));
+        assert!(line.contains("ERROR"), "{line}");
+        assert!(line.contains("corrupt acknowledged commit"), "{line}");
+        assert!(line.contains(&format!("{first}..={last}")), "{line}");
+        assert!(line.contains(&format!("offset={offset}")), "{line}");
+        assert!(line.contains(&path.display().to_string()), "{line}");
+        assert_eq!(log.matches("journal recovery dropped").count(), 1, "{log}");
+    }
+}
+
+#[test]
+fn torn_last_commit_with_only_its_first_block_persisted_is_reported_torn_with_its_range() {
+    let pristine = temp_dir();
+    let (first, last, segment, offset) = build_framed(pristine.path());
+    let mut bytes = std::fs::read(segment_path(pristine.path(), segment)).unwrap();
+    bytes[offset + 4096..offset + 4 * 4096].fill(0);
+    let dir = copy_with(pristine.path(), segment, &bytes);
+    let (dropped, log) = open_damaged(dir.path(), first);
+    assert_eq!(dropped.path, segment_path(dir.path(), segment));
+    assert_eq!(dropped.offset, offset as u64);
+    assert!(dropped.bytes > 0 && dropped.bytes <= 4096, "{dropped:?}");
+    assert_eq!(
+        (dropped.first_seq, dropped.last_seq, dropped.records),
+        (first, Some(last), Some(last - first + 1))
+    );
+    assert_eq!(dropped.cause, TailCause::Torn);
+    assert_eq!(dropped.error, FrameError::BadCommitChecksum);
+    let line = log.lines().find(|l| l.contains("journal recovery dropped"));
+    let line = line.unwrap_or_else(|| panic!("no log line in {log:?}"));
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(
+        line.contains("torn write of an unacknowledged commit"),
+        "{line}"
+    );
+    assert!(line.contains(&format!("{first}..={last}")), "{line}");
 }

@@ -13,6 +13,9 @@
 //! padding to the block ([`begin_commit`], [`seal_commit`]). A power loss during a
 //! multi-block write may persist any subset of its blocks; the header makes the last
 //! commit all-or-nothing: it is replayed only if every byte of it is present and checks.
+//! A damaged last commit is dropped, and classified: torn (never acknowledged) or written
+//! whole and corrupt (acknowledged, so its loss must be reported): see
+//! [`damaged_commit_cause`].
 //! Streams without commit headers ("bare" streams, as older tools and tests write them)
 //! scan exactly as before.
 //!
@@ -44,8 +47,21 @@ pub const RECORD_ALIGN_BYTES: usize = 8;
 /// wildly.
 pub const RECORD_BODY_BYTES_MAX: usize = 64 * 1024;
 /// Kind byte of a padding record: fills a tick's write up to the block size, has sequence
-/// number 0 and a zero body, and is skipped by readers.
+/// number 0, and is skipped by readers. Its body is zeros in a bare commit
+/// ([`pad_to_block`]) and [`PADDING_FILL`] bytes in a sealed commit ([`seal_commit`]);
+/// readers do not check it.
 pub const KIND_PADDING: u8 = 0xFF;
+/// Byte the padding record of a sealed commit is filled with. Not zero, so that no
+/// [`SECTOR_BYTES`] sector of a commit as written is all zeros (records start with their
+/// magic; only a record body could hold 512 zero bytes): an all-zero sector in a damaged
+/// commit is then the mark of a sector the write never reached, and a commit without one
+/// was written whole (see [`damaged_commit_cause`]). Not a byte of [`RECORD_MAGIC`], so the
+/// search for later data never finds a record header in it.
+pub const PADDING_FILL: u8 = 0xA5;
+/// The smallest unit a device persists atomically (the smallest logical sector Linux
+/// supports): a power loss during a write leaves each sector of it either wholly written
+/// or with its previous content. The journal's unwritten space reads as zeros.
+pub const SECTOR_BYTES: usize = 512;
 /// Kind byte of a commit header record: the first record of every commit, sequence number
 /// 0, body a [`CommitHeader`]. It is framing, not data: scans never hand it to callers.
 pub const KIND_COMMIT: u8 = 0xFE;
@@ -180,11 +196,12 @@ pub fn encode_record_with(
 /// (relative to the start of `out`, which the caller keeps block-aligned in the file).
 /// Does nothing if it already is. A gap smaller than a header is widened by one block.
 pub fn pad_to_block(out: &mut Vec<u8>, block_bytes: usize) {
-    pad_from(out, 0, block_bytes);
+    pad_from(out, 0, block_bytes, 0);
 }
 
-/// Pads `out` so that `out.len() - start` is a multiple of `block_bytes`.
-fn pad_from(out: &mut Vec<u8>, start: usize, block_bytes: usize) {
+/// Pads `out` so that `out.len() - start` is a multiple of `block_bytes`, with a padding
+/// record whose body is `fill` bytes.
+fn pad_from(out: &mut Vec<u8>, start: usize, block_bytes: usize, fill: u8) {
     debug_assert!(block_bytes.is_power_of_two() && block_bytes >= RECORD_HEADER_BYTES);
     debug_assert!(start <= out.len() && (out.len() - start) % RECORD_ALIGN_BYTES == 0);
     let rem = (out.len() - start) % block_bytes;
@@ -195,8 +212,9 @@ fn pad_from(out: &mut Vec<u8>, start: usize, block_bytes: usize) {
     if gap < RECORD_HEADER_BYTES {
         gap += block_bytes;
     }
-    let body = vec![0u8; gap - RECORD_HEADER_BYTES];
-    encode_record(out, KIND_PADDING, 0, &body);
+    encode_record_with(out, KIND_PADDING, 0, |out| {
+        out.resize(out.len() + gap - RECORD_HEADER_BYTES, fill);
+    });
     debug_assert_eq!((out.len() - start) % block_bytes, 0);
 }
 
@@ -227,7 +245,8 @@ pub enum SealError {
 }
 
 /// Seals the commit begun at `start` by [`begin_commit`]: pads it to a multiple of
-/// `block_bytes` (relative to `start`, which the caller keeps block-aligned in the file),
+/// `block_bytes` (relative to `start`, which the caller keeps block-aligned in the file;
+/// the padding record is filled with [`PADDING_FILL`], not zeros),
 /// then fills in the header (length, `first_seq..=last_seq`, CRC32C of the payload) and
 /// re-checksums the header record. Returns the commit's length in bytes.
 ///
@@ -255,7 +274,7 @@ pub fn seal_commit(
         return Err(SealError::NotBegun);
     }
     let record_count = last_seq - first_seq + 1;
-    pad_from(out, start, block_bytes);
+    pad_from(out, start, block_bytes, PADDING_FILL);
     let len = out.len() - start;
     if len > COMMIT_BYTES_MAX || u32::try_from(record_count).is_err() {
         return Err(SealError::TooLarge { len });
@@ -386,13 +405,22 @@ pub enum ScanEnd {
         end: usize,
     },
     /// The bytes from `end` on are not a valid record or whole commit, and no later data
-    /// follows them: the tail of an interrupted write. Recovery truncates the file at
-    /// `end`; for a torn commit that is the commit's start, so none of it survives.
+    /// follows them: the tail of the journal is dropped. Recovery truncates the file at
+    /// `end`; for a damaged commit that is the commit's start, so none of it survives.
+    /// Usually the tail of an interrupted write; `cause` says whether the bytes prove
+    /// otherwise (see [`damaged_commit_cause`]).
     TornTail {
         /// Offset just past the last whole record or commit.
         end: usize,
         /// What was wrong at `end`.
         error: FrameError,
+        /// Torn write, or a commit that was written whole and is corrupt.
+        cause: TailCause,
+        /// The dropped commit's header, when its header record is valid (its sequence
+        /// range and record count); `None` for a bare record or an unreadable header.
+        header: Option<CommitHeader>,
+        /// Bytes dropped: from `end` to just past the last non-zero byte.
+        bytes: usize,
     },
     /// The record or commit at `offset` is invalid although later data follows it (see
     /// [`is_later_data_at`]), or it is a commit that checksums but contradicts its header:
@@ -403,6 +431,59 @@ pub enum ScanEnd {
         /// What was wrong there.
         error: FrameError,
     },
+}
+
+/// Why a scan dropped the tail of a journal ([`ScanEnd::TornTail`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TailCause {
+    /// A write that did not complete: bytes or sectors of it missing, or no valid commit
+    /// header to tell. Never acknowledged (an acknowledged commit was written whole), so
+    /// dropping it loses nothing that was answered. Also the verdict wherever the bytes
+    /// cannot prove the commit was written whole (see [`damaged_commit_cause`]).
+    Torn,
+    /// A commit whose header record is valid and every sector of which was written (none
+    /// is all zeros), but whose payload fails its CRC32C: written whole, then damaged (or
+    /// written wrong by the device). A commit written whole was, in all likelihood,
+    /// acknowledged: its records were answered, and dropping it loses them.
+    Corrupt,
+}
+
+/// Tells a torn write from corruption, for a commit at `offset` of `buf` whose header
+/// record is valid (`header`) but that [`check_commit`] found not whole with `error`.
+///
+/// What the format proves: the journal writes each commit with one write into space that
+/// reads as zeros (preallocated, or zeroed again by recovery's repair), and a power loss
+/// leaves every [`SECTOR_BYTES`] sector of that write either written or as it was, i.e.
+/// zeros. A commit as sealed has no all-zero sector (its padding is [`PADDING_FILL`],
+/// every record starts with its magic; only a record body of 512 zero bytes could make
+/// one). So a damaged commit with every byte present and no all-zero sector cannot be a
+/// tear: it is [`TailCause::Corrupt`]. Bytes missing (`error` is not
+/// [`FrameError::BadCommitChecksum`]) or an all-zero sector (a sector the write may never
+/// have reached) give [`TailCause::Torn`]. The sectors are counted from the commit's
+/// start, which the journal keeps block-aligned in its file.
+///
+/// Limits: a commit sealed before padding was filled (zero padding), or with a record body
+/// holding an aligned all-zero sector, is judged `Torn` even when corrupt; a device that
+/// leaves garbage rather than the old content in sectors it did not write makes a tear
+/// look `Corrupt`. Either way the commit is dropped whole; only the report differs.
+pub fn damaged_commit_cause(
+    buf: &[u8],
+    offset: usize,
+    header: &CommitHeader,
+    error: FrameError,
+) -> TailCause {
+    let end = offset.saturating_add(header.commit_bytes.get() as usize);
+    let Some(commit) = buf.get(offset..end) else {
+        return TailCause::Torn;
+    };
+    let zero_sector = commit
+        .chunks(SECTOR_BYTES)
+        .any(|sector| sector.iter().all(|&b| b == 0));
+    if error == FrameError::BadCommitChecksum && !zero_sector {
+        TailCause::Corrupt
+    } else {
+        TailCause::Torn
+    }
 }
 
 /// Checks the fields of a commit header record that decoded (CRC and framing valid).
@@ -602,7 +683,9 @@ pub fn is_later_data_at(buf: &[u8], pos: usize, last_seq: u64, framed: bool) -> 
 ///   later data exists (see [`is_later_data_at`], searched from the bad commit's declared
 ///   end, or from the next 8-aligned offset when there is no valid header) it is
 ///   [`ScanEnd::Corrupt`]; else it is a [`ScanEnd::TornTail`] at the start of the bad
-///   commit or record: a torn commit is dropped whole.
+///   commit or record: a torn commit is dropped whole. A bad commit with a valid header
+///   is classified by [`damaged_commit_cause`] (a tear, or a commit written whole and
+///   corrupt); anything else is a tear.
 ///
 /// `on_record` returning `Err` stops the scan and passes the error through: the caller
 /// checks sequence continuity and body validity there.
@@ -614,19 +697,27 @@ pub fn scan<'a, E>(
     let mut last_seq = 0u64;
     let mut framed = false;
     while offset < buf.len() {
-        let (resume, error) = match decode_record_at(buf, offset) {
+        let (resume, error, damaged) = match decode_record_at(buf, offset) {
             Ok((record, _)) if record.kind == KIND_COMMIT => {
                 framed = true;
-                let check = parse_commit_header(&record).map(|h| check_commit(buf, offset, &h));
+                let check =
+                    parse_commit_header(&record).map(|h| (h, check_commit(buf, offset, &h)));
                 match check {
-                    Err(error) | Ok(CommitCheck::Corrupt { error }) => {
+                    Err(error) | Ok((_, CommitCheck::Corrupt { error })) => {
                         return Ok(ScanEnd::Corrupt { offset, error });
                     }
-                    Ok(CommitCheck::Torn { resume, error }) => (resume, error),
-                    Ok(CommitCheck::Whole {
-                        end,
-                        last_seq: last,
-                    }) => {
+                    Ok((header, CommitCheck::Torn { resume, error })) => (
+                        resume,
+                        error,
+                        Some((header, damaged_commit_cause(buf, offset, &header, error))),
+                    ),
+                    Ok((
+                        _,
+                        CommitCheck::Whole {
+                            end,
+                            last_seq: last,
+                        },
+                    )) => {
                         for record in commit_records(buf, offset, end) {
                             on_record(record)?;
                         }
@@ -644,18 +735,24 @@ pub fn scan<'a, E>(
                 offset = next;
                 continue;
             }
-            Err(error) => (align_up(offset + 1), error),
+            Err(error) => (align_up(offset + 1), error, None),
         };
-        if buf[offset..].iter().all(|&b| b == 0) {
+        let Some(last_nonzero) = buf[offset..].iter().rposition(|&b| b != 0) else {
             return Ok(ScanEnd::Clean { end: offset });
-        }
+        };
         let later = (resume..buf.len())
             .step_by(RECORD_ALIGN_BYTES)
             .any(|pos| is_later_data_at(buf, pos, last_seq, framed));
         return Ok(if later {
             ScanEnd::Corrupt { offset, error }
         } else {
-            ScanEnd::TornTail { end: offset, error }
+            ScanEnd::TornTail {
+                end: offset,
+                error,
+                cause: damaged.map_or(TailCause::Torn, |(_, cause)| cause),
+                header: damaged.map(|(header, _)| header),
+                bytes: last_nonzero + 1,
+            }
         });
     }
     Ok(ScanEnd::Clean { end: offset })
@@ -881,6 +978,122 @@ mod tests {
             }
             // All blocks persisted: the commit is whole.
             assert_eq!(framed_seqs(&buf).0, seqs_before(&commits, k + 1));
+        }
+    }
+
+    /// The commit header at `at` of `buf`.
+    fn header_at(buf: &[u8], at: usize) -> CommitHeader {
+        let (record, _) = decode_record_at(buf, at).unwrap();
+        parse_commit_header(&record).unwrap()
+    }
+
+    #[test]
+    fn flipped_byte_in_the_last_commit_is_a_dropped_corrupt_commit() {
+        let (buf, ranges) = framed(&COMMITS);
+        let last = ranges[3].clone();
+        let header = header_at(&buf, last.start);
+        assert_eq!((header.first_seq.get(), header.last_seq.get()), (21, 31));
+        assert_eq!(header.record_count.get(), 11);
+        for at in last.start + COMMIT_HEADER_RECORD_BYTES..last.end {
+            let mut bad = buf.clone();
+            bad[at] ^= 1 << (at % 8);
+            let (seen, end) = framed_seqs(&bad);
+            assert_eq!(seen, seqs_before(&COMMITS, 3), "byte {at}");
+            assert_eq!(
+                end,
+                ScanEnd::TornTail {
+                    end: last.start,
+                    error: FrameError::BadCommitChecksum,
+                    cause: TailCause::Corrupt,
+                    header: Some(header),
+                    bytes: last.len(),
+                },
+                "byte {at}"
+            );
+        }
+        // Fewer than a sector's bytes zeroed: no tear leaves that, so corruption.
+        let mut bad = buf.clone();
+        bad[last.start + 5000..last.start + 5000 + 300].fill(0);
+        assert!(matches!(
+            framed_seqs(&bad).1,
+            ScanEnd::TornTail { cause: TailCause::Corrupt, header: Some(h), .. } if h == header
+        ));
+        // One whole sector zeroed: a sector the write may not have reached, so torn.
+        let mut bad = buf.clone();
+        bad[last.start + 5120..last.start + 5632].fill(0);
+        assert!(matches!(
+            framed_seqs(&bad).1,
+            ScanEnd::TornTail { cause: TailCause::Torn, header: Some(h), .. } if h == header
+        ));
+        // A commit padded with zeros (as before the padding fill) cannot prove it was
+        // written whole: a flipped byte in it is judged torn (the documented limit).
+        let mut old = buf.clone();
+        let padding_at = last.start + COMMIT_HEADER_RECORD_BYTES + 11 * record_bytes(1200);
+        old[padding_at + RECORD_HEADER_BYTES..last.end].fill(0);
+        old[last.start + 5000] ^= 1;
+        assert!(matches!(
+            framed_seqs(&old).1,
+            ScanEnd::TornTail { cause: TailCause::Torn, header: Some(h), .. } if h == header
+        ));
+    }
+
+    #[test]
+    fn lost_blocks_of_the_last_commit_are_a_torn_commit_with_its_range_if_its_header_persisted() {
+        let (buf, ranges) = framed(&COMMITS);
+        let last = ranges[3].clone();
+        let header = header_at(&buf, last.start);
+        for mask in 1..(1u32 << 4) - 1 {
+            let bad = persist_blocks(&buf, &last, mask, false);
+            let (seen, end) = framed_seqs(&bad);
+            assert_eq!(seen, seqs_before(&COMMITS, 3), "mask {mask:b}");
+            let persisted_to = (0..4).rev().find(|b| mask & (1 << b) != 0).unwrap() + 1;
+            let ScanEnd::TornTail {
+                end,
+                cause,
+                header: got,
+                bytes,
+                ..
+            } = end
+            else {
+                panic!("mask {mask:b}: {end:?}");
+            };
+            assert_eq!((end, cause), (last.start, TailCause::Torn), "mask {mask:b}");
+            // The range is known when the header's block persisted.
+            assert_eq!(got, (mask & 1 != 0).then_some(header), "mask {mask:b}");
+            // Up to the last non-zero byte, in the last block that persisted.
+            assert!(
+                bytes > (persisted_to - 1) * 4096 && bytes <= persisted_to * 4096,
+                "mask {mask:b}: {bytes}"
+            );
+        }
+        // Lost blocks holding garbage instead of zeros look written: the documented limit.
+        let bad = persist_blocks(&buf, &last, 0b0001, true);
+        assert!(matches!(
+            framed_seqs(&bad).1,
+            ScanEnd::TornTail { cause: TailCause::Corrupt, header: Some(h), .. } if h == header
+        ));
+        // A bare torn record: torn, no header.
+        let (bare, starts) = journal(5);
+        assert!(matches!(
+            seqs(&bare[..starts[4] + 17]).1,
+            ScanEnd::TornTail { end, cause: TailCause::Torn, header: None, bytes: 17, .. }
+                if end == starts[4]
+        ));
+    }
+
+    #[test]
+    fn sealed_commits_have_no_zero_sector() {
+        // Every padding size a 4096 block can need, including the widened one.
+        for count in 1..40u64 {
+            for body_len in [0usize, 7, 100, 1000] {
+                let (buf, _) = framed(&[(count, body_len)]);
+                for (i, sector) in buf.chunks(SECTOR_BYTES).enumerate() {
+                    assert!(
+                        sector.iter().any(|&b| b != 0),
+                        "{count} records of {body_len}: sector {i} is zero"
+                    );
+                }
+            }
         }
     }
 

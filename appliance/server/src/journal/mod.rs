@@ -30,10 +30,11 @@ use std::rc::Rc;
 
 use appliance_core::journal::frame::{
     check_sealed_commit, decode_record_at, pad_to_block, parse_commit_header, record_bytes,
-    CommitCheck, RawRecord, KIND_COMMIT, KIND_PADDING,
+    CommitCheck, FrameError, RawRecord, KIND_COMMIT, KIND_PADDING,
 };
 use glommio::io::{Directory, DmaFile, OpenOptions};
 
+pub use appliance_core::journal::frame::TailCause;
 pub use config::{
     JournalConfig, JournalSync, COMMIT_BYTES_MAX_DEFAULT, RECOVERY_CHUNK_BYTES_DEFAULT,
     RECOVERY_CHUNK_BYTES_MIN, SEGMENT_BYTES_MAX_DEFAULT,
@@ -74,6 +75,33 @@ pub struct CommitPosition {
     pub offset: u64,
     /// Bytes of the commit (a multiple of [`BLOCK_BYTES`]).
     pub len: u64,
+}
+
+/// What recovery dropped at the end of the last segment (see [`Journal::dropped_tail`]):
+/// the bytes after the last whole record or commit, which were no whole commit and had no
+/// later data after them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedTail {
+    /// The segment file.
+    pub path: PathBuf,
+    /// Byte offset in the file where the dropped bytes start (the damaged commit's start,
+    /// or just past the last whole bare record); the file was cut there.
+    pub offset: u64,
+    /// Bytes dropped: from `offset` to just past the last non-zero byte.
+    pub bytes: u64,
+    /// Sequence number of the first dropped record: the dropped commit's `first_seq` when
+    /// its header record was valid, else the number the next record would have carried.
+    pub first_seq: u64,
+    /// Sequence number of the last dropped record, from the dropped commit's header; `None`
+    /// when no valid commit header tells it (a bare record, or the header itself lost).
+    pub last_seq: Option<u64>,
+    /// Records dropped, from the same header; `None` when it is not known.
+    pub records: Option<u64>,
+    /// A torn write (never acknowledged), or a commit written whole and corrupt
+    /// (acknowledged: answered records were lost). See `frame::damaged_commit_cause`.
+    pub cause: TailCause,
+    /// What was wrong at `offset`.
+    pub error: FrameError,
 }
 
 /// A segment file of this journal.
@@ -120,6 +148,8 @@ pub struct Journal {
     poisoned: Option<String>,
     /// Synchronized writes made since open: see [`Journal::writes_total`].
     writes_total: u64,
+    /// What recovery dropped at the tail, if anything: see [`Journal::dropped_tail`].
+    dropped_tail: Option<DroppedTail>,
     /// The last older (non-current) segment read by `read_record`, kept open because
     /// replays tend to cluster.
     old_segment: RefCell<Option<(u32, Rc<DmaFile>)>>,
@@ -140,7 +170,10 @@ impl Journal {
     ///
     /// A torn tail of the last file is cut off. A torn commit (incomplete, or its payload
     /// does not match its CRC, whichever of its blocks persisted) is cut whole at its
-    /// start, a block boundary. A torn bare record is cut after the last whole record: the
+    /// start, a block boundary; so is a last commit that was written whole but is
+    /// corrupt. Every dropped tail is logged at error level (file, offset, sequence range
+    /// and record count as far as known, torn or corrupt) and kept for
+    /// [`Journal::dropped_tail`]. A torn bare record is cut after the last whole record: the
     /// block holding that end is rewritten with a padding record up to the block boundary.
     /// The file is truncated at the new tail and preallocated again (so everything after
     /// reads as zeros), and synced. The journal is then positioned after the last record.
@@ -160,6 +193,7 @@ impl Journal {
         // carry over from one file to the next, as in `frame::scan` of the files
         // concatenated.
         let mut framed = false;
+        let mut dropped_tail = None;
         for (i, segment) in segments.iter().enumerate() {
             let is_last = i + 1 == segments.len();
             let path = &segment.path;
@@ -284,7 +318,7 @@ impl Journal {
                     }
                     .into());
                 }
-                SegmentEnd::TornTail { end, error } if !is_last => {
+                SegmentEnd::TornTail { end, error, .. } if !is_last => {
                     return Err(JournalError::TornTailNotLast {
                         path: path.clone(),
                         offset: end,
@@ -303,7 +337,28 @@ impl Journal {
                     tail = repair_last(&file, path, file_len, end, false, &config).await?;
                     current = Some(file);
                 }
-                SegmentEnd::TornTail { end, .. } => {
+                SegmentEnd::TornTail {
+                    end,
+                    error,
+                    cause,
+                    header,
+                    bytes,
+                } => {
+                    let dropped = DroppedTail {
+                        path: path.clone(),
+                        offset: end,
+                        bytes,
+                        first_seq: header
+                            .map_or(expected.unwrap_or(segment.first_seq), |h| h.first_seq.get()),
+                        last_seq: header.map(|h| h.last_seq.get()),
+                        records: header.map(|h| u64::from(h.record_count.get())),
+                        cause,
+                        error,
+                    };
+                    // Logged before the repair changes the file, so that the record of
+                    // what was dropped exists even if the repair fails.
+                    log_dropped_tail(&dropped);
+                    dropped_tail = Some(dropped);
                     tail = repair_last(&file, path, file_len, end, true, &config).await?;
                     current = Some(file);
                 }
@@ -322,8 +377,18 @@ impl Journal {
             index,
             poisoned: None,
             writes_total: 0,
+            dropped_tail,
             old_segment: RefCell::new(None),
         })
+    }
+
+    /// What recovery dropped at the end of the last segment when this journal was opened,
+    /// if anything: a torn write (never acknowledged: nothing answered was lost) or a
+    /// corrupt commit that was written whole (acknowledged: its records were answered
+    /// and are lost; the tax server may have coded their numbers). For the server's
+    /// metrics and status; it was also logged at error level. `None` after a clean open.
+    pub fn dropped_tail(&self) -> Option<&DroppedTail> {
+        self.dropped_tail.as_ref()
     }
 
     /// Makes one commit durable: one aligned, synchronized O_DIRECT write at the current
@@ -794,6 +859,39 @@ impl Journal {
         // Dropping the previous entry closes its descriptor at the next reactor turn.
         *self.old_segment.borrow_mut() = Some((segment, file.clone()));
         Ok(file)
+    }
+}
+
+/// Logs a dropped tail at error level: an operator must learn of every record recovery
+/// drops, and a corrupt commit means answered records are lost.
+fn log_dropped_tail(dropped: &DroppedTail) {
+    let DroppedTail {
+        path,
+        offset,
+        bytes,
+        first_seq,
+        last_seq,
+        records,
+        cause,
+        error,
+    } = dropped;
+    let path = path.display();
+    match cause {
+        TailCause::Corrupt => tracing::error!(
+            %path, offset, bytes, first_seq, ?last_seq, ?records, %error,
+            "journal recovery dropped a corrupt acknowledged commit at the end of the journal \
+             (written whole, then damaged): its records {first_seq}..={} ({} records) were \
+             answered and are lost",
+            last_seq.map_or("?".into(), |s| s.to_string()),
+            records.map_or("?".into(), |r| r.to_string()),
+        ),
+        TailCause::Torn => tracing::error!(
+            %path, offset, bytes, first_seq, ?last_seq, ?records, %error,
+            "journal recovery dropped the torn write of an unacknowledged commit at the end \
+             of the journal: records {first_seq}..={} ({} records) were never answered",
+            last_seq.map_or("?".into(), |s| s.to_string()),
+            records.map_or("?".into(), |r| r.to_string()),
+        ),
     }
 }
 

@@ -14,16 +14,17 @@
 //!   cleanly there; else, if later data exists (`frame::is_later_data_at`: a valid commit
 //!   header with a later first sequence number, or in a stream that has shown no commit
 //!   header yet, any valid later record), searched from the bad commit's declared end or
-//!   the next 8-aligned offset, it is mid-file corruption; else a torn tail at the start
-//!   of the bad commit or record.
+//!   the next 8-aligned offset, it is mid-file corruption; else a tail to drop at the
+//!   start of the bad commit or record, classified as `frame::scan` does (a torn write,
+//!   or a commit written whole and corrupt: `frame::damaged_commit_cause`).
 //!
 //! The integration tests check that this scan and `frame::scan` agree on damaged files.
 
 use appliance_core::journal::frame::{
-    align_up, check_commit, commit_records, decode_record_at, is_later_data_at,
-    parse_commit_header, record_bytes, CommitCheck, FrameError, RawRecord,
-    COMMIT_HEADER_RECORD_BYTES, KIND_COMMIT, KIND_PADDING, RECORD_ALIGN_BYTES,
-    RECORD_BODY_BYTES_MAX, RECORD_HEADER_BYTES,
+    align_up, check_commit, commit_records, damaged_commit_cause, decode_record_at,
+    is_later_data_at, parse_commit_header, record_bytes, CommitCheck, CommitHeader, FrameError,
+    RawRecord, TailCause, COMMIT_HEADER_RECORD_BYTES, KIND_COMMIT, KIND_PADDING,
+    RECORD_ALIGN_BYTES, RECORD_BODY_BYTES_MAX, RECORD_HEADER_BYTES,
 };
 use glommio::io::DmaFile;
 
@@ -39,8 +40,17 @@ pub(crate) enum SegmentEnd {
     /// Whole records up to `end`, zeros (or nothing) after it.
     Clean { end: u64 },
     /// Whole records up to `end`, then bytes that are no whole record or commit, with no
-    /// later data after them.
-    TornTail { end: u64, error: FrameError },
+    /// later data after them: the tail recovery drops. As `frame::ScanEnd::TornTail`:
+    /// `cause` from `frame::damaged_commit_cause` (torn unless a commit with a valid
+    /// header is provably written whole), `header` the dropped commit's when its header
+    /// record is valid, `bytes` from `end` to just past the last non-zero byte.
+    TornTail {
+        end: u64,
+        error: FrameError,
+        cause: TailCause,
+        header: Option<CommitHeader>,
+        bytes: u64,
+    },
     /// The record or commit at `offset` is invalid but later data follows, or it is a
     /// commit that checksums but contradicts its header.
     Corrupt { offset: u64, error: FrameError },
@@ -145,7 +155,7 @@ where
                 end: base + off as u64,
             });
         }
-        let (resume, error) = match decode_record_at(&buf, off) {
+        let (resume, error, damaged) = match decode_record_at(&buf, off) {
             Ok((record, _)) if record.kind == KIND_COMMIT => {
                 *framed = true;
                 let header = match parse_commit_header(&record) {
@@ -175,7 +185,13 @@ where
                             error,
                         })
                     }
-                    CommitCheck::Torn { resume, error } => (resume, error),
+                    // The whole commit is buffered if the file holds it, so the
+                    // classification sees every sector of it.
+                    CommitCheck::Torn { resume, error } => (
+                        resume,
+                        error,
+                        Some((header, damaged_commit_cause(&buf, off, &header, error))),
+                    ),
                     CommitCheck::Whole {
                         end,
                         last_seq: last,
@@ -213,19 +229,22 @@ where
                 off = next;
                 continue;
             }
-            Err(error) => (align_up(off + 1), error),
+            Err(error) => (align_up(off + 1), error, None),
         };
         let at = base + off as u64;
         let resume = base + resume as u64;
         buf.drain(..off);
-        let (all_zero, later) =
-            classify_rest(&mut reader, buf, at, resume, last_seq, *framed).await?;
-        return Ok(if all_zero {
-            SegmentEnd::Clean { end: at }
-        } else if later {
-            SegmentEnd::Corrupt { offset: at, error }
-        } else {
-            SegmentEnd::TornTail { end: at, error }
+        let rest = classify_rest(&mut reader, buf, at, resume, last_seq, *framed).await?;
+        return Ok(match rest {
+            Rest::Zero => SegmentEnd::Clean { end: at },
+            Rest::LaterData => SegmentEnd::Corrupt { offset: at, error },
+            Rest::NoLaterData { nonzero_end } => SegmentEnd::TornTail {
+                end: at,
+                error,
+                cause: damaged.map_or(TailCause::Torn, |(_, cause)| cause),
+                header: damaged.map(|(header, _)| header),
+                bytes: nonzero_end - at,
+            },
         });
     }
     unreachable!(
@@ -234,9 +253,21 @@ where
     );
 }
 
+/// What follows a bad spot, to the end of the file.
+enum Rest {
+    /// Only zeros: the file ends cleanly at the bad spot.
+    Zero,
+    /// Later data: the bad spot is corruption in the middle.
+    LaterData,
+    /// Non-zero bytes but no later data: a tail to drop; the last non-zero byte is just
+    /// before file offset `nonzero_end`.
+    NoLaterData { nonzero_end: u64 },
+}
+
 /// From file offset `at` (where `win` starts; `win` holds what was already read) to the
-/// end of the file: are all bytes zero, and does later data (`frame::is_later_data_at`)
-/// start at an 8-aligned offset from `resume` (> `at`) on?
+/// end of the file: are all bytes zero (and if not, where does the last non-zero one
+/// end), and does later data (`frame::is_later_data_at`) start at an 8-aligned offset
+/// from `resume` (> `at`) on?
 async fn classify_rest(
     reader: &mut ChunkReader<'_>,
     mut win: Vec<u8>,
@@ -244,12 +275,12 @@ async fn classify_rest(
     resume: u64,
     last_seq: u64,
     framed: bool,
-) -> Result<(bool, bool), JournalError> {
+) -> Result<Rest, JournalError> {
     debug_assert_eq!(at % RECORD_ALIGN_BYTES as u64, 0);
     debug_assert!(resume > at && resume % RECORD_ALIGN_BYTES as u64 == 0);
     let mut wbase = at;
     let mut zero_checked_to = at;
-    let mut all_zero = true;
+    let mut nonzero_end: Option<u64> = None;
     let mut probe = resume;
     let iterations_max = reader.file_len / reader.chunk_bytes as u64 + 2;
     for _ in 0..iterations_max {
@@ -258,20 +289,26 @@ async fn classify_rest(
             reader.fill(&mut win).await?;
         }
         let wend = wbase + win.len() as u64;
-        all_zero &= win[(zero_checked_to - wbase) as usize..]
+        if let Some(last) = win[(zero_checked_to - wbase) as usize..]
             .iter()
-            .all(|&b| b == 0);
+            .rposition(|&b| b != 0)
+        {
+            nonzero_end = Some(zero_checked_to + last as u64 + 1);
+        }
         zero_checked_to = wend;
         while probe + RECORD_HEADER_BYTES as u64 <= wend
             && (probe + RECORD_SPAN_MAX as u64 <= wend || reader.at_eof())
         {
             if is_later_data_at(&win, (probe - wbase) as usize, last_seq, framed) {
-                return Ok((false, true));
+                return Ok(Rest::LaterData);
             }
             probe += RECORD_ALIGN_BYTES as u64;
         }
         if reader.at_eof() {
-            return Ok((all_zero, false));
+            return Ok(match nonzero_end {
+                None => Rest::Zero,
+                Some(nonzero_end) => Rest::NoLaterData { nonzero_end },
+            });
         }
         win.drain(..(probe - wbase) as usize);
         wbase = probe;
