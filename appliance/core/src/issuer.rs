@@ -767,7 +767,7 @@ impl Issuer {
                 } else {
                     // The original lives on another shard, which checked the red and
                     // holds its amount as a claim (`red`): nothing to account here.
-                    self.admit_remote_red(request, fingerprint)?;
+                    self.admit_remote_red(request)?;
                     None
                 }
             }
@@ -954,7 +954,7 @@ impl Issuer {
                     }
                     // A red of another shard's original: its key is remembered now, so
                     // its claim's answer is no longer needed (one map check per item).
-                    self.red.issued(item.fingerprint);
+                    self.red.issued(&request);
                     Answer::Issued {
                         seq,
                         invoice: Invoice {

@@ -30,14 +30,14 @@
 //! twice, a claim for the same red key with another amount or original is an
 //! `IdempotencyConflict`. They are forgotten after the retention window, like orders.
 //!
-//! On H the answers wait, by the red's key, for the tick that takes the red: a grant
+//! On H the answers wait, by claim, for the tick that takes the red: a grant
 //! stays until the red is issued (a retry after a failed tick re-uses it; H does not
 //! journal it, a restart simply claims again), a refusal answers the red (and duplicates
 //! of it in the same tick) and is replaced by the next claim of a retry. At most
 //! [`RED_ANSWERS_MAX`] answers are kept, oldest dropped first (a dropped grant is claimed
 //! again, idempotently).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use super::Issuer;
 use crate::idempotency::{key_fingerprint, FingerprintMap};
@@ -88,11 +88,12 @@ pub(crate) struct RedClaims {
     granted: FingerprintMap<(RedClaim, u64)>,
     /// (grant time, red key) in grant order (times never decrease): expiry pops the front.
     granted_order: VecDeque<(u64, u128)>,
-    /// Answers by the red's key fingerprint, with the stamp of their insertion.
-    answers: FingerprintMap<(RedClaim, Result<(), IssueError>, u64)>,
-    /// (red key, stamp) in insertion order; a pair whose stamp no longer matches its
-    /// entry is stale.
-    answers_order: VecDeque<(u128, u64)>,
+    /// Answers by claim (two requests for the same red key with other amounts or
+    /// originals have their own answers), with the stamp of their insertion.
+    answers: HashMap<RedClaim, (Result<(), IssueError>, u64)>,
+    /// (claim, stamp) in insertion order; a pair whose stamp no longer matches its entry
+    /// is stale.
+    answers_order: VecDeque<(RedClaim, u64)>,
     answers_stamp: u64,
 }
 
@@ -118,10 +119,13 @@ impl RedClaims {
             .push_back((time_ms, claim.red_fingerprint));
     }
 
-    /// Forgets the answer for a red that was issued (its key is in the index now).
-    pub(super) fn issued(&mut self, red_fingerprint: u128) {
+    /// Forgets the answer for a red that was issued (its key is in the index now): one
+    /// emptiness check for every other request.
+    pub(super) fn issued(&mut self, request: &IssueRequest) {
         if !self.answers.is_empty() {
-            self.answers.remove(&red_fingerprint);
+            if let Some(claim) = RedClaim::of(request) {
+                self.answers.remove(&claim);
+            }
         }
     }
 }
@@ -231,8 +235,8 @@ impl Issuer {
         {
             return None;
         }
-        match self.red.answers.get(&claim.red_fingerprint) {
-            Some((granted, Ok(()), _)) if *granted == claim => None,
+        match self.red.answers.get(&claim) {
+            Some((Ok(()), _)) => None,
             _ => Some(claim),
         }
     }
@@ -244,31 +248,24 @@ impl Issuer {
         let red = &mut self.red;
         red.answers_stamp += 1;
         let stamp = red.answers_stamp;
-        red.answers
-            .insert(claim.red_fingerprint, (claim, result, stamp));
-        red.answers_order.push_back((claim.red_fingerprint, stamp));
+        red.answers.insert(claim, (result, stamp));
+        red.answers_order.push_back((claim, stamp));
         while red.answers_order.len() > RED_ANSWERS_MAX {
             let (key, stamp) = red
                 .answers_order
                 .pop_front()
                 .expect("longer than the bound");
-            if red.answers.get(&key).is_some_and(|(_, _, s)| *s == stamp) {
+            if red.answers.get(&key).is_some_and(|(_, s)| *s == stamp) {
                 red.answers.remove(&key);
             }
         }
     }
 
     /// Admission of a red whose original is not remembered here: by its claim's answer.
-    pub(super) fn admit_remote_red(
-        &self,
-        request: &IssueRequest,
-        red_fingerprint: u128,
-    ) -> Result<(), IssueError> {
-        match self.red.answers.get(&red_fingerprint) {
-            Some((claim, result, _)) if RedClaim::of(request).as_ref() == Some(claim) => {
-                result.clone()
-            }
-            _ => Err(IssueError::RedOriginalUnknown),
+    pub(super) fn admit_remote_red(&self, request: &IssueRequest) -> Result<(), IssueError> {
+        match RedClaim::of(request).and_then(|claim| self.red.answers.get(&claim)) {
+            Some((result, _)) => result.clone(),
+            None => Err(IssueError::RedOriginalUnknown),
         }
     }
 
@@ -496,10 +493,7 @@ mod tests {
         assert_eq!(h.red_claim_answers(), RED_ANSWERS_MAX);
         // Re-answering the same red does not evict it with its old pair.
         h.red_claim_answered(claims[RED_ANSWERS_MAX], Ok(()));
-        assert!(h
-            .red
-            .answers
-            .contains_key(&claims[RED_ANSWERS_MAX].red_fingerprint));
-        assert!(!h.red.answers.contains_key(&claims[0].red_fingerprint));
+        assert!(h.red.answers.contains_key(&claims[RED_ANSWERS_MAX]));
+        assert!(!h.red.answers.contains_key(&claims[0]));
     }
 }
