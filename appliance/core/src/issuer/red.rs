@@ -416,7 +416,7 @@ mod tests {
     #[test]
     fn a_retried_claim_counts_once_and_survives_a_restart() {
         let (mut s, mut sj) = shard(0);
-        let (mut h, _) = shard(1);
+        let (h, _) = shard(1);
         let original =
             issued(&run(&mut s, 1_000, &[sample_request("blue", 1_000)], &mut sj).answers[0]);
         let red = red_of(&original, "r1", -600);
