@@ -48,6 +48,8 @@
 //!   cloning it instead (5 heap allocations per invoice) was the largest single cost of
 //!   the core (docs/PERFORMANCE.md, section 1).
 
+pub mod red;
+
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::BuildHasherDefault;
 use std::ops::Range;
@@ -378,6 +380,8 @@ pub struct Issuer {
     ticks_started: u64,
     /// Largest tick time so far (ms since the epoch); see the module docs.
     pub(crate) clock_ms: u64,
+    /// Cross-shard red claims: granted here, and answers waiting here ([`red`]).
+    red: red::RedClaims,
 }
 
 impl Issuer {
@@ -413,6 +417,7 @@ impl Issuer {
             resolved: HashMap::new(),
             ticks_started: 0,
             clock_ms: 0,
+            red: red::RedClaims::default(),
         })
     }
 
@@ -786,33 +791,20 @@ impl Issuer {
             InvoiceKind::Blue => None,
             InvoiceKind::Red(reference) => {
                 let original = key_fingerprint(&request.seller, &reference.original_order_id);
-                let entry = self
-                    .index
-                    .get(original)
-                    .ok_or(IssueError::RedOriginalUnknown)?;
-                if entry.code != reference.original_code.get()
-                    || entry.number != reference.original_number.get()
-                {
-                    return Err(IssueError::RedOriginalMismatch);
-                }
-                if entry.total_fen < 0 {
-                    return Err(IssueError::RedOfRed);
-                }
-                // Reds in flight (this tick's and earlier ticks') count as claimed: all
-                // of them may be issued.
-                let used_fen = self
-                    .index
-                    .red_total_fen(original)
-                    .saturating_add(self.in_flight_red_fen.get(&original).copied().unwrap_or(0));
-                let remaining_fen = entry.total_fen.saturating_sub(used_fen);
                 let red_fen = request.total_fen.saturating_abs();
-                if red_fen > remaining_fen {
-                    return Err(IssueError::RedExceedsOriginal {
-                        red_fen,
-                        remaining_fen,
-                    });
+                if self.index.get(original).is_some() {
+                    let identity = InvoiceIdentity {
+                        code: reference.original_code,
+                        number: reference.original_number,
+                    };
+                    self.check_red_against(original, identity, red_fen)?;
+                    Some((original, red_fen))
+                } else {
+                    // The original lives on another shard, which checked the red and
+                    // holds its amount as a claim (`red`): nothing to account here.
+                    self.admit_remote_red(request)?;
+                    None
                 }
-                Some((original, red_fen))
             }
         };
         // Every new item becomes an index entry when its tick finishes: reserve the room
@@ -995,6 +987,9 @@ impl Issuer {
                     if let Some(original) = item.red_original {
                         self.index.add_red_fen(original, red_fen);
                     }
+                    // A red of another shard's original: its key is remembered now, so
+                    // its claim's answer is no longer needed (one map check per item).
+                    self.red.issued(&request);
                     Answer::Issued {
                         seq,
                         invoice: Invoice {

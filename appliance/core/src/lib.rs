@@ -11,7 +11,9 @@
 //! * [`canonical`]: the canonical bytes the tax code is computed over; strict decode.
 //! * [`pool`]: a seller's number segments, cursors, refill requests, accounting.
 //! * [`idempotency`]: the bounded (seller, order id) index, 64 B per order.
-//! * [`issuer`]: the tick state machine (`begin_tick` / `finish_tick` / `abort_tick`).
+//! * [`routing`]: the home shard of a (seller, order id) key.
+//! * [`issuer`]: the tick state machine (`begin_tick` / `finish_tick` / `abort_tick`),
+//!   and the cross-shard claim on a red invoice's original ([`issuer::red`]).
 //! * [`journal`]: record framing, record bodies of every kind, recovery.
 //!
 //! # How a shell drives it
@@ -44,10 +46,12 @@ pub mod issuer;
 pub mod journal;
 pub mod money;
 pub mod pool;
+pub mod routing;
 pub mod taxpayer;
 pub mod validate;
 
 pub use invoice::{Invoice, InvoiceIdentity, InvoiceKind, IssueRequest, LineItem, RedReference};
+pub use issuer::red::RedClaim;
 pub use issuer::{
     Answer, Commit, ControlError, Issuer, IssuerConfig, Outcome, TaxCodeResult, TaxpayerConfig,
     Tick, TickError,

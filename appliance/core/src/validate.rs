@@ -157,6 +157,11 @@ pub enum IssueError {
     /// reused).
     #[error("tax code refused: {0}")]
     TaxCodeRefused(ItemError),
+    /// A red invoice whose original lives on another shard: that shard could not confirm
+    /// the claim on the original (it stopped, or too many reds wait for claims). Nothing
+    /// was issued; retrying is safe.
+    #[error("the shard holding the original could not confirm the red claim")]
+    RedClaimUnavailable,
 }
 
 fn check_len(field: Field, len: usize, min: usize, max: usize) -> Result<(), IssueError> {

@@ -84,11 +84,14 @@ pub enum ErrorCode {
     /// The tax server refused this invoice's number (the number was spoiled and will never
     /// be used; a retry gets another number).
     TaxCodeRefused = 45,
+    /// A red invoice whose original lives on another shard: that shard could not confirm
+    /// the claim on the original (stopped, or too many reds waiting); nothing was issued.
+    RedClaimUnavailable = 46,
 }
 
 impl ErrorCode {
     /// Every code, for exhaustive tests and documentation.
-    pub const ALL: [ErrorCode; 29] = [
+    pub const ALL: [ErrorCode; 30] = [
         ErrorCode::Malformed,
         ErrorCode::UnsupportedVersion,
         ErrorCode::FrameTooLarge,
@@ -118,6 +121,7 @@ impl ErrorCode {
         ErrorCode::ShardStopped,
         ErrorCode::Overloaded,
         ErrorCode::TaxCodeRefused,
+        ErrorCode::RedClaimUnavailable,
     ];
 
     /// The code for a wire value.
@@ -152,6 +156,7 @@ impl ErrorCode {
             IssueError::IndexFull => ErrorCode::IndexFull,
             IssueError::NoNumbersAvailable => ErrorCode::NoNumbersAvailable,
             IssueError::TaxCodeRefused(_) => ErrorCode::TaxCodeRefused,
+            IssueError::RedClaimUnavailable => ErrorCode::RedClaimUnavailable,
         }
     }
 }

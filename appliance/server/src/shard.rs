@@ -22,6 +22,10 @@
 //!   every batch sent to it later, with [`IssueFailure::ShardStopped`]: nobody waits
 //!   for an answer that cannot come.
 
+mod red;
+
+pub use red::{HELD_BATCHES_MAX, RED_CLAIMS_WAITING_MAX};
+
 use crate::journal::{Journal, JournalConfig, OpenError};
 use crate::metrics::{ShardMetrics, Stage};
 use appliance_core::canonical;
@@ -174,6 +178,17 @@ enum Message {
     Metrics {
         reply: flume::Sender<ShardMetrics>,
     },
+    /// From another shard: claim part of an original remembered here for its red
+    /// (`shard::red`).
+    RedClaim {
+        claim: appliance_core::RedClaim,
+        reply: flume::Sender<red::ClaimResult>,
+    },
+    /// From this shard's own claim task: the answers for a held batch.
+    ClaimsDone {
+        id: u64,
+        outcomes: Vec<(appliance_core::RedClaim, red::ClaimResult)>,
+    },
 }
 
 /// Where a batch's results go once its tick is durable.
@@ -314,6 +329,8 @@ impl std::fmt::Debug for Message {
         match self {
             Message::Issue { requests, .. } => write!(f, "Issue({} requests)", requests.len()),
             Message::Metrics { .. } => write!(f, "Metrics"),
+            Message::RedClaim { .. } => write!(f, "RedClaim"),
+            Message::ClaimsDone { outcomes, .. } => write!(f, "ClaimsDone({})", outcomes.len()),
         }
     }
 }
@@ -564,6 +581,8 @@ struct CommitJob {
     seqs: Range<u64>,
     answers: Vec<Answer>,
     slots: Vec<BatchSlot>,
+    /// Answers to other shards' red claims, sent once this job is durable.
+    claim_replies: Vec<red::ClaimReply>,
 }
 
 /// The ticks' records as one commit: one header over every record, in order (their
@@ -621,6 +640,8 @@ struct Shard {
     refills_tx: flume::Sender<RefillDone>,
     refills_rx: flume::Receiver<RefillDone>,
     refills_in_flight: usize,
+    /// Cross-shard red claims, both roles (`shard::red`).
+    red: red::RedShell,
 }
 
 async fn run(
@@ -632,6 +653,7 @@ async fn run(
     quic: Option<crate::quic::ShardQuic>,
 ) -> Result<(), ShardError> {
     let (mut shard, journal) = start(&config).await?;
+    shard.red = red::RedShell::new(peers.clone());
     let endpoints = match quic {
         Some(quic) => spawn_endpoints(&shard, quic, peers, &shutdown)?,
         None => {
@@ -689,6 +711,11 @@ fn answer_inbox_as_stopped(
                     Message::Metrics { reply } => {
                         let _ = reply.send(metrics.clone());
                     }
+                    Message::RedClaim { reply, .. } => {
+                        let _ = reply.send(Err(IssueError::RedClaimUnavailable));
+                    }
+                    // Its held batches were answered when the shard stopped.
+                    Message::ClaimsDone { .. } => {}
                 }
             }
         });
@@ -784,6 +811,7 @@ async fn start(config: &ShardConfig) -> Result<(Shard, Journal), ShardError> {
         refills_tx,
         refills_rx,
         refills_in_flight: 0,
+        red: red::RedShell::default(),
     };
     // Adopted segments count as available at once, so `fill_pools` only asks for what is
     // still missing; one commit then makes every reservation durable before serving.
@@ -987,7 +1015,7 @@ impl Shard {
 
     /// An empty tick carrying the queued control records, if any.
     fn empty_tick(&mut self) -> Result<Option<CommitJob>, ShardError> {
-        if self.issuer.pending_control_records() == 0 {
+        if self.issuer.pending_control_records() == 0 && self.red.replies.is_empty() {
             return Ok(None);
         }
         let now = self.clock.now_ms();
@@ -1008,6 +1036,7 @@ impl Shard {
             seqs: commit.seqs,
             answers: commit.answers,
             slots: Vec::new(),
+            claim_replies: std::mem::take(&mut self.red.replies),
         }))
     }
 
@@ -1035,8 +1064,9 @@ impl Shard {
                 requests, reply, ..
             }) = carry
             {
-                reply.send(vec![Err(failure); requests.len()]);
+                reply.send(vec![Err(failure.clone()); requests.len()]);
             }
+            self.fail_held(&failure);
         }
         served
     }
@@ -1060,12 +1090,19 @@ impl Shard {
                 Event::Codes(oldest_codes(pipeline).await)
             } else if let Some(message) = carry.take() {
                 Event::Message(message)
+            } else if self.red.has_ready() {
+                Event::Ready
             } else if stopping {
                 // Serve what is already queued, then end. Peers' endpoints may still hold
                 // this inbox, so "every sender dropped" cannot be waited for.
                 match rx.try_recv() {
                     Ok(message) => Event::Message(message),
-                    Err(_) if pipeline.is_empty() => return Ok(()),
+                    Err(_) if pipeline.is_empty() && !self.red.holds() => return Ok(()),
+                    // Held batches' claim answers come through the inbox.
+                    Err(_) if pipeline.is_empty() => match rx.recv_async().await {
+                        Ok(message) => Event::Message(message),
+                        Err(_) => return Ok(()),
+                    },
                     Err(_) => Event::Codes(oldest_codes(pipeline).await),
                 }
             } else {
@@ -1091,8 +1128,9 @@ impl Shard {
                 }
             };
             let first = match event {
-                Event::Message(message) => message,
-                Event::Closed if pipeline.is_empty() => return Ok(()),
+                Event::Message(message) => Some(message),
+                Event::Ready => None,
+                Event::Closed if pipeline.is_empty() && !self.red.holds() => return Ok(()),
                 Event::Closed | Event::Stop => {
                     stopping = true;
                     continue;
@@ -1112,12 +1150,20 @@ impl Shard {
             // Gather every batch already waiting, up to the tick bound.
             let mut batches: Vec<(Vec<IssueRequest>, BatchSlot)> = Vec::new();
             let mut count = 0usize;
-            let mut next = Some(first);
+            // Batches held for red claims arrived before the messages below.
+            self.take_ready(&mut batches, &mut count, tick_max);
+            let mut next = first;
+            if count >= tick_max {
+                // The tick is full already: the message starts the next one.
+                *carry = next.take();
+            }
             while let Some(message) = next.take() {
                 match message {
                     Message::Metrics { reply } => {
                         let _ = reply.send(self.metrics.borrow().clone());
                     }
+                    Message::RedClaim { claim, reply } => self.on_red_claim(claim, reply),
+                    Message::ClaimsDone { id, outcomes } => self.on_claims_done(id, outcomes),
                     Message::Issue {
                         requests,
                         reply,
@@ -1134,16 +1180,18 @@ impl Shard {
                             });
                             break;
                         }
-                        count += requests.len();
                         let len = requests.len();
-                        batches.push((
-                            requests,
-                            BatchSlot {
-                                len,
-                                reply,
-                                enqueued,
-                            },
-                        ));
+                        let slot = BatchSlot {
+                            len,
+                            reply,
+                            enqueued,
+                        };
+                        // A batch with reds whose originals live on other shards waits
+                        // for their claims, off the tick loop (`shard::red`).
+                        if let Some((requests, slot)) = self.hold_for_claims(requests, slot) {
+                            count += len;
+                            batches.push((requests, slot));
+                        }
                     }
                 }
                 next = rx.try_recv().ok();
@@ -1400,6 +1448,7 @@ impl Shard {
             seqs: commit.seqs,
             answers: commit.answers,
             slots,
+            claim_replies: std::mem::take(&mut self.red.replies),
         }))
     }
 
@@ -1499,6 +1548,8 @@ enum Event {
     Stop,
     /// Every sender of the inbox dropped.
     Closed,
+    /// Batches held for red claims can join a tick.
+    Ready,
 }
 
 /// The tax codes of the oldest tick in `pipeline`, waiting for them if needed.
@@ -1716,6 +1767,7 @@ async fn commit_group(
                             seqs: 0..0,
                             answers: Vec::new(),
                             slots: job.slots,
+                            claim_replies: Vec::new(),
                         });
                         return Err(error);
                     }
@@ -1730,6 +1782,11 @@ async fn commit_group(
                 slot.len as u64,
             );
             slot.reply.send(results);
+        }
+        // Claims granted in this job's records (or refused on the state up to it) are
+        // answered once it is durable.
+        for (reply, result) in job.claim_replies {
+            let _ = reply.send(result);
         }
     }
     Ok(())

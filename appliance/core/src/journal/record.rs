@@ -16,6 +16,7 @@
 //! | 7    | UploadedTo       | watermark seq u64 (8): every record up to it is uploaded              |
 //! | 8    | BatchRoot        | first seq u64 · last seq u64 · Merkle root 32 · SM2 signature 64 (112) |
 //! | 9    | NumberSpoiled    | seller 18 · reason u8 · device status u8 · reserved 4 · code u64 · number u32 · reserved 4 (40) |
+//! | 10   | RedClaimed       | original key fp 16 · red key fp 16 · original code u64 · original number u32 · reserved 4 · red fen i64 · claim time ms u64 (64) |
 //!
 //! Who writes what, and what recovery (`replay`) does with it:
 //! * SegmentReserved: written first in the commit after `Issuer::add_segment`. Recovery
@@ -36,6 +37,11 @@
 //!   reaches its own record.
 //! * BatchRoot (`Issuer::queue_batch_root`): ranges follow each other and end before the
 //!   root's own record.
+//! * RedClaimed (`Issuer::claim_red`, on the original's shard, written first in the next
+//!   commit like the other control records): another shard's red invoice claimed |red
+//!   fen| of an original remembered here. Recovery adds the amount to the original's red
+//!   total (if the original is still remembered) and remembers the claim by the red's
+//!   key, so that a retried claim is not counted twice (docs/design/red-claims.md).
 //!
 //! Reason bytes of NumberSpoiled: 1 malformed invoice, 2 number not held, 3 unknown
 //! taxpayer, 4 other device status (in `device_status`), 5 check code not 20 digits,
@@ -47,6 +53,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::canonical::{self, CanonicalError, CanonicalInvoice};
 use crate::invoice::{Invoice, InvoiceIdentity};
+use crate::issuer::red::RedClaim;
 use crate::taxpayer::{InvoiceCode, InvoiceNumber, NumberSegment, TaxpayerId};
 use crate::validate::ItemError;
 
@@ -73,6 +80,8 @@ pub enum RecordKind {
     BatchRoot = 8,
     /// A number taken but refused by the tax server: never issued, never reused.
     NumberSpoiled = 9,
+    /// A red invoice of another shard claimed part of an original remembered here.
+    RedClaimed = 10,
 }
 
 impl RecordKind {
@@ -88,6 +97,7 @@ impl RecordKind {
             7 => Self::UploadedTo,
             8 => Self::BatchRoot,
             9 => Self::NumberSpoiled,
+            10 => Self::RedClaimed,
             _ => return None,
         })
     }
@@ -206,7 +216,28 @@ pub struct SpoiledBody {
     pub reserved2: [u8; 4],
 }
 
+/// Body of RedClaimed.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct RedClaimedBody {
+    /// Key fingerprint of the original order, low half first.
+    pub original_fingerprint: [U64; 2],
+    /// Key fingerprint of the red order, low half first.
+    pub red_fingerprint: [U64; 2],
+    /// Invoice code of the original.
+    pub original_code: U64,
+    /// Invoice number of the original.
+    pub original_number: U32,
+    /// Zero.
+    pub reserved: [u8; 4],
+    /// |total| of the red invoice, fen, > 0.
+    pub red_fen: zerocopy::little_endian::I64,
+    /// When the claim was granted, ms since the epoch.
+    pub claim_time_ms: U64,
+}
+
 const _: () = {
+    assert!(core::mem::size_of::<RedClaimedBody>() == 64);
     assert!(core::mem::size_of::<SegmentBody>() == 40);
     assert!(core::mem::size_of::<IssuedHead>() == 64);
     assert!(core::mem::size_of::<PendingHead>() == 8);
@@ -281,6 +312,13 @@ pub enum Record {
         /// Why the tax server refused it.
         reason: ItemError,
     },
+    /// See [`RecordKind::RedClaimed`].
+    RedClaimed {
+        /// The claim.
+        claim: RedClaim,
+        /// When it was granted, ms since the epoch.
+        claim_time_ms: u64,
+    },
 }
 
 /// Why a record body is invalid.
@@ -315,6 +353,9 @@ pub enum RecordError {
     /// Sequence range empty or inverted.
     #[error("bad sequence range")]
     BadSeqRange,
+    /// A red claim of no amount, or a negative one.
+    #[error("bad red claim amount")]
+    BadRedAmount,
     /// Canonical bytes invalid.
     #[error("canonical invoice: {0}")]
     Canonical(CanonicalError),
@@ -393,6 +434,7 @@ impl Record {
             Self::UploadedTo { .. } => RecordKind::UploadedTo,
             Self::BatchRoot { .. } => RecordKind::BatchRoot,
             Self::NumberSpoiled { .. } => RecordKind::NumberSpoiled,
+            Self::RedClaimed { .. } => RecordKind::RedClaimed,
         }
     }
 
@@ -484,6 +526,24 @@ impl Record {
                         code: U64::new(identity.code.get()),
                         number: U32::new(identity.number.get()),
                         reserved2: [0; 4],
+                    }
+                    .as_bytes(),
+                )
+            }
+            Self::RedClaimed {
+                claim,
+                claim_time_ms,
+            } => {
+                let split = |f: u128| [U64::new(f as u64), U64::new((f >> 64) as u64)];
+                out.extend_from_slice(
+                    RedClaimedBody {
+                        original_fingerprint: split(claim.original_fingerprint),
+                        red_fingerprint: split(claim.red_fingerprint),
+                        original_code: U64::new(claim.original.code.get()),
+                        original_number: U32::new(claim.original.number.get()),
+                        reserved: [0; 4],
+                        red_fen: zerocopy::little_endian::I64::new(claim.red_fen),
+                        claim_time_ms: U64::new(*claim_time_ms),
                     }
                     .as_bytes(),
                 )
@@ -582,6 +642,25 @@ impl Record {
                         .map_err(|_| RecordError::BadTaxpayer)?,
                     identity: identity(b.code.get(), b.number.get())?,
                     reason: reason_from_bytes(b.reason, b.device_status)?,
+                }
+            }
+            RecordKind::RedClaimed => {
+                let b = RedClaimedBody::read_from_bytes(body).map_err(|_| bad_len())?;
+                if b.reserved != [0; 4] {
+                    return Err(RecordError::NonZeroReserved);
+                }
+                let join = |f: [U64; 2]| u128::from(f[0].get()) | (u128::from(f[1].get()) << 64);
+                if b.red_fen.get() <= 0 {
+                    return Err(RecordError::BadRedAmount);
+                }
+                Self::RedClaimed {
+                    claim: RedClaim {
+                        original_fingerprint: join(b.original_fingerprint),
+                        original: identity(b.original_code.get(), b.original_number.get())?,
+                        red_fingerprint: join(b.red_fingerprint),
+                        red_fen: b.red_fen.get(),
+                    },
+                    claim_time_ms: b.claim_time_ms.get(),
                 }
             }
         })
@@ -687,6 +766,15 @@ mod tests {
                 identity: id(1, 3),
                 reason: ItemError::Device(17),
             },
+            Record::RedClaimed {
+                claim: RedClaim {
+                    original_fingerprint: u128::MAX - 5,
+                    original: id(7, 8),
+                    red_fingerprint: 1 << 100 | 3,
+                    red_fen: 1_234,
+                },
+                claim_time_ms: 99,
+            },
         ]
     }
 
@@ -708,7 +796,7 @@ mod tests {
             assert!(Record::decode(kind, &longer).is_err(), "{kind} longer");
         }
         assert_eq!(Record::decode(0, &[]), Err(RecordError::UnknownKind(0)));
-        assert_eq!(Record::decode(10, &[]), Err(RecordError::UnknownKind(10)));
+        assert_eq!(Record::decode(11, &[]), Err(RecordError::UnknownKind(11)));
     }
 
     #[test]

@@ -4,8 +4,9 @@
 //! Records are fed in journal order. Recovery rebuilds pool cursors (every issued or
 //! spoiled number must be exactly the next number of a reserved segment: a number
 //! behind its cursor is used twice, one ahead skips numbers), the idempotency index with
-//! each order's journal sequence, red totals, the next sequence number, the upload
-//! watermark and the last batch root.
+//! each order's journal sequence, red totals (red claims of other shards included), the
+//! claims granted to other shards, the next sequence number, the upload watermark and the
+//! last batch root.
 //!
 //! The index is rebuilt with the same expiry as the live issuer: before an order is
 //! inserted, orders older than the retention window before its issue time are dropped
@@ -259,6 +260,10 @@ impl Recovery {
                     .replay_use(identity.code, identity.number, true)
                     .map_err(|e| number_error(seq, e))?;
             }
+            Record::RedClaimed {
+                claim,
+                claim_time_ms,
+            } => self.issuer.replay_red_claim(seq, &claim, claim_time_ms)?,
         }
         Ok(())
     }
