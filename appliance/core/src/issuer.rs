@@ -486,6 +486,10 @@ impl Issuer {
     pub fn pending_control_records(&self) -> usize {
         self.control.len()
     }
+    /// The index fill step last returned by [`Issuer::index_fill_change`].
+    pub fn index_fill(&self) -> IndexFill {
+        self.index_fill
+    }
     /// New orders refused `IndexFull` since this issuer was created.
     pub fn index_full_refusals(&self) -> u64 {
         self.index_full_refusals
