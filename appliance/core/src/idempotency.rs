@@ -7,11 +7,16 @@
 //!   key fingerprint (xxh3-128 of seller ‖ order id, as two u64 so that the struct has
 //!   8-byte alignment and no padding), request digest (xxh3-64), journal sequence, invoice
 //!   code, number, issue time (u32 seconds) and total.
-//! * An open-addressing (linear probing) table of u32 ring slots, with twice as many slots
-//!   as the ring so that the load factor stays ≤ 0.5: 2 × 4 = 8 bytes per order.
+//! * An open-addressing (linear probing) table of u32 ring slots, with at least twice as
+//!   many slots as the ring so that the load factor stays ≤ 0.5: the slot count is the
+//!   power of two at or above 2 × capacity (a mask finds a home), so 8 to 16 bytes per
+//!   order, 8 exactly when the capacity is a power of two.
 //!
-//! Both are allocated once, for the configured capacity (a power of two), so memory is
-//! exactly 64 bytes × capacity whatever the load; e.g. 8 Mi orders per shard = 512 MiB.
+//! Both are allocated once, for exactly the configured capacity (clamped to
+//! [`INDEX_CAPACITY_MIN`]..=[`INDEX_CAPACITY_MAX`]; the ring is not rounded, so the
+//! configured number of orders is what the index holds), whatever the load: e.g. 8 Mi
+//! orders per shard = 448 MiB of ring + 64 MiB of table = 512 MiB; 4,000,000 orders =
+//! 213.6 MiB of ring + 32 MiB of table ([`IdempotencyIndex::memory_bytes`]).
 //! Red totals live in a side map holding only originals that have reds (≈ 48 B each
 //! with hashbrown overhead; reds are rare).
 //!
@@ -259,12 +264,63 @@ pub fn issue_time_s(now_ms: u64) -> u32 {
 /// misses in flight to overlap them, few enough lines to stay cached until used.
 pub const EXPIRE_WARM_CHUNK: u32 = 64;
 
+/// How full the index is, in the steps at which operators are warned (docs/operations.md,
+/// "Idempotency index"). Ordered: a higher step is fuller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IndexFill {
+    /// Below the first warning.
+    Normal,
+    /// At least [`INDEX_WARN_PERMILLE`] ‰ of the capacity holds orders.
+    Above80,
+    /// At least [`INDEX_CRITICAL_PERMILLE`] ‰ of the capacity holds orders.
+    Above95,
+    /// New orders were refused (`IssueError::IndexFull`).
+    Full,
+}
+
+/// Fill (‰ of the capacity) at which [`IndexFill::Above80`] starts.
+pub const INDEX_WARN_PERMILLE: u64 = 800;
+/// Fill (‰ of the capacity) at which [`IndexFill::Above95`] starts.
+pub const INDEX_CRITICAL_PERMILLE: u64 = 950;
+/// How far (‰) the fill must fall below a step's threshold before the step is left, so
+/// that a fill hovering at a threshold does not report a crossing every tick.
+pub const INDEX_FILL_HYSTERESIS_PERMILLE: u64 = 50;
+
+impl IndexFill {
+    /// The step `current` moves to when `len` of `capacity` orders are held and
+    /// `refused` says whether a new order was refused since the last call. Steps rise as
+    /// soon as their threshold is reached; they fall only once the fill is
+    /// [`INDEX_FILL_HYSTERESIS_PERMILLE`] below it (expiry freed room). `Full` lasts
+    /// until the fill falls below the `Above95` threshold minus the hysteresis: one
+    /// episode of refusals however many ticks it spans.
+    pub fn next(current: IndexFill, len: u32, capacity: u32, refused: bool) -> IndexFill {
+        let permille = u64::from(len) * 1000 / u64::from(capacity.max(1));
+        let raised = if refused {
+            IndexFill::Full
+        } else if permille >= INDEX_CRITICAL_PERMILLE {
+            IndexFill::Above95
+        } else if permille >= INDEX_WARN_PERMILLE {
+            IndexFill::Above80
+        } else {
+            IndexFill::Normal
+        };
+        let held = if permille + INDEX_FILL_HYSTERESIS_PERMILLE >= INDEX_CRITICAL_PERMILLE {
+            current
+        } else if permille + INDEX_FILL_HYSTERESIS_PERMILLE >= INDEX_WARN_PERMILLE {
+            current.min(IndexFill::Above80)
+        } else {
+            IndexFill::Normal
+        };
+        raised.max(held)
+    }
+}
+
 /// Bounded idempotency index (see the module docs for layout and memory).
 #[derive(Clone)]
 pub struct IdempotencyIndex {
     ring: Vec<IndexEntry>,
-    /// Absolute insertion number of the oldest live entry.
-    head: u64,
+    /// Ring slot of the oldest live entry.
+    head: u32,
     len: u32,
     table: Vec<u32>,
     retention_s: u64,
@@ -284,26 +340,49 @@ impl core::fmt::Debug for IdempotencyIndex {
 }
 
 impl IdempotencyIndex {
-    /// An empty index for `capacity_orders` (rounded up to a power of two, clamped to
+    /// An empty index for exactly `capacity_orders` orders (clamped to
     /// [`INDEX_CAPACITY_MIN`]..=[`INDEX_CAPACITY_MAX`]), forgetting orders older than
-    /// `retention_ms`.
+    /// `retention_ms`. Its table has [`IdempotencyIndex::table_slots_for`] slots.
     pub fn new(capacity_orders: u32, retention_ms: u64) -> Self {
-        let capacity = capacity_orders
-            .clamp(INDEX_CAPACITY_MIN, INDEX_CAPACITY_MAX)
-            .next_power_of_two();
+        let capacity = Self::capacity_for(capacity_orders);
         Self {
             ring: vec![IndexEntry::default(); capacity as usize],
             head: 0,
             len: 0,
-            table: vec![EMPTY; 2 * capacity as usize],
+            table: vec![EMPTY; Self::table_slots_for(capacity)],
             retention_s: retention_ms / 1000,
             red_totals_fen: FingerprintMap::default(),
         }
     }
 
+    /// Orders an index configured for `capacity_orders` holds: the value clamped to
+    /// [`INDEX_CAPACITY_MIN`]..=[`INDEX_CAPACITY_MAX`], not rounded.
+    pub fn capacity_for(capacity_orders: u32) -> u32 {
+        capacity_orders.clamp(INDEX_CAPACITY_MIN, INDEX_CAPACITY_MAX)
+    }
+
+    /// Table slots for `capacity` orders: the power of two at or above twice the
+    /// capacity, so that the load factor stays ≤ 0.5 and a mask finds a home slot.
+    pub fn table_slots_for(capacity: u32) -> usize {
+        (2 * capacity as usize).next_power_of_two()
+    }
+
     /// Orders the index can hold.
     pub fn capacity(&self) -> u32 {
         self.ring.len() as u32
+    }
+
+    /// Ring slot `offset` entries after the head. `head < capacity` and `offset ≤
+    /// capacity`, so one conditional subtraction wraps it: no division per entry, the
+    /// ring is not a power of two.
+    #[inline(always)]
+    fn slot(&self, offset: u32) -> usize {
+        let slot = self.head as usize + offset as usize;
+        if slot >= self.ring.len() {
+            slot - self.ring.len()
+        } else {
+            slot
+        }
     }
 
     /// Orders remembered now.
@@ -376,8 +455,8 @@ impl IdempotencyIndex {
     /// warms the cache, the lookup itself is unchanged.
     pub fn prefetch(&self, fingerprint: u128) {
         let slot = self.table[self.home(fingerprint as u64)];
-        // EMPTY (all ones) masks to the last ring entry.
-        let entry = &self.ring[slot as usize & (self.ring.len() - 1)];
+        // EMPTY (all ones) clamps to the last ring entry (a conditional move, no branch).
+        let entry = &self.ring[(slot as usize).min(self.ring.len() - 1)];
         std::hint::black_box(entry.fingerprint[0]);
     }
 
@@ -412,10 +491,10 @@ impl IdempotencyIndex {
             );
             pos = (pos + 1) & mask;
         }
-        let slot = ((self.head + u64::from(self.len)) & u64::from(self.capacity() - 1)) as u32;
-        self.ring[slot as usize] = entry;
+        let slot = self.slot(self.len);
+        self.ring[slot] = entry;
         self.len += 1;
-        self.table[pos] = slot;
+        self.table[pos] = slot as u32;
     }
 
     /// Forgets orders issued more than the retention window before `now_ms`, oldest
@@ -430,14 +509,13 @@ impl IdempotencyIndex {
     /// evict its own lines.
     pub fn expire(&mut self, now_ms: u64) -> u32 {
         let now_s = now_ms / 1000;
-        let mask = u64::from(self.capacity() - 1);
         let mut expired = 0;
         loop {
             // Issue times never decrease along the ring, so the due entries are a prefix;
             // each is warmed as it is found.
             let mut due = 0u32;
             while due < EXPIRE_WARM_CHUNK && due < self.len {
-                let entry = &self.ring[((self.head + u64::from(due)) & mask) as usize];
+                let entry = &self.ring[self.slot(due)];
                 if now_s.saturating_sub(u64::from(entry.issue_time_s)) <= self.retention_s {
                     break;
                 }
@@ -448,13 +526,13 @@ impl IdempotencyIndex {
                 return expired;
             }
             for _ in 0..due {
-                let entry = self.ring[(self.head & mask) as usize];
+                let entry = self.ring[self.head as usize];
                 let pos = self
                     .find_position(entry.fingerprint())
                     .expect("ring entry missing from the table");
                 self.remove_position(pos);
                 self.red_totals_fen.remove(&entry.fingerprint());
-                self.head += 1;
+                self.head = self.slot(1) as u32;
                 self.len -= 1;
             }
             expired += due;
@@ -509,8 +587,7 @@ impl IdempotencyIndex {
 
     /// Entries oldest first (tests and diagnostics).
     pub fn entries(&self) -> impl Iterator<Item = &IndexEntry> + '_ {
-        let mask = u64::from(self.capacity() - 1);
-        (0..u64::from(self.len)).map(move |i| &self.ring[((self.head + i) & mask) as usize])
+        (0..self.len).map(move |i| &self.ring[self.slot(i)])
     }
 }
 
@@ -558,12 +635,64 @@ mod tests {
     #[test]
     fn sizes_and_memory_per_order() {
         assert_eq!(core::mem::size_of::<IndexEntry>(), 56);
-        let index = IdempotencyIndex::new(1000, 0);
+        // A power of two: 56 B entry + 2 table slots × 4 B = 64 B per order.
+        let index = IdempotencyIndex::new(1024, 0);
         assert_eq!(index.capacity(), 1024);
-        // 56 B entry + 2 table slots × 4 B = 64 B per order at capacity.
         assert_eq!(index.memory_bytes(), 1024 * 64);
-        assert_eq!(index.memory_bytes() / index.capacity() as usize, 64);
+        // Any other capacity is held exactly (not rounded up); only the table rounds.
+        let index = IdempotencyIndex::new(1000, 0);
+        assert_eq!(index.capacity(), 1000);
+        assert_eq!(IdempotencyIndex::table_slots_for(1000), 2048);
+        assert_eq!(index.memory_bytes(), 1000 * 56 + 2048 * 4);
         assert_eq!(IdempotencyIndex::new(0, 0).capacity(), INDEX_CAPACITY_MIN);
+        assert_eq!(IdempotencyIndex::capacity_for(4_000_000), 4_000_000);
+    }
+
+    #[test]
+    fn a_capacity_that_is_not_a_power_of_two_wraps_its_ring_exactly() {
+        // 20 orders, retention 0: fill, then keep expiring the oldest while inserting,
+        // through several laps of the 20-entry ring.
+        let mut index = IdempotencyIndex::new(20, 0);
+        for i in 0..20u64 {
+            index.insert(entry(i, i as u32));
+        }
+        assert_eq!(index.len(), 20);
+        for i in 20..100u64 {
+            // Forgets exactly the entry issued at i - 20 (older than 0 s).
+            assert_eq!(index.expire((i - 19) * 1000), 1);
+            index.insert(entry(i, i as u32));
+            let seqs: Vec<u64> = index.entries().map(|e| e.seq).collect();
+            // `entry(i)` has seq i + 1.
+            assert_eq!(seqs, (i - 18..=i + 1).collect::<Vec<_>>());
+            assert!(index.get(entry(i - 20, 0).fingerprint()).is_none());
+            assert_eq!(
+                index.get(entry(i - 19, 0).fingerprint()).unwrap().seq,
+                i - 18
+            );
+        }
+    }
+
+    #[test]
+    fn fill_steps_rise_at_once_and_fall_with_hysteresis() {
+        use IndexFill::*;
+        let step = |current, len, refused| IndexFill::next(current, len, 1000, refused);
+        assert_eq!(step(Normal, 799, false), Normal);
+        assert_eq!(step(Normal, 800, false), Above80);
+        assert_eq!(step(Normal, 960, false), Above95, "two steps at once");
+        assert_eq!(
+            step(Above80, 760, false),
+            Above80,
+            "held within the hysteresis"
+        );
+        assert_eq!(step(Above80, 749, false), Normal, "re-armed after expiry");
+        assert_eq!(step(Above95, 930, false), Above95);
+        assert_eq!(step(Above95, 899, false), Above80);
+        assert_eq!(step(Above95, 700, false), Normal);
+        assert_eq!(step(Above95, 999, true), Full);
+        assert_eq!(step(Full, 999, false), Full, "one episode");
+        assert_eq!(step(Full, 900, false), Full);
+        assert_eq!(step(Full, 899, false), Above80, "episode over");
+        assert_eq!(step(Normal, 10, true), Full, "refused whatever the fill");
     }
 
     #[test]

@@ -11,8 +11,11 @@
 //!                                          journal bytes are durable; each issued request
 //!                                          moves into its `Invoice`
 //! abort_tick(tick) -> requests             the TaxCodes command failed as a whole: every
-//!                                          number goes back, nothing was journaled, the
-//!                                          requests come back for a retry
+//!                                          number is spoiled (journaled NumberSpoiled in
+//!                                          the next commit, never reused), no invoice is
+//!                                          journaled, the requests come back
+//! cancel_tick(tick) -> requests            the newest tick, its command never sent: the
+//!                                          numbers go back, as if it never began
 //! ```
 //!
 //! Design decisions (docs/design/foundation.md is the contract):
@@ -25,14 +28,23 @@
 //!   the new entries of every tick in flight is checked at `begin_tick`.
 //! * Up to [`TICKS_IN_FLIGHT_MAX`] ticks may be in flight, so that the shell can send a
 //!   tick's TaxCodes command while the previous one's is still out. They finish in the
-//!   order they began (sequence numbers and journal order follow take order). Numbers go
-//!   back to the pools in reverse take order only, so aborting a tick that is not the
-//!   newest dooms every later tick: each of them is aborted when it is finished or
-//!   aborted, and the numbers return once the newest has ended; no tick begins meanwhile.
+//!   order they began (sequence numbers and journal order follow take order).
 //! * A number the tax server refuses for one item (per-item status) is journaled as
 //!   `NumberSpoiled` and never reused: the device has seen canonical bytes under that
 //!   number, so handing the number to another invoice could make two different invoices
 //!   claim it. The request is answered `TaxCodeRefused`; a retry takes a fresh number.
+//! * An aborted tick spoils every number it took, for the same reason: a TaxCodes command
+//!   that failed as a whole (timeout, connection lost, an answer that does not fit) may
+//!   still have been executed by the device, so each number may already be coded for
+//!   this tick's invoice. Aborted numbers never go back to a pool; they are journaled
+//!   `NumberSpoiled` (reason `CommandFailed`). Their records must follow every earlier
+//!   number in the journal (recovery requires each segment's numbers in take order), so
+//!   they are queued with the control records once no earlier tick is in flight: at
+//!   once for the oldest tick, else when the ticks before it have ended. Later ticks are
+//!   unaffected and finish normally; a later request that waited for one of the aborted
+//!   tick's orders is answered `TaxCodeRefused(CommandFailed)` (retryable: its retry
+//!   takes a fresh number). Only [`Issuer::cancel_tick`], for the newest tick whose
+//!   command was never sent, gives numbers back (in reverse take order, so exactly).
 //! * A check code that is not 20 ASCII digits is treated like a refused item, because an
 //!   invoice carrying it could not be verified.
 //! * Time never goes backwards inside a shard: a tick's time is the larger of its
@@ -41,9 +53,14 @@
 //!   journal order, which is what lets recovery expire the idempotency index exactly as
 //!   the live issuer did (an empty tick that expired orders is followed only by records
 //!   at least as late).
-//! * Control records (segment reserved/returned, upload watermark, batch root) queue up
-//!   and are written first in the next commit, so a segment's `SegmentReserved` always
-//!   precedes the first Issued record of its numbers. They survive an aborted tick.
+//! * Control records (segment reserved/returned, upload watermark, batch root, and the
+//!   aborted ticks' `NumberSpoiled`) queue up in the order they happen and are written
+//!   first in the next commit, so a segment's `SegmentReserved` always precedes the first
+//!   record of its numbers and a `SegmentReturned` follows the spoiled numbers before it.
+//!   They survive an aborted tick.
+//! * The index's fill is reported in steps ([`IndexFill`]: 80 %, 95 %, full) through
+//!   [`Issuer::index_fill_change`], which the shell calls once per tick and logs: the
+//!   core stays sans-IO and adds nothing per request (a refusal only sets a flag).
 //! * The tick takes the requests by value and moves each issued one into its `Invoice`:
 //!   cloning it instead (5 heap allocations per invoice) was the largest single cost of
 //!   the core (docs/PERFORMANCE.md, section 1).
@@ -57,7 +74,7 @@ use std::ops::Range;
 use crate::canonical;
 use crate::idempotency::{
     issue_time_s, key_fingerprint, request_digest, FingerprintMap, IdempotencyIndex, IndexEntry,
-    TaxpayerIdHasher,
+    IndexFill, TaxpayerIdHasher,
 };
 use crate::invoice::{Invoice, InvoiceIdentity, InvoiceKind, IssueRequest};
 use crate::journal::frame::{encode_record, encode_record_with};
@@ -151,12 +168,10 @@ impl IssuerConfig {
 /// Misuse of the tick protocol.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TickError {
-    /// `begin_tick` while [`TICKS_IN_FLIGHT_MAX`] ticks are in flight.
+    /// `begin_tick` while [`TICKS_IN_FLIGHT_MAX`] ticks are in flight (aborted ones
+    /// waiting for the ticks before them included).
     #[error("{TICKS_IN_FLIGHT_MAX} ticks are already in flight")]
     TickInFlight,
-    /// `begin_tick` while an aborted tick waits for the later ticks it doomed to end.
-    #[error("an aborted tick waits for the later ticks in flight to end")]
-    AbortPending,
     /// The tick given is not one in flight (already ended, or another issuer's).
     #[error("this tick is not in flight")]
     NotInFlight,
@@ -164,10 +179,10 @@ pub enum TickError {
     /// aborted (ticks finish in the order they began).
     #[error("an earlier tick is still in flight; tick aborted")]
     NotOldest,
-    /// `finish_tick` of a tick begun after a tick that was aborted: its numbers follow
-    /// the aborted tick's, which can only go back after it, so it was aborted too.
-    #[error("an earlier tick was aborted; tick aborted")]
-    EarlierTickAborted,
+    /// `cancel_tick` of a tick that is not the newest in flight: later ticks took the
+    /// numbers after its own, so they cannot go back; the tick was aborted instead.
+    #[error("a later tick is in flight; tick aborted instead of cancelled")]
+    NotNewest,
     /// More requests than `tick_requests_max`.
     #[error("{count} requests in one tick, at most {max}")]
     TooManyRequests {
@@ -227,7 +242,8 @@ pub enum Outcome {
         request: u32,
     },
     /// Same request as a new one of an earlier tick still in flight: gets that one's
-    /// answer (a replay of its invoice, or its refusal) when this tick finishes.
+    /// answer (a replay of its invoice, or its refusal; `TaxCodeRefused(CommandFailed)`
+    /// if that tick is aborted) when this tick finishes.
     AwaitsEarlierTick {
         /// Id of the earlier tick.
         tick: u64,
@@ -368,7 +384,13 @@ pub struct Issuer {
     pub(crate) queued_upload_watermark_seq: u64,
     pub(crate) queued_batch_root_last_seq: u64,
     control: Vec<Record>,
-    /// Ticks begun and not yet ended, oldest first.
+    /// `NumberSpoiled` records of aborted ticks among `control`: they do not count
+    /// against [`CONTROL_RECORDS_MAX`] (a tick may spoil up to [`TICK_REQUESTS_MAX`]
+    /// numbers, and refusing a granted segment because of them would lose it).
+    control_spoils: usize,
+    /// Ticks begun and not yet ended, oldest first; an aborted tick stays until the
+    /// ticks before it have ended (then its numbers are queued as spoiled). The oldest
+    /// is never an aborted one.
     in_flight: VecDeque<InFlight>,
     /// New items of every tick in flight (index room reserved for them).
     in_flight_items: usize,
@@ -382,6 +404,12 @@ pub struct Issuer {
     pub(crate) clock_ms: u64,
     /// Cross-shard red claims: granted here, and answers waiting here ([`red`]).
     red: red::RedClaims,
+    /// Index fill step last reported by [`Issuer::index_fill_change`].
+    index_fill: IndexFill,
+    /// A new order was refused `IndexFull` since the last report.
+    index_refused: bool,
+    /// New orders refused `IndexFull` since start.
+    index_full_refusals: u64,
 }
 
 impl Issuer {
@@ -411,6 +439,7 @@ impl Issuer {
             queued_upload_watermark_seq: 0,
             queued_batch_root_last_seq: 0,
             control: Vec::new(),
+            control_spoils: 0,
             in_flight: VecDeque::new(),
             in_flight_items: 0,
             in_flight_red_fen: FingerprintMap::default(),
@@ -418,6 +447,9 @@ impl Issuer {
             ticks_started: 0,
             clock_ms: 0,
             red: red::RedClaims::default(),
+            index_fill: IndexFill::Normal,
+            index_refused: false,
+            index_full_refusals: 0,
         })
     }
 
@@ -449,14 +481,48 @@ impl Issuer {
     pub fn tick_in_flight(&self) -> bool {
         !self.in_flight.is_empty()
     }
-    /// Ticks in flight (begun, not ended), aborted ones waiting for later ones included.
+    /// Ticks in flight (begun, not ended), aborted ones waiting for earlier ones to end
+    /// included.
     pub fn ticks_in_flight(&self) -> usize {
         self.in_flight.len()
     }
-    /// Control records waiting for the next commit (run a tick, even an empty one, to
-    /// write them).
+    /// Control records waiting for the next commit, aborted ticks' spoiled numbers
+    /// included (run a tick, even an empty one, to write them).
     pub fn pending_control_records(&self) -> usize {
         self.control.len()
+    }
+    /// The index fill step last returned by [`Issuer::index_fill_change`].
+    pub fn index_fill(&self) -> IndexFill {
+        self.index_fill
+    }
+    /// New orders refused `IndexFull` since this issuer was created.
+    pub fn index_full_refusals(&self) -> u64 {
+        self.index_full_refusals
+    }
+
+    /// The index's fill step if it changed since the last call (see [`IndexFill::next`]
+    /// for when steps rise and fall), else `None`. The shell calls it once per tick and
+    /// logs what it returns: a warning when 80 % or 95 % is crossed upwards, an error
+    /// naming `limits.index_capacity_orders` once per episode of `IndexFull` refusals,
+    /// and a note when expiry brings the fill back down. Recovery starts from
+    /// [`IndexFill::Normal`], so a restart with a full index reports it again.
+    pub fn index_fill_change(&mut self) -> Option<IndexFill> {
+        let next = IndexFill::next(
+            self.index_fill,
+            self.index.len(),
+            self.index.capacity(),
+            std::mem::take(&mut self.index_refused),
+        );
+        (next != self.index_fill).then(|| {
+            self.index_fill = next;
+            next
+        })
+    }
+
+    /// Control records queued, aborted ticks' spoiled numbers not counted (those are
+    /// bounded by the ticks in flight, see `control_spoils`).
+    fn control_queued(&self) -> usize {
+        self.control.len() - self.control_spoils
     }
     /// Number accounting of a seller's pool.
     pub fn accounting(&self, seller: &TaxpayerId) -> Option<NumberAccounting> {
@@ -487,7 +553,7 @@ impl Issuer {
     }
 
     fn queue(&mut self, record: Record) -> Result<(), ControlError> {
-        if self.control.len() >= CONTROL_RECORDS_MAX {
+        if self.control_queued() >= CONTROL_RECORDS_MAX {
             return Err(ControlError::QueueFull);
         }
         self.control.push(record);
@@ -502,7 +568,7 @@ impl Issuer {
         seller: &TaxpayerId,
         segment: NumberSegment,
     ) -> Result<(), ControlError> {
-        if self.control.len() >= CONTROL_RECORDS_MAX {
+        if self.control_queued() >= CONTROL_RECORDS_MAX {
             return Err(ControlError::QueueFull);
         }
         self.pool_mut(seller)?.add_segment(segment)?;
@@ -545,7 +611,7 @@ impl Issuer {
         if !self.in_flight.is_empty() {
             return Err(ControlError::TickInFlight);
         }
-        let queued = self.control.len();
+        let queued = self.control_queued();
         let pool = self.pool_mut(seller)?;
         if queued + pool.available_segments().len() > CONTROL_RECORDS_MAX {
             return Err(ControlError::QueueFull);
@@ -652,9 +718,6 @@ impl Issuer {
     ) -> Result<Tick, TickError> {
         if self.in_flight.len() >= TICKS_IN_FLIGHT_MAX {
             return Err(TickError::TickInFlight);
-        }
-        if self.in_flight.iter().any(InFlight::is_aborted) {
-            return Err(TickError::AbortPending);
         }
         if requests.len() > self.config.tick_requests_max as usize {
             return Err(TickError::TooManyRequests {
@@ -812,6 +875,10 @@ impl Issuer {
         if self.index.len() as usize + self.in_flight_items + tick.items.len()
             >= self.index.capacity() as usize
         {
+            // Two stores, no logging: the shell reports the episode once per tick
+            // (`index_fill_change`).
+            self.index_refused = true;
+            self.index_full_refusals += 1;
             return Err(IssueError::IndexFull);
         }
         let (code, number) = self.pools[pool as usize]
@@ -872,20 +939,13 @@ impl Issuer {
         tax_codes: &[TaxCodeResult],
         journal: &mut Vec<u8>,
     ) -> Result<Commit, TickError> {
+        // The oldest tick in flight is never an aborted one (their numbers are queued as
+        // spoiled as soon as no earlier tick is in flight), so position 0 is the oldest
+        // live tick.
         let position = self.position(&tick)?;
         if position > 0 {
-            let error = if self
-                .in_flight
-                .iter()
-                .take(position)
-                .any(InFlight::is_aborted)
-            {
-                TickError::EarlierTickAborted
-            } else {
-                TickError::NotOldest
-            };
             self.abort_tick(tick)?;
-            return Err(error);
+            return Err(TickError::NotOldest);
         }
         if tax_codes.len() != tick.items.len() {
             let expected = tick.items.len();
@@ -913,6 +973,7 @@ impl Issuer {
             }
             self.next_seq += 1;
         }
+        self.control_spoils = 0;
         let mut answers: Vec<Option<Answer>> = tick
             .outcomes
             .iter()
@@ -1038,7 +1099,7 @@ impl Issuer {
             let (resolved, waiting) = self
                 .resolved
                 .get_mut(&key)
-                .expect("an earlier tick finished before this one, with its answer kept");
+                .expect("an earlier tick ended before this one, with its answer kept");
             answers[i] = Some(match resolved {
                 Resolved::Issued { seq, identity } => Answer::Replay {
                     seq: *seq,
@@ -1067,6 +1128,8 @@ impl Issuer {
             self.resolved
                 .insert((tick.id, fingerprint), (resolved, waiting));
         }
+        // Aborted ticks that waited for this one: their spoiled numbers follow its own.
+        self.queue_aborted_front();
         self.compact_idle_pools();
         Ok(Commit {
             answers: answers
@@ -1078,20 +1141,71 @@ impl Issuer {
         })
     }
 
-    /// Abandons a tick (the TaxCodes command failed as a whole): nothing of it is
-    /// journaled and no index entry is added; its numbers go back to their pools in
-    /// reverse take order. For the newest tick in flight that happens at once, so the
-    /// issuer is exactly as before its `begin_tick` (apart from expiry and refill
-    /// requests already emitted). An older tick's numbers can only go back after every
-    /// later tick's: those are doomed (their `finish_tick` aborts them), no tick may begin
-    /// until they have ended, and then all the numbers go back. Queued control records
-    /// stay queued.
+    /// Abandons a tick whose TaxCodes command failed as a whole (or whose answer could
+    /// not be used): no invoice of it is journaled and no index entry is added, but the
+    /// device may have coded its items, so every number it took is spoiled: counted as
+    /// spoiled at once and never reused, and journaled as `NumberSpoiled` (reason
+    /// [`ItemError::CommandFailed`]) with the control records of the next commit, once no
+    /// earlier tick is in flight (journal order follows take order). Later ticks in
+    /// flight are unaffected; their requests that waited for one of this tick's orders
+    /// get `TaxCodeRefused(CommandFailed)`. Queued control records stay queued.
     ///
-    /// Returns the tick's requests, unchanged and in order, so that the caller can begin
-    /// the same tick again. A tick that is not in flight is refused (and its requests
-    /// dropped).
+    /// Returns the tick's requests, unchanged and in order: a retry begins them again
+    /// and takes fresh numbers. A tick that is not in flight is refused (and its
+    /// requests dropped).
     pub fn abort_tick(&mut self, tick: Tick) -> Result<Vec<IssueRequest>, TickError> {
         let position = self.position(&tick)?;
+        self.release_tick(&tick);
+        let entry = &mut self.in_flight[position];
+        entry.firsts = FingerprintMap::default();
+        // Requests of later ticks waiting for this tick's orders get the failure.
+        for (fingerprint, waiting) in std::mem::take(&mut entry.awaited) {
+            self.resolved.insert(
+                (tick.id, fingerprint),
+                (Resolved::Refused(ItemError::CommandFailed), waiting),
+            );
+        }
+        let mut numbers = Vec::with_capacity(tick.items.len());
+        for item in &tick.items {
+            self.pools[item.pool as usize].settle_spoiled();
+            numbers.push((item.pool, item.code, item.number));
+        }
+        self.in_flight[position].aborted = Some(numbers);
+        self.queue_aborted_front();
+        self.compact_idle_pools();
+        Ok(tick.requests)
+    }
+
+    /// Withdraws the newest tick in flight before its TaxCodes command was sent (e.g. to
+    /// wait for a refill and begin the same requests again): no number of it reached
+    /// the tax server, so its numbers go back to their pools (in reverse take order,
+    /// which is exact because no later tick took any) and the issuer is as before its
+    /// `begin_tick`, apart from expiry and refill requests already emitted. Calling this
+    /// for a tick whose command was sent would let the device see two invoices under
+    /// one number: use [`Issuer::abort_tick`] then.
+    ///
+    /// Returns the tick's requests, unchanged and in order. A tick that is not the
+    /// newest in flight cannot give its numbers back: it is aborted instead (its numbers
+    /// spoiled, the safe side) and [`TickError::NotNewest`] returned, like
+    /// [`Issuer::finish_tick`] does with a tick that is not the oldest.
+    pub fn cancel_tick(&mut self, tick: Tick) -> Result<Vec<IssueRequest>, TickError> {
+        let position = self.position(&tick)?;
+        if position + 1 != self.in_flight.len() {
+            self.abort_tick(tick)?;
+            return Err(TickError::NotNewest);
+        }
+        self.release_tick(&tick);
+        self.in_flight.pop_back();
+        for item in tick.items.iter().rev() {
+            self.pools[item.pool as usize].untake(item.code, item.number);
+        }
+        self.compact_idle_pools();
+        Ok(tick.requests)
+    }
+
+    /// Releases what an ending tick holds besides its numbers: index room, red claims,
+    /// and its requests' waits for earlier ticks.
+    fn release_tick(&mut self, tick: &Tick) {
         self.in_flight_items -= tick.items.len();
         for item in &tick.items {
             if let Some(original) = item.red_original {
@@ -1106,29 +1220,32 @@ impl Issuer {
                 self.stop_waiting(*earlier, tick.fingerprints[i]);
             }
         }
-        let entry = &mut self.in_flight[position];
-        entry.firsts = FingerprintMap::default();
-        entry.awaited = FingerprintMap::default();
-        entry.aborted = Some(
-            tick.items
-                .iter()
-                .map(|it| (it.pool, it.code, it.number))
-                .collect(),
-        );
-        // Numbers go back newest first: every aborted tick at the end of the queue.
-        while self.in_flight.back().is_some_and(InFlight::is_aborted) {
-            let ended = self.in_flight.pop_back().expect("checked above");
-            for &(pool, code, number) in ended.aborted.iter().flatten().rev() {
-                self.pools[pool as usize].untake(code, number);
+    }
+
+    /// Queues the spoiled numbers of every aborted tick at the front of the ticks in
+    /// flight: no earlier tick is left to journal numbers before theirs.
+    fn queue_aborted_front(&mut self) {
+        while self.in_flight.front().is_some_and(InFlight::is_aborted) {
+            let ended = self.in_flight.pop_front().expect("checked above");
+            for (pool, code, number) in ended.aborted.into_iter().flatten() {
+                self.control.push(Record::NumberSpoiled {
+                    seller: self.pools[pool as usize].seller(),
+                    identity: InvoiceIdentity { code, number },
+                    reason: ItemError::CommandFailed,
+                });
+                self.control_spoils += 1;
             }
         }
-        self.compact_idle_pools();
-        Ok(tick.requests)
     }
 
     /// A request of an ended tick no longer waits for `earlier`'s answer to `fingerprint`.
     fn stop_waiting(&mut self, earlier: u64, fingerprint: u128) {
-        if let Some(entry) = self.in_flight.iter_mut().find(|t| t.id == earlier) {
+        // An aborted tick's waits moved to `resolved` (answered with its failure).
+        if let Some(entry) = self
+            .in_flight
+            .iter_mut()
+            .find(|t| t.id == earlier && !t.is_aborted())
+        {
             if let Some(waiting) = entry.awaited.get_mut(&fingerprint) {
                 *waiting -= 1;
                 if *waiting == 0 {
@@ -1143,8 +1260,8 @@ impl Issuer {
         }
     }
 
-    /// Drops exhausted segments of pools with no number in flight (`untake` needs the
-    /// cursor of every number in flight).
+    /// Drops exhausted segments of pools with no number in flight (`untake`, for
+    /// `cancel_tick`, needs the cursor of every number in flight).
     fn compact_idle_pools(&mut self) {
         for pool in &mut self.pools {
             if pool.accounting().in_flight == 0 {
@@ -1179,8 +1296,8 @@ struct InFlight {
     firsts: FingerprintMap<(u32, u64)>,
     /// Its new orders that requests of later ticks wait for, with how many wait.
     awaited: FingerprintMap<u32>,
-    /// Aborted: the numbers it took (pool, code, number), in take order, to put back
-    /// once every later tick has ended.
+    /// Aborted: the numbers it took (pool, code, number), in take order, to queue as
+    /// spoiled once every earlier tick has ended.
     aborted: Option<Vec<(u32, InvoiceCode, InvoiceNumber)>>,
 }
 
@@ -1212,6 +1329,7 @@ pub(crate) mod tests {
     use crate::journal::frame::{scan, RawRecord};
     use crate::journal::record::decode_issued;
     use crate::validate::tests::sample_request;
+    use crate::validate::ItemError;
     use xxhash_rust::xxh3::xxh3_128;
 
     pub(crate) fn seller() -> TaxpayerId {
@@ -1494,49 +1612,166 @@ pub(crate) mod tests {
         assert!(issuer.in_flight_red_fen.is_empty());
     }
 
+    /// Spoiled-number records of a journal: (number, reason).
+    fn spoiled_numbers(journal: &[u8]) -> Vec<(u32, ItemError)> {
+        records(journal)
+            .iter()
+            .filter(|r| r.kind == RecordKind::NumberSpoiled as u8)
+            .map(|r| match Record::decode(r.kind, r.body).unwrap() {
+                Record::NumberSpoiled {
+                    identity, reason, ..
+                } => (identity.number.get(), reason),
+                other => unreachable!("{other:?}"),
+            })
+            .collect()
+    }
+
     #[test]
-    fn aborting_an_older_tick_dooms_the_later_ones() {
+    fn an_aborted_tick_spoils_its_numbers_and_journals_them() {
+        let (mut issuer, mut journal) = ready();
+        let requests: Vec<_> = (0..3)
+            .map(|i| sample_request(&format!("o-{i}"), 100))
+            .collect();
+        let tick = issuer.begin_tick(1_000, requests.clone()).unwrap();
+        // The device coded the items, then the answer was lost (timeout).
+        let back = issuer.abort_tick(tick).unwrap();
+        assert_eq!(back, requests, "abort hands the requests back unchanged");
+        let a = issuer.accounting(&seller()).unwrap();
+        assert_eq!((a.in_flight, a.spoiled, a.available), (0, 3, 7));
+        assert!(issuer.index().is_empty());
+        assert_eq!(
+            issuer.pending_control_records(),
+            4,
+            "reservation + 3 spoils"
+        );
+        // The retry takes fresh numbers; the spoils are journaled first, in take order.
+        let commit = run(&mut issuer, 2_000, &back, &mut journal);
+        let numbers: Vec<u32> = commit
+            .answers
+            .iter()
+            .map(|a| issued(a).number.get())
+            .collect();
+        assert_eq!(numbers, vec![4, 5, 6]);
+        assert_eq!(
+            spoiled_numbers(&journal),
+            vec![
+                (1, ItemError::CommandFailed),
+                (2, ItemError::CommandFailed),
+                (3, ItemError::CommandFailed)
+            ]
+        );
+        let (recovered, _) = crate::journal::replay::recover(config(), &journal, 2_000).unwrap();
+        assert_eq!(
+            recovered.accounting(&seller()),
+            issuer.accounting(&seller())
+        );
+        assert_eq!(
+            recovered.available_segments(&seller()),
+            issuer.available_segments(&seller())
+        );
+    }
+
+    #[test]
+    fn a_wrong_count_of_tax_codes_spoils_the_numbers_too() {
+        // The command was executed (an answer came back), so its numbers may be coded.
+        let (mut issuer, mut journal) = ready();
+        let tick = issuer
+            .begin_tick(1_000, vec![sample_request("o-1", 100)])
+            .unwrap();
+        assert_eq!(
+            issuer.finish_tick(tick, &[], &mut journal).unwrap_err(),
+            TickError::TaxCodeCountMismatch {
+                expected: 1,
+                got: 0
+            }
+        );
+        assert_eq!(issuer.accounting(&seller()).unwrap().spoiled, 1);
+        run(&mut issuer, 2_000, &[], &mut journal);
+        assert_eq!(
+            spoiled_numbers(&journal),
+            vec![(1, ItemError::CommandFailed)]
+        );
+    }
+
+    #[test]
+    fn aborting_an_older_tick_spoils_only_its_own_numbers() {
         let (mut issuer, mut journal) = ready();
         let before = issuer.accounting(&seller()).unwrap();
+        let a = sample_request("o-a", 100);
+        let first = issuer.begin_tick(1_000, vec![a.clone()]).unwrap();
+        let second = issuer
+            .begin_tick(1_000, vec![sample_request("o-2", 100)])
+            .unwrap();
+        // A retry of o-a waits for the first tick; o-3 is new.
+        let third = issuer
+            .begin_tick(1_000, vec![a.clone(), sample_request("o-3", 100)])
+            .unwrap();
+        assert_eq!(
+            third.outcomes()[0],
+            Outcome::AwaitsEarlierTick { tick: first.id }
+        );
+        issuer.abort_tick(second).unwrap();
+        // Nothing is blocked: a tick may begin while the aborted one waits for the first.
+        let fourth = issuer.begin_tick(1_000, Vec::new()).unwrap();
+        assert_eq!(issuer.ticks_in_flight(), 4);
+        issuer.abort_tick(first).unwrap();
+        // Both aborted ticks are at the front now: their numbers are queued, in order.
+        assert_eq!(issuer.ticks_in_flight(), 2);
+        let codes = fake_codes(&third);
+        let three = issuer.finish_tick(third, &codes, &mut journal).unwrap();
+        assert_eq!(
+            three.answers[0],
+            Answer::Rejected(IssueError::TaxCodeRefused(ItemError::CommandFailed)),
+            "the retry gets the failure of the tick it waited for"
+        );
+        assert_eq!(issued(&three.answers[1]).number.get(), 3);
+        let four = issuer.finish_tick(fourth, &[], &mut journal).unwrap();
+        assert!(four.seqs.is_empty());
+        assert_eq!(
+            spoiled_numbers(&journal),
+            vec![(1, ItemError::CommandFailed), (2, ItemError::CommandFailed)]
+        );
+        let after = issuer.accounting(&seller()).unwrap();
+        assert_eq!((after.in_flight, after.issued, after.spoiled), (0, 1, 2));
+        assert_eq!(after.available, before.available - 3);
+        assert!(issuer.resolved.is_empty() && issuer.in_flight.is_empty());
+        // The retry of o-a takes a fresh number: never 1 again.
+        let retry = run(&mut issuer, 2_000, &[a], &mut journal);
+        assert_eq!(issued(&retry.answers[0]).number.get(), 4);
+        let (recovered, _) = crate::journal::replay::recover(config(), &journal, 2_000).unwrap();
+        assert_eq!(
+            recovered.accounting(&seller()),
+            issuer.accounting(&seller())
+        );
+    }
+
+    #[test]
+    fn a_later_aborted_tick_spoils_after_the_earlier_one_finishes() {
+        let (mut issuer, mut journal) = ready();
         let first = issuer
             .begin_tick(1_000, vec![sample_request("o-1", 100)])
             .unwrap();
         let second = issuer
             .begin_tick(1_000, vec![sample_request("o-2", 100)])
             .unwrap();
-        let third = issuer
-            .begin_tick(1_000, vec![sample_request("o-3", 100)])
-            .unwrap();
         issuer.abort_tick(second).unwrap();
-        // The second tick's number cannot go back before the third's.
-        assert_eq!(issuer.accounting(&seller()).unwrap().in_flight, 3);
-        assert_eq!(
-            issuer.begin_tick(1_000, Vec::new()).unwrap_err(),
-            TickError::AbortPending
-        );
+        assert_eq!(issuer.accounting(&seller()).unwrap().spoiled, 1);
+        // Number 2 must not be journaled before number 1.
+        assert_eq!(issuer.pending_control_records(), 1, "only the reservation");
         let codes = fake_codes(&first);
         let one = issuer.finish_tick(first, &codes, &mut journal).unwrap();
         assert_eq!(issued(&one.answers[0]).number.get(), 1);
-        let codes = fake_codes(&third);
+        assert_eq!(issuer.pending_control_records(), 1, "the spoiled number 2");
+        run(&mut issuer, 2_000, &[], &mut journal);
         assert_eq!(
-            issuer.finish_tick(third, &codes, &mut journal).unwrap_err(),
-            TickError::EarlierTickAborted
+            spoiled_numbers(&journal),
+            vec![(2, ItemError::CommandFailed)]
         );
-        let after = issuer.accounting(&seller()).unwrap();
-        assert_eq!((after.in_flight, after.issued), (0, 1));
-        assert_eq!(after.available, before.available - 1);
-        // Numbers 2 and 3 went back: the next tick takes 2.
-        let next = run(
-            &mut issuer,
-            2_000,
-            &[sample_request("o-4", 100)],
-            &mut journal,
-        );
-        assert_eq!(issued(&next.answers[0]).number.get(), 2);
+        crate::journal::replay::recover(config(), &journal, 2_000).unwrap();
     }
 
     #[test]
-    fn abort_rolls_back_exactly() {
+    fn cancel_gives_the_newest_ticks_numbers_back_exactly() {
         let (mut issuer, mut journal) = ready();
         let before = issuer.accounting(&seller()).unwrap();
         let requests: Vec<_> = (0..4)
@@ -1546,7 +1781,7 @@ pub(crate) mod tests {
         assert_eq!(tick.item_count(), 4);
         assert_eq!(tick.requests(), &requests[..]);
         assert_eq!(issuer.accounting(&seller()).unwrap().in_flight, 4);
-        // Later (empty) ticks may begin up to the bound; the newest aborts at once.
+        // Later (empty) ticks may begin up to the bound.
         let later: Vec<Tick> = (1..TICKS_IN_FLIGHT_MAX)
             .map(|_| issuer.begin_tick(1_000, Vec::new()).unwrap())
             .collect();
@@ -1555,11 +1790,11 @@ pub(crate) mod tests {
             TickError::TickInFlight
         );
         for t in later.into_iter().rev() {
-            issuer.abort_tick(t).unwrap();
+            issuer.cancel_tick(t).unwrap();
         }
         assert_eq!(issuer.ticks_in_flight(), 1);
-        let back = issuer.abort_tick(tick).unwrap();
-        assert_eq!(back, requests, "abort hands the requests back unchanged");
+        let back = issuer.cancel_tick(tick).unwrap();
+        assert_eq!(back, requests, "cancel hands the requests back unchanged");
         assert_eq!(issuer.accounting(&seller()).unwrap(), before);
         assert!(issuer.index().is_empty());
         let commit = run(&mut issuer, 1_000, &back, &mut journal);
@@ -1569,6 +1804,28 @@ pub(crate) mod tests {
             .map(|a| issued(a).number.get())
             .collect();
         assert_eq!(numbers, vec![1, 2, 3, 4]);
+        assert!(spoiled_numbers(&journal).is_empty());
+    }
+
+    #[test]
+    fn cancelling_a_tick_that_is_not_the_newest_aborts_it() {
+        let (mut issuer, mut journal) = ready();
+        let first = issuer
+            .begin_tick(1_000, vec![sample_request("o-1", 100)])
+            .unwrap();
+        let second = issuer
+            .begin_tick(1_000, vec![sample_request("o-2", 100)])
+            .unwrap();
+        assert_eq!(issuer.cancel_tick(first), Err(TickError::NotNewest));
+        let a = issuer.accounting(&seller()).unwrap();
+        assert_eq!((a.in_flight, a.spoiled), (1, 1));
+        let codes = fake_codes(&second);
+        let two = issuer.finish_tick(second, &codes, &mut journal).unwrap();
+        assert_eq!(issued(&two.answers[0]).number.get(), 2);
+        assert_eq!(
+            spoiled_numbers(&journal),
+            vec![(1, ItemError::CommandFailed)]
+        );
     }
 
     #[test]
@@ -1681,7 +1938,9 @@ pub(crate) mod tests {
             }
         );
         assert!(journal.is_empty());
-        assert_eq!(issuer.accounting(&seller()).unwrap().available, 10);
+        // The answer came back, so the command ran: its one number is spoiled.
+        let a = issuer.accounting(&seller()).unwrap();
+        assert_eq!((a.available, a.spoiled), (9, 1));
         assert!(!issuer.tick_in_flight());
     }
 
@@ -1793,9 +2052,52 @@ pub(crate) mod tests {
         let requests: Vec<_> = (0..17)
             .map(|i| sample_request(&format!("o-{i}"), 100))
             .collect();
-        let commit = run(&mut issuer, 1, &requests, &mut journal);
-        assert!(matches!(commit.answers[15], Answer::Issued { .. }));
-        assert_eq!(commit.answers[16], Answer::Rejected(IssueError::IndexFull));
+        assert_eq!(issuer.index_fill_change(), None);
+        // 13 of 16 (81 %): the 80 % step, reported once.
+        let commit = run(&mut issuer, 1, &requests[..13], &mut journal);
+        assert_eq!(commit.answers.len(), 13);
+        assert_eq!(issuer.index_fill_change(), Some(IndexFill::Above80));
+        assert_eq!(issuer.index_fill_change(), None);
+        // 16 of 16, then one refused: the 95 % step is passed straight to full.
+        let commit = run(&mut issuer, 1, &requests[13..], &mut journal);
+        assert!(matches!(commit.answers[2], Answer::Issued { .. }));
+        assert_eq!(commit.answers[3], Answer::Rejected(IssueError::IndexFull));
+        assert!(IssueError::IndexFull
+            .to_string()
+            .contains("limits.index_capacity_orders"));
+        assert_eq!(issuer.index_full_refusals(), 1);
+        assert_eq!(issuer.index_fill_change(), Some(IndexFill::Full));
+        // More refusals in the same episode are not reported again.
+        let commit = run(&mut issuer, 1, &[sample_request("o-x", 100)], &mut journal);
+        assert_eq!(commit.answers[0], Answer::Rejected(IssueError::IndexFull));
+        assert_eq!(issuer.index_fill_change(), None);
+        assert_eq!(issuer.index_full_refusals(), 2);
+    }
+
+    #[test]
+    fn index_fill_steps_are_rearmed_by_expiry() {
+        let mut cfg = config();
+        cfg.index_capacity_orders = 20;
+        cfg.retention_ms = 10_000;
+        let mut issuer = Issuer::new(cfg).unwrap();
+        issuer.add_segment(&seller(), segment(1, 100)).unwrap();
+        let mut journal = Vec::new();
+        let batch = |from: usize, n: usize| -> Vec<IssueRequest> {
+            (from..from + n)
+                .map(|i| sample_request(&format!("o-{i}"), 100))
+                .collect()
+        };
+        run(&mut issuer, 1_000, &batch(0, 16), &mut journal);
+        assert_eq!(issuer.index_fill_change(), Some(IndexFill::Above80));
+        run(&mut issuer, 5_000, &batch(16, 3), &mut journal);
+        assert_eq!(issuer.index_fill_change(), Some(IndexFill::Above95));
+        // The first 16 expire: 3 of 20 left, back to normal.
+        run(&mut issuer, 12_000, &[], &mut journal);
+        assert_eq!(issuer.index().len(), 3);
+        assert_eq!(issuer.index_fill_change(), Some(IndexFill::Normal));
+        // Crossing 80 % again is reported again.
+        run(&mut issuer, 12_000, &batch(19, 13), &mut journal);
+        assert_eq!(issuer.index_fill_change(), Some(IndexFill::Above80));
     }
 
     #[test]

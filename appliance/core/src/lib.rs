@@ -12,8 +12,9 @@
 //! * [`pool`]: a seller's number segments, cursors, refill requests, accounting.
 //! * [`idempotency`]: the bounded (seller, order id) index, 64 B per order.
 //! * [`routing`]: the home shard of a (seller, order id) key.
-//! * [`issuer`]: the tick state machine (`begin_tick` / `finish_tick` / `abort_tick`),
-//!   and the cross-shard claim on a red invoice's original ([`issuer::red`]).
+//! * [`issuer`]: the tick state machine (`begin_tick` / `finish_tick` / `abort_tick` /
+//!   `cancel_tick`), and the cross-shard claim on a red invoice's original
+//!   ([`issuer::red`]).
 //! * [`journal`]: record framing, record bodies of every kind, recovery.
 //!
 //! # How a shell drives it
@@ -23,8 +24,10 @@
 //! match hsm result {
 //!     Ok(codes) => { let commit = issuer.finish_tick(tick, &codes, &mut buf)?;
 //!                    // pad, write, fdatasync buf; then release commit.answers }
-//!     Err(_)    => requests = issuer.abort_tick(tick)?, // retry or refuse them
+//!     Err(_)    => requests = issuer.abort_tick(tick)?, // numbers spoiled; retry or refuse
 //! }
+//! // a tick whose command was never sent: requests = issuer.cancel_tick(tick)? (exact)
+//! // once per tick: if let Some(step) = issuer.index_fill_change() { log it }
 //! // restart: journal::replay::Recovery::apply per record, then finish(now_ms)
 //! ```
 //!
@@ -34,7 +37,8 @@
 //! * Idempotency entries are added at `finish_tick` (when records get sequence numbers);
 //!   in-tick duplicates are found through a tick-local map. Abort has nothing to undo in
 //!   the index.
-//! * A number whose item the tax server refuses is journaled as `NumberSpoiled` and never
+//! * A number whose item the tax server refuses, or that an aborted tick took (its
+//!   command may have run on the device), is journaled as `NumberSpoiled` and never
 //!   reused; pool accounting has a `spoiled` state next to available, issued, returned.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -50,6 +54,7 @@ pub mod routing;
 pub mod taxpayer;
 pub mod validate;
 
+pub use idempotency::IndexFill;
 pub use invoice::{Invoice, InvoiceIdentity, InvoiceKind, IssueRequest, LineItem, RedReference};
 pub use issuer::red::RedClaim;
 pub use issuer::{

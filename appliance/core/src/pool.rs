@@ -2,9 +2,10 @@
 //!
 //! A queue of segments, each with a cursor; numbers are taken in order from the first
 //! segment that has any left. Every number of every segment ever added is, at all times,
-//! exactly one of: available (at or after its segment's cursor), in flight (taken by the
-//! open tick, not yet journaled), issued, spoiled (journaled as never issued, see
-//! `issuer`) or returned to the tax authority. [`Pool::accounting`] exposes the counts and
+//! exactly one of: available (at or after its segment's cursor), in flight (taken by a
+//! tick in flight, not yet journaled), issued, spoiled (journaled, or queued to be, as
+//! never issued: refused by the tax server or taken by an aborted tick, see `issuer`) or
+//! returned to the tax authority. [`Pool::accounting`] exposes the counts and
 //! the pool asserts that they add up after every change.
 
 use std::collections::VecDeque;
@@ -39,11 +40,13 @@ pub struct NumberAccounting {
     pub reserved: u64,
     /// Numbers not taken yet.
     pub available: u64,
-    /// Taken by the open tick, not yet journaled.
+    /// Taken by a tick in flight, not yet journaled.
     pub in_flight: u64,
     /// Journaled as issued (or pending offline).
     pub issued: u64,
-    /// Journaled as spoiled: taken, refused by the tax server, never reused.
+    /// Spoiled, never reused: refused by the tax server, or taken by an aborted tick
+    /// (whose device may have coded them); journaled as `NumberSpoiled`, or queued for
+    /// the next commit.
     pub spoiled: u64,
     /// Given back to the tax authority.
     pub returned: u64,
@@ -191,8 +194,8 @@ impl Pool {
         Some((cursor.segment.code, number))
     }
 
-    /// Puts back the last number taken from its segment (tick abort, in reverse take
-    /// order).
+    /// Puts back the last number taken from its segment (a tick cancelled before its
+    /// numbers reached the tax server, in reverse take order).
     ///
     /// # Panics
     /// If the number is not the last one taken from a held segment: the issuer calls this
@@ -219,7 +222,7 @@ impl Pool {
         self.counts.issued += 1;
     }
 
-    /// An in-flight number was journaled as spoiled.
+    /// An in-flight number was spoiled (journaled, or queued to be).
     pub fn settle_spoiled(&mut self) {
         assert!(self.counts.in_flight > 0);
         self.counts.in_flight -= 1;

@@ -39,8 +39,9 @@ pub enum Field {
     OriginalOrderId,
 }
 
-/// Why the tax server refused to give one invoice a tax code (per-item status of the
-/// TaxCodes command). The shell maps the driver's statuses onto it.
+/// Why one invoice did not get a tax code: the per-item status of the TaxCodes command
+/// (the shell maps the driver's statuses onto it), or [`ItemError::CommandFailed`] when
+/// the command failed as a whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ItemError {
     /// The device could not parse the canonical invoice.
@@ -58,6 +59,11 @@ pub enum ItemError {
     /// The device answered a check code that is not 20 ASCII digits.
     #[error("tax server: invalid check code")]
     InvalidCheckCode,
+    /// The TaxCodes command failed as a whole (timeout, connection lost, wrong answer)
+    /// and its tick was aborted. The device may still have coded the invoice, so its
+    /// number is spoiled like a refused one.
+    #[error("tax server: command failed, tick aborted (its numbers are spoiled)")]
+    CommandFailed,
     /// Found at start-up: the device reports the number as coded (below its segment's
     /// coded mark) but the journal holds no invoice for it (a crash between the tax codes
     /// and the commit, or a damaged last commit dropped at recovery). Spoiled so that the
@@ -147,8 +153,10 @@ pub enum IssueError {
     /// The order was already issued from a different request.
     #[error("order already issued with different content")]
     IdempotencyConflict,
-    /// The idempotency index is at capacity with nothing old enough to expire.
-    #[error("idempotency index full")]
+    /// The idempotency index is at capacity with nothing old enough to expire. Retrying
+    /// does not help until orders expire; the operator must raise
+    /// `limits.index_capacity_orders` (docs/operations.md gives the sizing rule).
+    #[error("idempotency index full: raise limits.index_capacity_orders (docs/operations.md)")]
     IndexFull,
     /// The seller's pool has no number left (a refill was requested).
     #[error("no invoice numbers available")]

@@ -188,6 +188,7 @@ fn record() -> impl Strategy<Value = Record> {
                 Just(ItemError::NumberNotHeld),
                 Just(ItemError::UnknownTaxpayer),
                 Just(ItemError::InvalidCheckCode),
+                Just(ItemError::CommandFailed),
                 any::<u8>().prop_map(ItemError::Device),
             ]
         )

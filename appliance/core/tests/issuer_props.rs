@@ -1,15 +1,20 @@
 //! Property tests of the issuer against an independent oracle.
 //!
 //! Random runs of ticks (valid, invalid, duplicate, conflicting and red requests; whole
-//! tick aborts; per-item tax-server refusals), segment refills and restarts. A restart
+//! tick aborts, in any order among two ticks in flight; per-item tax-server refusals),
+//! segment refills and restarts. A restart
 //! either flushes and recovers the whole journal (the recovered state must equal the
 //! live one) or crashes: the last commit's bytes are cut at a random byte (the write was
 //! not durable, its answers never released) and the rest is replayed into a fresh issuer.
 //!
 //! The oracle knows only the journal bytes and the requests. It checks:
 //! * no number is ever used twice, and every used number lies in a journaled segment;
+//! * every number an aborted tick took (its TaxCodes command may have been executed) is
+//!   journaled as spoiled (`CommandFailed`) by a later commit and never issued, unless a
+//!   crash loses that commit first;
 //! * every number of every reserved segment is exactly one of available (per the
-//!   recovered issuer), issued, spoiled or returned;
+//!   recovered issuer), issued, spoiled (journaled, or an aborted tick's waiting for the
+//!   next commit) or returned;
 //! * answers: new invoices carry exactly the amounts of an i128 computation from the
 //!   lines; replays point at a journal record whose invoice is byte-identical to the
 //!   first answer; a different request under a known order is a conflict; red rules hold
@@ -25,7 +30,7 @@ use appliance_core::journal::record::{decode_issued, Record, RecordKind};
 use appliance_core::journal::replay::recover;
 use appliance_core::{
     Answer, Invoice, InvoiceCode, InvoiceNumber, IssueError, IssueRequest, Issuer, IssuerConfig,
-    ItemError, NumberSegment, TaxRate, TaxpayerConfig, TaxpayerId, Tick, TickError,
+    ItemError, NumberSegment, Outcome, TaxRate, TaxpayerConfig, TaxpayerId, Tick, TickError,
 };
 use proptest::prelude::*;
 use xxhash_rust::xxh3::xxh3_128;
@@ -126,12 +131,12 @@ enum PipeEnd {
     /// The newer tick finished first: refused as `NotOldest` (and aborted); the older
     /// then finishes.
     SecondFirst,
-    /// The older tick aborted while the newer is in flight: the newer is doomed
-    /// (`finish_tick` answers `EarlierTickAborted`), then everything rolls back.
+    /// The older tick aborted while the newer is in flight; the newer then finishes
+    /// normally (its requests for the older's orders get the older's failure).
     AbortFirst,
     /// Both aborted, older first.
     AbortBoth,
-    /// The older tick's answer has the wrong count (aborted), the newer is doomed.
+    /// The older tick's answer has the wrong count (aborted); the newer finishes.
     WrongCountFirst,
 }
 
@@ -332,6 +337,21 @@ struct Oracle {
     returned: HashMap<TaxpayerId, u64>,
     issued_count: HashMap<TaxpayerId, u64>,
     spoiled_count: HashMap<TaxpayerId, u64>,
+    /// Every journaled spoiled number, with its reason.
+    spoiled: HashMap<Spoil, ItemError>,
+}
+
+/// A number of a seller: (seller, code, number).
+type Spoil = (TaxpayerId, u64, u32);
+
+/// The numbers a tick took (read back from its canonical items, as the device would).
+fn tick_numbers(tick: &Tick) -> Vec<Spoil> {
+    tick.canonical_items()
+        .map(|bytes| {
+            let c = canonical::decode(bytes).expect("the tick's own canonical bytes");
+            (c.request.seller, c.code.get(), c.number.get())
+        })
+        .collect()
 }
 
 impl Oracle {
@@ -380,10 +400,14 @@ impl Oracle {
                     }
                 }
                 Record::NumberSpoiled {
-                    seller, identity, ..
+                    seller,
+                    identity,
+                    reason,
                 } => {
                     o.use_number(seller, identity.code, identity.number);
                     *o.spoiled_count.entry(seller).or_default() += 1;
+                    o.spoiled
+                        .insert((seller, identity.code.get(), identity.number.get()), reason);
                 }
                 other => panic!("unexpected record {other:?}"),
             }
@@ -424,8 +448,14 @@ impl Oracle {
 
     /// Every number of every journaled segment is exactly one of available (per the
     /// issuer), used (issued or spoiled) or returned.
-    /// `unjournaled` are segments added to the issuer whose records wait for a commit.
-    fn check_accounting(&self, issuer: &Issuer, unjournaled: &[(TaxpayerId, NumberSegment)]) {
+    /// `unjournaled` are segments added to the issuer whose records wait for a commit;
+    /// `spoiling` the numbers of aborted ticks whose spoiled records wait for one.
+    fn check_accounting(
+        &self,
+        issuer: &Issuer,
+        unjournaled: &[(TaxpayerId, NumberSegment)],
+        spoiling: &[Spoil],
+    ) {
         for seller in &sellers()[..2] {
             let mut available = HashSet::new();
             for s in issuer.available_segments(seller).unwrap() {
@@ -433,7 +463,17 @@ impl Oracle {
                     assert!(available.insert((s.code.get(), n)));
                 }
             }
-            let used = self.used.get(seller).cloned().unwrap_or_default();
+            let mut used = self.used.get(seller).cloned().unwrap_or_default();
+            let mut waiting_spoils = 0;
+            for &(s, code, number) in spoiling {
+                if s == *seller {
+                    assert!(
+                        used.insert((code, number)),
+                        "an aborted tick's number {number} used again"
+                    );
+                    waiting_spoils += 1;
+                }
+            }
             assert!(
                 available.is_disjoint(&used),
                 "available number already used"
@@ -471,7 +511,7 @@ impl Oracle {
             );
             assert_eq!(
                 a.spoiled,
-                self.spoiled_count.get(seller).copied().unwrap_or(0)
+                self.spoiled_count.get(seller).copied().unwrap_or(0) + waiting_spoils
             );
             assert_eq!(a.in_flight, 0);
         }
@@ -632,6 +672,8 @@ struct Harness {
     last_commit: Option<std::ops::Range<usize>>,
     /// Segments added since the last commit (their records are not journaled yet).
     unjournaled: Vec<(TaxpayerId, NumberSegment)>,
+    /// Numbers of aborted ticks not journaled as spoiled yet.
+    spoiling: Vec<Spoil>,
     retention_ms: u64,
 }
 
@@ -647,8 +689,29 @@ impl Harness {
             next_code: 100_000_000_000,
             last_commit: None,
             unjournaled: Vec::new(),
+            spoiling: Vec::new(),
             retention_ms,
         }
+    }
+
+    /// After the oracle was rebuilt from a new commit: the aborted ticks' numbers it
+    /// journaled are spoiled for `CommandFailed`; the others still wait, unused.
+    fn settle_spoiling(&mut self) {
+        let oracle = &self.oracle;
+        self.spoiling.retain(|n| match oracle.spoiled.get(n) {
+            Some(reason) => {
+                assert_eq!(*reason, ItemError::CommandFailed);
+                false
+            }
+            None => {
+                let used = oracle
+                    .used
+                    .get(&n.0)
+                    .is_some_and(|u| u.contains(&(n.1, n.2)));
+                assert!(!used, "an aborted tick's number {n:?} was issued");
+                true
+            }
+        });
     }
 
     fn commit(&mut self, requests: &[IssueRequest], fault: &TickFault) {
@@ -668,6 +731,7 @@ impl Harness {
             "tick time is the largest wall time"
         );
         let mut codes = fake_codes(&tick);
+        let taken = tick_numbers(&tick);
         let aborted = match fault {
             TickFault::Abort => {
                 let back = self.issuer.abort_tick(tick).unwrap();
@@ -703,14 +767,22 @@ impl Harness {
                 );
                 self.last_commit = Some(commit.journal_range.start..self.journal.len());
                 self.unjournaled.clear();
+                self.settle_spoiling();
                 false
             }
         };
         if aborted {
-            // Exact rollback: numbers back, no index entry, no record, no sequence used.
+            // Every number taken is spoiled, none goes back; no index entry, no record,
+            // no sequence used.
             for (s, before) in sellers()[..2].iter().zip(&before_accounting) {
-                assert_eq!(self.issuer.accounting(s).unwrap(), *before);
+                let n = taken.iter().filter(|t| t.0 == *s).count() as u64;
+                let after = self.issuer.accounting(s).unwrap();
+                assert_eq!(after.in_flight, 0);
+                assert_eq!(after.spoiled, before.spoiled + n);
+                assert_eq!(after.available, before.available - n);
+                assert_eq!(after.issued, before.issued);
             }
+            self.spoiling.extend(taken);
             assert_eq!(self.issuer.next_seq(), before_seq);
             assert_eq!(
                 self.issuer.index().len() as usize,
@@ -718,13 +790,14 @@ impl Harness {
             );
         }
         self.oracle
-            .check_accounting(&self.issuer, &self.unjournaled);
+            .check_accounting(&self.issuer, &self.unjournaled, &self.spoiling);
     }
 
     /// Two ticks in flight at once. Whatever finishes must be answered exactly as one
-    /// tick holding the finished ticks' requests in order would be (a request of the
-    /// second tick for an order the first is issuing gets the first one's answer); what
-    /// is aborted must leave no trace.
+    /// tick holding the ticks' requests in order would be (a request of the second tick
+    /// for an order the first is issuing gets the first one's answer), where an aborted
+    /// first tick counts as one whose every new item was refused `CommandFailed`. Every
+    /// number an aborted tick took is spoiled, never reused.
     fn pipelined(
         &mut self,
         first: &[IssueRequest],
@@ -732,12 +805,6 @@ impl Harness {
         refuse: (u16, u16),
         end: PipeEnd,
     ) {
-        let before_accounting: Vec<_> = sellers()[..2]
-            .iter()
-            .map(|s| self.issuer.accounting(s).unwrap())
-            .collect();
-        let before_seq = self.issuer.next_seq();
-        let before_index = self.issuer.index().len();
         self.now_ms = self.now_ms.max(self.wall_ms);
         let t1 = self
             .issuer
@@ -752,12 +819,34 @@ impl Harness {
         refuse_items(&mut c1, refuse.0);
         let mut c2 = fake_codes(&t2);
         refuse_items(&mut c2, refuse.1);
+        let (n1, n2) = (tick_numbers(&t1), tick_numbers(&t2));
+        // What an aborted first tick's requests amount to, from its outcomes.
+        let failed = Answer::Rejected(IssueError::TaxCodeRefused(ItemError::CommandFailed));
+        let aborted_answers: Vec<Answer> = t1
+            .outcomes()
+            .iter()
+            .map(|o| match o {
+                Outcome::NeedsTaxCode { .. } | Outcome::DuplicateOf { .. } => failed.clone(),
+                Outcome::Replay { seq, identity } => Answer::Replay {
+                    seq: *seq,
+                    identity: *identity,
+                },
+                Outcome::Rejected(e) => Answer::Rejected(e.clone()),
+                Outcome::AwaitsEarlierTick { .. } => unreachable!("no earlier tick in flight"),
+            })
+            .collect();
         let start = self.journal.len();
         let before = std::mem::take(&mut self.oracle);
-        // The requests and answers of the ticks that finished, in finish order.
+        // The requests and answers of the ticks, in begin order, up to the last one that
+        // finished.
         let mut requests: Vec<IssueRequest> = Vec::new();
         let mut answers: Vec<Answer> = Vec::new();
-        let mut finish = |h: &mut Self, tick: Tick, codes: &[TaxCodeResult], r: &[IssueRequest]| {
+        let finish = |h: &mut Self,
+                      tick: Tick,
+                      codes: &[TaxCodeResult],
+                      r: &[IssueRequest],
+                      requests: &mut Vec<IssueRequest>,
+                      answers: &mut Vec<Answer>| {
             let commit = h.issuer.finish_tick(tick, codes, &mut h.journal).unwrap();
             assert_eq!(commit.journal_range.end, h.journal.len());
             pad_to_block(&mut h.journal, 4096);
@@ -766,18 +855,20 @@ impl Harness {
         };
         match end {
             PipeEnd::InOrder => {
-                finish(self, t1, &c1, first);
-                finish(self, t2, &c2, second);
+                finish(self, t1, &c1, first, &mut requests, &mut answers);
+                finish(self, t2, &c2, second, &mut requests, &mut answers);
             }
             PipeEnd::AbortSecond => {
                 assert_eq!(self.issuer.abort_tick(t2).unwrap(), second);
-                finish(self, t1, &c1, first);
+                self.spoiling.extend(n2);
+                finish(self, t1, &c1, first, &mut requests, &mut answers);
             }
             PipeEnd::SecondFirst => {
                 let e = self.issuer.finish_tick(t2, &c2, &mut self.journal);
                 assert_eq!(e.unwrap_err(), TickError::NotOldest);
                 assert_eq!(self.journal.len(), start, "nothing journaled");
-                finish(self, t1, &c1, first);
+                self.spoiling.extend(n2);
+                finish(self, t1, &c1, first, &mut requests, &mut answers);
             }
             PipeEnd::AbortFirst | PipeEnd::AbortBoth | PipeEnd::WrongCountFirst => {
                 if let PipeEnd::WrongCountFirst = end {
@@ -786,50 +877,40 @@ impl Harness {
                 } else {
                     assert_eq!(self.issuer.abort_tick(t1).unwrap(), first);
                 }
-                assert_eq!(
-                    self.issuer
-                        .begin_tick(self.wall_ms, Vec::new())
-                        .unwrap_err(),
-                    TickError::AbortPending
-                );
+                self.spoiling.extend(n1);
+                requests.extend_from_slice(first);
+                answers.extend(aborted_answers);
                 if let PipeEnd::AbortBoth = end {
                     assert_eq!(self.issuer.abort_tick(t2).unwrap(), second);
+                    self.spoiling.extend(n2);
                 } else {
-                    let e = self.issuer.finish_tick(t2, &c2, &mut self.journal);
-                    assert_eq!(e.unwrap_err(), TickError::EarlierTickAborted);
+                    finish(self, t2, &c2, second, &mut requests, &mut answers);
                 }
             }
         }
         assert!(!self.issuer.tick_in_flight());
-        if answers.is_empty() && requests.is_empty() && self.journal.len() == start {
-            // Both aborted: exact rollback.
-            for (s, b) in sellers()[..2].iter().zip(&before_accounting) {
-                assert_eq!(self.issuer.accounting(s).unwrap(), *b);
-            }
-            assert_eq!(self.issuer.next_seq(), before_seq);
-            assert!(self.issuer.index().len() <= before_index);
-            self.oracle = before;
-        } else {
-            self.oracle = Oracle::from_journal(&self.journal, self.retention_ms);
-            check_answers(
-                &requests,
-                &answers,
-                &before,
-                &self.journal,
-                &self.oracle,
-                self.now_ms,
-            );
+        self.oracle = Oracle::from_journal(&self.journal, self.retention_ms);
+        check_answers(
+            &requests,
+            &answers,
+            &before,
+            &self.journal,
+            &self.oracle,
+            self.now_ms,
+        );
+        if self.journal.len() > start {
             // A crash may tear the ticks' writes anywhere (a group commit writes both at
             // once).
             self.last_commit = Some(start..self.journal.len());
             self.unjournaled.clear();
+            self.settle_spoiling();
         }
         assert_eq!(
             self.issuer.index().len() as usize,
             self.oracle.remembered(self.now_ms)
         );
         self.oracle
-            .check_accounting(&self.issuer, &self.unjournaled);
+            .check_accounting(&self.issuer, &self.unjournaled, &self.spoiling);
     }
 
     fn restart(&mut self, crash_cut: Option<u16>) {
@@ -854,11 +935,20 @@ impl Harness {
                 // Segments not journaled before the crash are lost to this shard (the
                 // server adopts them back through the tax server's Inventory).
                 self.unjournaled.clear();
+                // So are spoiled numbers not journaled yet: the recovered pools hold them
+                // as available (the crash window between a TaxCodes command and the
+                // commit that records its numbers, docs/journal.md).
+                self.spoiling.clear();
             }
             _ => {
                 // Clean shutdown: flush queued control records, then the recovered
                 // issuer must equal the live one.
                 self.commit(&[], &TickFault::None);
+                assert!(
+                    self.spoiling.is_empty(),
+                    "aborted ticks' numbers not journaled by the next commit: {:?}",
+                    self.spoiling
+                );
                 // Restart "now" is the live clock, so that both expire the same orders.
                 let (issuer, end) =
                     recover(config(self.retention_ms), &self.journal, self.now_ms).unwrap();
@@ -886,7 +976,7 @@ impl Harness {
         self.last_commit = None;
         self.oracle = Oracle::from_journal(&self.journal, self.retention_ms);
         self.oracle
-            .check_accounting(&self.issuer, &self.unjournaled);
+            .check_accounting(&self.issuer, &self.unjournaled, &self.spoiling);
     }
 
     fn run(&mut self, op: &Op) {

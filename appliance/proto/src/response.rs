@@ -70,10 +70,13 @@ pub enum ErrorCode {
     /// The client's certificate is not authorised for the seller.
     Unauthorised = 27,
 
-    // Nothing was issued; retrying the same request later is safe and may succeed.
+    // Nothing was issued; retrying the same request later is safe and may succeed
+    // (except IndexFull, see there).
     /// The seller's pool is empty; a refill is under way.
     NoNumbersAvailable = 40,
-    /// The idempotency index is full.
+    /// The idempotency index is full. Not retryable: the refusal lasts until orders
+    /// expire (retention days) or the operator raises `limits.index_capacity_orders`, so
+    /// a client retry cannot help. The code keeps its number (stable wire values).
     IndexFull = 41,
     /// The tax server could not be asked.
     TaxServerUnavailable = 42,
@@ -129,9 +132,11 @@ impl ErrorCode {
         ErrorCode::ALL.into_iter().find(|c| *c as u16 == value)
     }
 
-    /// Whether resending the same request later may succeed (nothing was issued).
+    /// Whether resending the same request later may succeed (nothing was issued):
+    /// codes 40 and above, except [`ErrorCode::IndexFull`], which only an operator can
+    /// lift (a retry would just be refused again).
     pub fn is_retryable(self) -> bool {
-        (self as u16) >= 40
+        (self as u16) >= 40 && self != ErrorCode::IndexFull
     }
 
     /// The code for a core refusal.

@@ -156,6 +156,11 @@ fn error_codes_are_distinct_and_round_trip() {
     assert_eq!(ErrorCode::from_u16(0), None);
     assert!(ErrorCode::TaxServerUnavailable.is_retryable());
     assert!(!ErrorCode::IdempotencyConflict.is_retryable());
+    assert!(
+        !ErrorCode::IndexFull.is_retryable(),
+        "a full index refuses a retry again"
+    );
+    assert!(ErrorCode::TaxCodeRefused.is_retryable());
 }
 
 #[test]

@@ -142,8 +142,9 @@ pub struct Limits {
     /// Requests per tick (one tax-code command, one journal commit). Default 8,192; at
     /// least the protocol's batch limit (4,096).
     pub tick_requests_max: u32,
-    /// Orders each shard's idempotency index remembers (64 B each, allocated at start).
-    /// Default 4,000,000 (256 MB per shard).
+    /// Orders each shard's idempotency index remembers, allocated exactly at start
+    /// (56 B each plus an 8-16 B table slot share; 16..=2^30). Default 4,000,000
+    /// (246 MiB per shard). Sizing: docs/operations.md, "Idempotency index".
     pub index_capacity_orders: u32,
     /// Days an order is remembered for idempotent replay. Default 35.
     pub retention_days: u32,
@@ -295,6 +296,16 @@ impl ApplianceConfig {
         }
         if self.limits.retention_days == 0 {
             return invalid("limits.retention_days must be at least 1".into());
+        }
+        let index_bounds = appliance_core::idempotency::INDEX_CAPACITY_MIN
+            ..=appliance_core::idempotency::INDEX_CAPACITY_MAX;
+        if !index_bounds.contains(&self.limits.index_capacity_orders) {
+            return invalid(format!(
+                "limits.index_capacity_orders = {} is outside {}..={}",
+                self.limits.index_capacity_orders,
+                index_bounds.start(),
+                index_bounds.end()
+            ));
         }
         let ticks_max = appliance_core::issuer::TICKS_IN_FLIGHT_MAX as u32;
         if !(1..=ticks_max).contains(&self.limits.ticks_in_flight) {

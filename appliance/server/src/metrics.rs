@@ -70,6 +70,12 @@ pub struct ShardMetrics {
     pub spoiled_at_start: u64,
     /// Counters of the shard's QUIC endpoints.
     pub quic: QuicMetrics,
+    /// Orders the shard's idempotency index holds now (gauge, read at each snapshot).
+    pub index_entries: u64,
+    /// Orders the index can hold: `limits.index_capacity_orders` as allocated (gauge).
+    pub index_capacity: u64,
+    /// New orders refused `IndexFull` since the shard started.
+    pub index_full_refusals: u64,
 }
 
 /// Counters of one shard's QUIC endpoints.
@@ -122,6 +128,9 @@ impl ShardMetrics {
             journal_writes: 0,
             spoiled_at_start: 0,
             quic: QuicMetrics::default(),
+            index_entries: 0,
+            index_capacity: 0,
+            index_full_refusals: 0,
         }
     }
 
@@ -153,6 +162,9 @@ impl ShardMetrics {
         self.journal_writes += other.journal_writes;
         self.spoiled_at_start += other.spoiled_at_start;
         self.quic.merge(&other.quic);
+        self.index_entries += other.index_entries;
+        self.index_capacity += other.index_capacity;
+        self.index_full_refusals += other.index_full_refusals;
     }
 }
 
@@ -234,7 +246,7 @@ pub fn prometheus_text(shards: &[ShardMetrics]) -> String {
             );
         }
     }
-    let counters: [Counter; 13] = [
+    let counters: [Counter; 16] = [
         (
             "einvoice_issued_invoices_total",
             "Invoices newly issued.",
@@ -296,6 +308,21 @@ pub fn prometheus_text(shards: &[ShardMetrics]) -> String {
             "Requests forwarded to their home shard.",
             |m| m.quic.forwarded_requests,
         ),
+        (
+            "einvoice_index_entries",
+            "Orders held by the idempotency index.",
+            |m| m.index_entries,
+        ),
+        (
+            "einvoice_index_capacity",
+            "Orders the idempotency index can hold (limits.index_capacity_orders).",
+            |m| m.index_capacity,
+        ),
+        (
+            "einvoice_index_full_refusals_total",
+            "New orders refused because the idempotency index was full.",
+            |m| m.index_full_refusals,
+        ),
     ];
     for (name, help, get) in counters {
         let kind = if name.ends_with("_total") {
@@ -347,6 +374,21 @@ mod tests {
         assert!(text.contains("# TYPE einvoice_journal_writes_total counter"));
         assert!(text.contains("einvoice_journal_ticks_total{shard=\"0\"} 12\n"));
         assert!(text.contains("einvoice_journal_writes_total{shard=\"0\"} 3\n"));
+    }
+
+    #[test]
+    fn index_gauges_are_served_per_shard() {
+        let mut a = ShardMetrics::new(2);
+        a.index_entries = 3_200_000;
+        a.index_capacity = 4_000_000;
+        a.index_full_refusals = 7;
+        let text = prometheus_text(&[a]);
+        assert!(text.contains("# TYPE einvoice_index_entries gauge\n"));
+        assert!(text.contains("einvoice_index_entries{shard=\"2\"} 3200000\n"));
+        assert!(text.contains("# TYPE einvoice_index_capacity gauge\n"));
+        assert!(text.contains("einvoice_index_capacity{shard=\"2\"} 4000000\n"));
+        assert!(text.contains("# TYPE einvoice_index_full_refusals_total counter\n"));
+        assert!(text.contains("einvoice_index_full_refusals_total{shard=\"2\"} 7\n"));
     }
 
     #[test]

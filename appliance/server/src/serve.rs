@@ -10,6 +10,7 @@ use crate::quic::auth::{AuthError, Authorisation};
 use crate::quic::tls::TlsError;
 use crate::quic::BindError;
 use crate::shard::{stop_all, ShardConfig, ShardError, ShardHandle, ShardSender};
+use appliance_core::idempotency::{IdempotencyIndex, IndexEntry};
 use appliance_core::{IssuerConfig, TaxpayerConfig, TaxpayerId};
 use hsm_driver::route::HsmClientConfig;
 use hsm_driver::tcp::TcpClientConfig;
@@ -79,6 +80,7 @@ impl Appliance {
     pub fn start(config: &ApplianceConfig) -> Result<Appliance, ServeError> {
         config.check()?;
         let shards = config.shard_count();
+        log_index_allocation(config.limits.index_capacity_orders, shards);
         let taxpayers = config
             .taxpayers
             .iter()
@@ -313,6 +315,24 @@ pub fn check_layout(data_dir: &std::path::Path, shards: u32) -> Result<(), Confi
     }
 }
 
+/// Start-up line of what each shard's idempotency index allocates: the configured
+/// capacity is held exactly (`check` refused values outside the index's bounds); the
+/// table beside it rounds up to a power of two.
+fn log_index_allocation(configured: u32, shards: u32) {
+    let allocated = IdempotencyIndex::capacity_for(configured);
+    let table_slots = IdempotencyIndex::table_slots_for(allocated);
+    let bytes =
+        u64::from(allocated) * std::mem::size_of::<IndexEntry>() as u64 + table_slots as u64 * 4;
+    tracing::info!(
+        configured,
+        allocated,
+        table_slots,
+        shards,
+        "idempotency index per shard: configured {configured} orders, allocated {allocated} orders + {table_slots} table slots ({} MiB)",
+        bytes >> 20
+    );
+}
+
 fn collect_metrics(senders: &[ShardSender]) -> Vec<ShardMetrics> {
     senders.iter().filter_map(ShardSender::metrics).collect()
 }
@@ -408,6 +428,9 @@ fn serve_control(
                         "rejected_requests": m.rejected_requests,
                         "ticks": m.ticks,
                         "forwarded_requests": m.quic.forwarded_requests,
+                        "index_entries": m.index_entries,
+                        "index_capacity": m.index_capacity,
+                        "index_full_refusals": m.index_full_refusals,
                     })
                 })
                 .collect();

@@ -35,8 +35,8 @@ use appliance_core::journal::replay::{Recovery, RecoveryError};
 use appliance_core::pool::RefillRequest;
 use appliance_core::taxpayer::IdentityError;
 use appliance_core::{
-    Answer, Invoice, InvoiceCode, InvoiceNumber, IssueError, IssueRequest, Issuer, IssuerConfig,
-    ItemError, NumberSegment, Outcome, TaxCodeResult, TaxpayerId, Tick, TickError,
+    Answer, IndexFill, Invoice, InvoiceCode, InvoiceNumber, IssueError, IssueRequest, Issuer,
+    IssuerConfig, ItemError, NumberSegment, Outcome, TaxCodeResult, TaxpayerId, Tick,
 };
 use glommio::channels::local_channel::{LocalReceiver, LocalSender};
 use glommio::{LocalExecutorBuilder, Placement};
@@ -1136,14 +1136,10 @@ impl Shard {
                     continue;
                 }
                 Event::Codes(codes) => {
+                    // A failed tick is aborted (its numbers spoiled); the ticks begun
+                    // after it are unaffected and finish in turn.
                     let oldest = pipeline.pop_front().expect("a tick is in flight");
-                    let failed = codes.is_err();
                     self.finish_and_commit(oldest, codes, commit_tx).await?;
-                    if failed {
-                        // The ticks begun after it are doomed, and no tick may begin
-                        // until they have ended.
-                        self.drain(pipeline, commit_tx).await?;
-                    }
                     continue;
                 }
             };
@@ -1160,7 +1156,7 @@ impl Shard {
             while let Some(message) = next.take() {
                 match message {
                     Message::Metrics { reply } => {
-                        let _ = reply.send(self.metrics.borrow().clone());
+                        let _ = reply.send(self.metrics_snapshot());
                     }
                     Message::RedClaim { claim, reply } => self.on_red_claim(claim, reply),
                     Message::ClaimsDone { id, outcomes } => self.on_claims_done(id, outcomes),
@@ -1208,6 +1204,50 @@ impl Shard {
                 let tick = self.start_tick(batches, count, pipeline, commit_tx).await?;
                 pipeline.push_back(tick);
             }
+        }
+    }
+
+    /// The shard's metrics with the idempotency index gauges read now.
+    fn metrics_snapshot(&self) -> ShardMetrics {
+        let mut metrics = self.metrics.borrow().clone();
+        let index = self.issuer.index();
+        metrics.index_entries = u64::from(index.len());
+        metrics.index_capacity = u64::from(index.capacity());
+        metrics.index_full_refusals = self.issuer.index_full_refusals();
+        metrics
+    }
+
+    /// Logs the idempotency index's fill step when it changed (once per tick at most,
+    /// nothing per request): a warning at 80 % and 95 %, an error once per episode of
+    /// `IndexFull` refusals, a note when expiry brings it back down.
+    fn report_index_fill(&mut self) {
+        let before = self.issuer.index_fill();
+        let Some(step) = self.issuer.index_fill_change() else {
+            return;
+        };
+        let index = self.issuer.index();
+        let (entries, capacity) = (index.len(), index.capacity());
+        match step {
+            IndexFill::Full => tracing::error!(
+                shard = self.id,
+                entries,
+                capacity,
+                "idempotency index full: new orders refused (IndexFull) until orders expire; raise limits.index_capacity_orders (sizing: docs/operations.md)"
+            ),
+            _ if step > before => tracing::warn!(
+                shard = self.id,
+                entries,
+                capacity,
+                "idempotency index {} full; raise limits.index_capacity_orders before it fills (sizing: docs/operations.md)",
+                if step == IndexFill::Above95 { "95 %" } else { "80 %" }
+            ),
+            _ => tracing::info!(
+                shard = self.id,
+                entries,
+                capacity,
+                ?step,
+                "idempotency index fill fell back (orders expired)"
+            ),
         }
     }
 
@@ -1332,6 +1372,7 @@ impl Shard {
             .issuer
             .begin_tick(self.clock.now_ms(), requests)
             .map_err(|e| internal(self.id, e))?;
+        self.report_index_fill();
         self.spawn_refills(tick.refill_requests());
         let starved = |tick: &Tick| {
             tick.outcomes()
@@ -1339,10 +1380,10 @@ impl Shard {
                 .any(|o| matches!(o, Outcome::Rejected(IssueError::NoNumbersAvailable)))
         };
         if starved(&tick) && self.refills_in_flight > 0 {
-            // The newest tick: its abort is exact.
+            // The newest tick, its command not sent: cancelling gives its numbers back.
             let requests = self
                 .issuer
-                .abort_tick(tick)
+                .cancel_tick(tick)
                 .map_err(|e| internal(self.id, e))?;
             self.drain(pipeline, commit_tx).await?;
             while self.wait_for_refill().await? {
@@ -1409,8 +1450,9 @@ impl Shard {
         let codes = match codes {
             Ok(codes) => codes,
             Err(message) => {
-                tracing::warn!(shard = self.id, %message, "tax codes failed; tick aborted");
-                // Ticks begun after this one are doomed: their `finish_tick` aborts them.
+                tracing::warn!(shard = self.id, %message, "tax codes failed; tick aborted, its numbers spoiled");
+                // The device may have coded the items: the numbers are spoiled (journaled
+                // with the next commit), never reused. Later ticks are unaffected.
                 self.issuer
                     .abort_tick(tick)
                     .map_err(|e| internal(self.id, e))?;
@@ -1422,20 +1464,11 @@ impl Shard {
         let mut bytes =
             Vec::with_capacity(tick.canonical_bytes() + count * 128 + JOURNAL_BLOCK_BYTES);
         let start = begin_commit(&mut bytes);
-        let commit = match self.issuer.finish_tick(tick, &codes, &mut bytes) {
-            Ok(commit) => commit,
-            Err(TickError::EarlierTickAborted) => {
-                // Its numbers follow those of a tick whose tax codes failed; they go back
-                // together, and the same failure is the answer.
-                self.metrics.borrow_mut().rejected_requests += count as u64;
-                answer_all(
-                    slots,
-                    IssueFailure::TaxServer("an earlier tick's tax codes failed".into()),
-                );
-                return Ok(None);
-            }
-            Err(e) => return Err(internal(self.id, e)),
-        };
+        let commit = self
+            .issuer
+            .finish_tick(tick, &codes, &mut bytes)
+            .map_err(|e| internal(self.id, e))?;
+        self.report_index_fill();
         seal_tick(&mut bytes, start, &commit.seqs).map_err(|e| internal(self.id, e))?;
         {
             let mut metrics = self.metrics.borrow_mut();

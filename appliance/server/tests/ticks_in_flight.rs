@@ -2,10 +2,11 @@
 //! stopped with SIGSTOP, so every command times out) while batches keep coming:
 //! - every request of every tick out at the time, and of the ticks begun after, is
 //!   answered with `IssueFailure::TaxServer` (safe to retry), none is left unanswered;
-//! - once the emulator runs again (SIGCONT), the same orders are issued, and the numbers
-//!   used are exactly 1..=n: the numbers of the aborted ticks (the older one's included,
-//!   which can only go back after the newer one's) all went back, none skipped, none
-//!   twice.
+//! - once the emulator runs again (SIGCONT), the same orders are issued under fresh
+//!   numbers: the commands that timed out may still be executed by the device once it
+//!   resumes (they are queued on its socket), so every number the aborted ticks took is
+//!   spoiled, never reused. The issued numbers are exactly the ones after them, none
+//!   skipped, none twice, and the shard's accounting counts the aborted ones as spoiled.
 
 mod shard_support;
 
@@ -48,7 +49,7 @@ fn answers(replies: Vec<flume::Receiver<Vec<IssueResult>>>) -> Vec<IssueResult> 
 }
 
 #[test]
-fn ticks_in_flight_fail_together_and_give_every_number_back() {
+fn ticks_in_flight_fail_together_and_spoil_every_number_they_took() {
     let dir = fresh_dir("ticks-in-flight");
     let emulator = start_emulator(&dir.join("hsm"));
     // Small ticks, so that the batches below make several; calls time out quickly.
@@ -75,7 +76,7 @@ fn ticks_in_flight_fail_together_and_give_every_number_back() {
         );
     }
 
-    // The same orders again, then new ones: all issued, numbers 1..=n.
+    // The same orders again, then new ones: all issued, after the spoiled numbers.
     let mut numbers = BTreeSet::new();
     for from in [0, BATCHES * BATCH] {
         for result in answers(submit_all(&shard, from)) {
@@ -84,8 +85,13 @@ fn ticks_in_flight_fail_together_and_give_every_number_back() {
             assert!(numbers.insert(issued.invoice.number.get()), "number twice");
         }
     }
-    let n = 2 * BATCHES * BATCH;
-    assert_eq!(numbers, (1..=n as u32).collect::<BTreeSet<_>>());
+    let spoiled = (BATCHES * BATCH) as u32;
+    let n = 2 * (BATCHES * BATCH) as u32;
+    assert_eq!(
+        numbers,
+        (spoiled + 1..=spoiled + n).collect::<BTreeSet<_>>(),
+        "the aborted ticks' numbers 1..={spoiled} are never issued"
+    );
     shard.shutdown().unwrap();
     drop(emulator);
     let _ = std::fs::remove_dir_all(&dir);

@@ -28,8 +28,9 @@
 //!   used twice / skipped / outside), remembers the order with this record's sequence
 //!   number (answers to retries are read back from it with [`decode_issued`]), and adds a
 //!   red invoice's |total| to its original.
-//! * NumberSpoiled: one per item the tax server refused; the number is used, never
-//!   reissued. Recovery applies the same next-number rule.
+//! * NumberSpoiled: one per item the tax server refused, and one per number of a tick
+//!   aborted after its TaxCodes command was sent (the device may have coded it); the
+//!   number is used, never reissued. Recovery applies the same next-number rule.
 //! * Pending / Completed (offline issuing, not written by this build's issuer): Pending is
 //!   replayed like Issued; Completed must name an uncompleted Pending.
 //! * Voided (not written yet): must name an earlier record, at most once.
@@ -45,6 +46,7 @@
 //!
 //! Reason bytes of NumberSpoiled: 1 malformed invoice, 2 number not held, 3 unknown
 //! taxpayer, 4 other device status (in `device_status`), 5 check code not 20 digits,
+//! 6 the TaxCodes command failed as a whole (tick aborted),
 //! 7 coded by the device but not in the journal (start-up reconciliation with the device's
 //! coded marks, `Issuer::spoil_coded`).
 
@@ -376,6 +378,7 @@ fn reason_to_bytes(reason: ItemError) -> (u8, u8) {
         ItemError::UnknownTaxpayer => (3, 0),
         ItemError::Device(status) => (4, status),
         ItemError::InvalidCheckCode => (5, 0),
+        ItemError::CommandFailed => (6, 0),
         ItemError::CodedNotJournaled => (7, 0),
     }
 }
@@ -387,6 +390,7 @@ fn reason_from_bytes(reason: u8, status: u8) -> Result<ItemError, RecordError> {
         (3, 0) => ItemError::UnknownTaxpayer,
         (4, s) => ItemError::Device(s),
         (5, 0) => ItemError::InvalidCheckCode,
+        (6, 0) => ItemError::CommandFailed,
         (7, 0) => ItemError::CodedNotJournaled,
         _ => return Err(RecordError::BadReason),
     })
