@@ -79,7 +79,12 @@ fn emulator_batch(c: &mut Criterion) {
     let emulator = Emulator::open(&Config::new(dir.path(), vec![grant])).expect("emulator");
     let taxpayer: Taxpayer = seller.as_str().as_bytes().try_into().expect("18 bytes");
     let segment = emulator
-        .requisition(&taxpayer, EMULATOR_BATCH as u32, hsm_driver::proto::Holder::default(), 1)
+        .requisition(
+            &taxpayer,
+            EMULATOR_BATCH as u32,
+            hsm_driver::proto::Holder::default(),
+            1,
+        )
         .expect("numbers");
     let mut batch = InvoiceBatch::new();
     for n in 0..EMULATOR_BATCH as u64 {

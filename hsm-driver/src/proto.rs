@@ -2257,7 +2257,8 @@ mod tests {
         lying[HOLDER_BYTES..HOLDER_BYTES + 4].copy_from_slice(&16u32.to_le_bytes());
         bodies.push(lying);
         let mut huge = good.clone();
-        huge[HOLDER_BYTES..HOLDER_BYTES + 4].copy_from_slice(&(TAX_CODES_BATCH_MAX as u32 + 1).to_le_bytes());
+        huge[HOLDER_BYTES..HOLDER_BYTES + 4]
+            .copy_from_slice(&(TAX_CODES_BATCH_MAX as u32 + 1).to_le_bytes());
         bodies.push(huge);
         let mut long_item = good.clone();
         long_item[HOLDER_BYTES + 4..HOLDER_BYTES + 6].copy_from_slice(&u16::MAX.to_le_bytes());

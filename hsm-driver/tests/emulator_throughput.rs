@@ -21,7 +21,12 @@ fn tax_codes_per_second_one_core() {
     let grants = vec![Grant::new(&seller, CODE, 1, 1_000_000).unwrap()];
     let emu = Emulator::open(&Config::new(tmp.path(), grants)).unwrap();
     let seg = emu
-        .requisition(&tp(&seller), 1_000_000, hsm_driver::proto::Holder::default(), 1)
+        .requisition(
+            &tp(&seller),
+            1_000_000,
+            hsm_driver::proto::Holder::default(),
+            1,
+        )
         .expect("segment");
     // ~250-byte canonical invoices, the size the foundation budget assumes.
     let mut batch = InvoiceBatch::new();

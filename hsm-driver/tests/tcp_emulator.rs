@@ -28,8 +28,9 @@ use appliance_core::{
 use hsm_driver::crypto::{self, Sm2Verifier, TaxCode, TaxCodeAlgorithm, TaxCodeKey};
 use hsm_driver::keys::{DeviceKeys, KeyBackend, SoftwareBackend};
 use hsm_driver::proto::{
-    FaultConfig, HeldSegment, Holder, InventoryScope, InvoiceBatch, Request, Response, Segment, Status,
-    TaxCodeItem, TaxCodeStatus, TaxpayerInventory, UploadBatch, UploadStatus, TAX_CODES_BATCH_MAX,
+    FaultConfig, HeldSegment, Holder, InventoryScope, InvoiceBatch, Request, Response, Segment,
+    Status, TaxCodeItem, TaxCodeStatus, TaxpayerInventory, UploadBatch, UploadStatus,
+    TAX_CODES_BATCH_MAX,
 };
 use hsm_driver::tcp::{HsmError, TcpClient, TcpClientConfig};
 

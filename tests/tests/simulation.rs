@@ -32,7 +32,8 @@ use appliance_core::{
 };
 use hsm_driver::emulator::{Config, Emulator, Grant};
 use hsm_driver::proto::{
-    Holder, InventoryScope, InvoiceBatch, Request, Response, TaxCodeStatus, UploadBatch, UploadStatus,
+    Holder, InventoryScope, InvoiceBatch, Request, Response, TaxCodeStatus, UploadBatch,
+    UploadStatus,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -348,6 +349,7 @@ impl World {
             if self.rng.random_bool(0.6) {
                 let items: Vec<Vec<u8>> = tick.canonical_items().map(<[u8]>::to_vec).collect();
                 let mut batch = InvoiceBatch::new();
+                batch.set_holder(HOLDER);
                 for item in &items {
                     batch.push(item).unwrap();
                 }
@@ -356,6 +358,14 @@ impl World {
                 };
                 for (item, code) in items.into_iter().zip(coded.iter()) {
                     assert_eq!(code.status(), Some(TaxCodeStatus::Ok));
+                    let h = appliance_core::canonical::decode_header(&item).unwrap();
+                    let identity = (h.invoice_code.get(), h.invoice_number.get());
+                    if let Some(earlier) = self.coded.insert(identity, code.tax_code) {
+                        assert_eq!(
+                            earlier, code.tax_code,
+                            "number {identity:?} coded for two different invoices"
+                        );
+                    }
                     self.doomed_pending.push((item, code.tax_code));
                 }
             }

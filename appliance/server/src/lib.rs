@@ -11,6 +11,7 @@ pub mod journal;
 pub mod metrics;
 pub mod ownership;
 pub mod quic;
+pub mod release;
 pub mod serve;
 pub mod shard;
 pub mod workload;

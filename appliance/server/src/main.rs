@@ -48,6 +48,9 @@ enum Cmd {
     Init(InitArgs),
     /// Serve invoice requests over QUIC as configured (see docs/operations.md).
     Serve(ServeArgs),
+    /// Return to the tax authority the unused numbers of an appliance whose data dir is
+    /// lost for good (a dry run unless --execute; see docs/operations.md).
+    ReleaseHolder(ReleaseArgs),
     /// Issue the invoices of a CSV or JSON-lines file through a running appliance and
     /// write the issued invoices (or errors) as JSON lines (see docs/client.md).
     Issue(appliance_client::cli::IssueArgs),
@@ -72,6 +75,31 @@ struct ServeArgs {
     /// Print a commented example configuration and exit.
     #[arg(long)]
     print_default_config: bool,
+}
+
+#[derive(clap::Args)]
+struct ReleaseArgs {
+    /// The tax server (tcp://host:port).
+    #[arg(long)]
+    tax_server: String,
+    /// The lost appliance's id (32 hex digits, from its identity.toml or /status).
+    #[arg(long)]
+    appliance_id: String,
+    /// Return the numbers; without it, only list what would be returned.
+    #[arg(long)]
+    execute: bool,
+}
+
+/// Lists, and with --execute returns, the unused numbers of a lost appliance.
+fn release_holder(args: ReleaseArgs) -> Result<(), String> {
+    use appliance_server::release;
+    let id = release::parse_id(&args.appliance_id).map_err(|e| e.to_string())?;
+    let rows = release::release(&args.tax_server, id, args.execute).map_err(|e| e.to_string())?;
+    print!("{}", release::table(&rows, args.execute));
+    if !args.execute {
+        println!("dry run: nothing returned (add --execute once the appliance is gone for good)");
+    }
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -244,6 +272,7 @@ fn main() -> ExitCode {
         Some(Cmd::IssueLoop(args)) => issue_loop(args),
         Some(Cmd::Init(args)) => init(args),
         Some(Cmd::Serve(args)) => serve(args),
+        Some(Cmd::ReleaseHolder(args)) => release_holder(args),
         Some(Cmd::Issue(args)) => appliance_client::cli::run_issue(&args)
             .map(|summary| println!("{summary}"))
             .map_err(|e| e.to_string()),

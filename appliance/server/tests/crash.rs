@@ -220,7 +220,10 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         );
     }
 
-    // Numbers per seller are exactly 1..=n: none skipped, none twice.
+    // No number twice. Numbers the tax server coded for a tick the kill cut short are
+    // spoiled at the next start (never reused, never answered), so the acknowledged
+    // numbers may have gaps: at most the ticks in flight at each kill (2 ticks of at most
+    // 1,024 invoices, issue_loop's settings) per seller and restart.
     let mut per_code: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
     for ack in ledger.by_order.values() {
         per_code.entry(ack.code).or_default().push(ack.number);
@@ -228,11 +231,14 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     assert_eq!(per_code.len(), SELLERS as usize);
     for (code, mut numbers) in per_code {
         numbers.sort_unstable();
-        let expected: Vec<u32> = (1..=numbers.len() as u32).collect();
+        let n = numbers.len();
+        numbers.dedup();
+        assert_eq!(numbers.len(), n, "code {code}: a number acknowledged twice");
+        let highest = u64::from(*numbers.last().unwrap());
+        let gaps = highest - n as u64;
         assert!(
-            numbers == expected,
-            "code {code}: numbers are not 1..={}",
-            numbers.len()
+            gaps <= (CYCLES as u64 + 1) * 2 * 1_024,
+            "code {code}: {gaps} numbers below {highest} never acknowledged"
         );
     }
     drop(emulator);

@@ -98,7 +98,7 @@ sellers = ["*"]
 route = "tcp://{hsm}"
 {taxpayers}
 [limits]
-index_capacity_orders = 10000
+index_capacity_orders = 20000
 journal_segment_bytes = 67108864
 "#,
             data = instance.data_dir.display(),
@@ -462,4 +462,204 @@ fn a_restart_right_after_kill_9_binds_every_time() {
         std::fs::read_to_string(instance.data_dir.join("identity.toml")).unwrap(),
         identity
     );
+}
+
+/// The invoices of `outcomes` (issued or replayed), by invoice identity.
+fn invoices(outcomes: Vec<appliance_client::IssueOutcome>) -> Vec<appliance_client::Issued> {
+    outcomes
+        .into_iter()
+        .map(|outcome| match outcome {
+            Ok(ItemResult::Issued(i) | ItemResult::Replayed(i)) => i,
+            other => panic!("not issued: {other:?}"),
+        })
+        .collect()
+}
+
+/// `serve` with its log (stderr) in `log`.
+fn start_logged(setup: &Setup, instance: &Instance, log: &Path) -> ListeningChild {
+    let mut command = setup.serve_command(instance);
+    command.stderr(std::fs::File::create(log).unwrap());
+    ListeningChild::spawn(command, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("serve did not start: {e}"))
+}
+
+/// Two appliances with their own data dirs on one tax server never share a number, and
+/// an appliance whose data dir was wiped is a new holder: it adopts nothing of its former
+/// self and gets new segments.
+#[test]
+fn two_appliances_on_one_tax_server_never_share_a_number_even_after_a_wipe() {
+    const ORDERS: u64 = 10_000;
+    let setup = Setup::new("uniq-two");
+    let rt = runtime();
+    let a = setup.instance("a", loopback(free_udp_port()), vec![free_udp_port()]);
+    let b = setup.instance("b", loopback(free_udp_port()), vec![free_udp_port()]);
+    let mut serving_a = setup.start(&a);
+    let mut serving_b = setup.start(&b);
+    let client_a = setup.client(&rt, serving_a.addr());
+    let client_b = setup.client(&rt, serving_b.addr());
+    let mut seen = std::collections::HashMap::new();
+    // In batches that the pools (1,000 numbers a refill) keep up with.
+    for (name, client) in [("A", &client_a), ("B", &client_b)] {
+        for batch in orders(name, ORDERS).chunks(200) {
+            for invoice in invoices(rt.block_on(client.issue(batch.to_vec()))) {
+                if let Some(other) = seen.insert(invoice.identity, name) {
+                    panic!("{:?} issued by {other} and {name}", invoice.identity);
+                }
+            }
+        }
+    }
+    assert_eq!(seen.len() as u64, 2 * ORDERS);
+    rt.block_on(client_b.close());
+
+    // B's disk is lost: a fresh data dir, the same ports, the same tax server.
+    let lost_id = identity_id(&b.data_dir);
+    serving_b.kill();
+    std::fs::remove_dir_all(&b.data_dir).unwrap();
+    let log = setup.dir.join("b-again.log");
+    let mut serving_b = start_logged(&setup, &b, &log);
+    let client_b = setup.client(&rt, serving_b.addr());
+    for batch in orders("B2", 2_000).chunks(200) {
+        for invoice in invoices(rt.block_on(client_b.issue(batch.to_vec()))) {
+            if let Some(other) = seen.insert(invoice.identity, "B after the wipe") {
+                panic!(
+                    "{:?} issued by {other}, then again by B after the wipe",
+                    invoice.identity
+                );
+            }
+        }
+    }
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(!log.contains("adopted a segment"), "{log}");
+    assert_ne!(identity_id(&b.data_dir), lost_id);
+
+    // The operator gives the lost appliance's unused numbers back: a dry run lists them,
+    // --execute returns them, and then none are left to return.
+    let release = |execute: bool| {
+        let mut command = Command::new(APPLIANCE);
+        command.args([
+            "release-holder",
+            "--tax-server",
+            &format!("tcp://{}", setup.emulator.addr()),
+            "--appliance-id",
+            &lost_id,
+        ]);
+        if execute {
+            command.arg("--execute");
+        }
+        let output = run_to_exit(command);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        text(&output.stdout)
+    };
+    let dry = release(false);
+    let listed = |out: &str, verb: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.strip_suffix(&format!(" numbers {verb}")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no total in {out}"))
+    };
+    assert!(dry.contains("dry run"), "{dry}");
+    let unused = listed(&dry, "to return");
+    assert!(unused > 0, "{dry}");
+    assert_eq!(listed(&release(true), "returned"), unused);
+    assert_eq!(listed(&release(false), "to return"), 0);
+    // Returning them changed nothing for the live appliances.
+    issue_all(&rt, &client_a, orders("A-AFTER", 100));
+    issue_all(&rt, &client_b, orders("B-AFTER", 100));
+    rt.block_on(client_a.close());
+    rt.block_on(client_b.close());
+    serving_a.kill();
+    serving_b.kill();
+}
+
+/// The appliance id in `data_dir`'s identity file.
+fn identity_id(data_dir: &Path) -> String {
+    let identity = std::fs::read_to_string(data_dir.join("identity.toml")).unwrap();
+    identity
+        .lines()
+        .find_map(|l| l.strip_prefix("id = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap()
+        .to_owned()
+}
+
+/// The block offsets of `file`'s commits (a commit header record starts every commit, at
+/// a 4 KiB block boundary).
+fn commit_offsets(bytes: &[u8]) -> Vec<usize> {
+    use appliance_core::journal::frame::{KIND_COMMIT, RECORD_MAGIC};
+    (0..bytes.len() / 4096)
+        .map(|b| b * 4096)
+        .filter(|&o| bytes[o..o + 4] == RECORD_MAGIC && bytes[o + 16] == KIND_COMMIT)
+        .collect()
+}
+
+/// One flipped byte in the last (acknowledged) commit of a stopped appliance's journal:
+/// the restart says what it dropped, and no number comes back with a tax code other than
+/// the one the tax server gave it first (the dropped commit's numbers are spoiled, the
+/// resent orders get new numbers).
+#[test]
+fn a_damaged_last_commit_never_gets_its_numbers_coded_again() {
+    let setup = Setup::new("uniq-flip");
+    let rt = runtime();
+    let a = setup.instance("a", loopback(free_udp_port()), vec![free_udp_port()]);
+    let mut serving = setup.start(&a);
+    let client = setup.client(&rt, serving.addr());
+    issue_all(&rt, &client, orders("EARLY", 30));
+    let first = invoices(rt.block_on(client.issue(orders("FLIP", 28))));
+    rt.block_on(client.close());
+    serving.kill();
+
+    // The newest segment file's last commit holds the 28 invoices: flip a byte in its
+    // first record.
+    let shard_dir = a.data_dir.join("shard-0");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&shard_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let segment = files
+        .iter()
+        .rev()
+        .find(|p| !commit_offsets(&std::fs::read(p).unwrap()).is_empty())
+        .expect("a journal segment with commits")
+        .clone();
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let last = *commit_offsets(&bytes).last().unwrap();
+    bytes[last + appliance_core::journal::frame::COMMIT_HEADER_RECORD_BYTES + 40] ^= 0x10;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let log = setup.dir.join("after-flip.log");
+    let mut serving = start_logged(&setup, &a, &log);
+    let client = setup.client(&rt, serving.addr());
+    let again = invoices(rt.block_on(client.issue(orders("FLIP", 28))));
+    let coded: std::collections::HashMap<_, _> = first
+        .iter()
+        .map(|i| (i.identity, i.tax_control_code))
+        .collect();
+    let mut reissued = 0;
+    for invoice in &again {
+        match coded.get(&invoice.identity) {
+            Some(code) => assert_eq!(
+                *code, invoice.tax_control_code,
+                "{:?} came back with another tax code",
+                invoice.identity
+            ),
+            None => reissued += 1,
+        }
+    }
+    assert_eq!(reissued, 28, "the dropped commit's orders are issued anew");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("corrupt acknowledged commit"), "{log}");
+    assert!(
+        log.contains("the tax server coded numbers the journal holds no invoice for"),
+        "{log}"
+    );
+    let metrics = http_get(a.control, "/metrics");
+    assert!(
+        metrics.contains("einvoice_spoiled_at_start_total{shard=\"0\"} 28\n"),
+        "{metrics}"
+    );
+    rt.block_on(client.close());
+    serving.kill();
 }

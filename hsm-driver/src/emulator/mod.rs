@@ -37,9 +37,10 @@ use zerocopy::{FromBytes, IntoBytes};
 use crate::crypto::{self, Sm2Signer, TaxCodeAlgorithm, TaxCodeKey};
 use crate::keys::{KeyBackend, KeyError, Pkcs11Backend, SoftwareBackend};
 use crate::proto::{
-    self, DecodeError, DeviceInfo, FaultConfig, HeldSegment, Holder, InventoryScope, Opcode, PeriodReport,
-    Request, Response, Segment, Status, TaxCodeItem, TaxCodeStatus, Taxpayer, TaxpayerInventory,
-    UploadStatus, INVENTORY_SEGMENTS_MAX, TAX_CODES_BATCH_MAX, TAX_CODE_ITEM_BYTES,
+    self, DecodeError, DeviceInfo, FaultConfig, HeldSegment, Holder, InventoryScope, Opcode,
+    PeriodReport, Request, Response, Segment, Status, TaxCodeItem, TaxCodeStatus, Taxpayer,
+    TaxpayerInventory, UploadStatus, INVENTORY_SEGMENTS_MAX, TAX_CODES_BATCH_MAX,
+    TAX_CODE_ITEM_BYTES,
 };
 
 pub use config::{

@@ -749,10 +749,25 @@ mod tests {
             s.return_range(A, 11001, 45, 2, h(0)),
             Err(Refusal::ReturnConflict)
         );
-        assert_eq!(s.return_range(A, 11001, 51, 2, h(0)), Err(Refusal::NotGranted));
+        assert_eq!(
+            s.return_range(A, 11001, 51, 2, h(0)),
+            Err(Refusal::NotGranted)
+        );
         let idx = GrantIndex::build(&s);
-        assert_eq!(idx.check(&tp(A), 11001, 1), NumberCheck::Held { slot: 0, segment: 0 });
-        assert_eq!(idx.check(&tp(A), 11001, 39), NumberCheck::Held { slot: 0, segment: 0 });
+        assert_eq!(
+            idx.check(&tp(A), 11001, 1),
+            NumberCheck::Held {
+                slot: 0,
+                segment: 0
+            }
+        );
+        assert_eq!(
+            idx.check(&tp(A), 11001, 39),
+            NumberCheck::Held {
+                slot: 0,
+                segment: 0
+            }
+        );
         assert_eq!(idx.check(&tp(A), 11001, 40), NumberCheck::NotGranted);
         assert_eq!(idx.check(&tp(A), 11001, 51), NumberCheck::NotGranted);
         assert_eq!(idx.check(&tp(A), 11002, 500), NumberCheck::NotGranted);
@@ -830,7 +845,10 @@ mod tests {
     ) -> NumberCheck {
         match idx.check(seller, code, number) {
             NumberCheck::Held { segment, .. }
-                if idx.ranges.iter().any(|r| r.segment == segment && r.holder != *holder) =>
+                if idx
+                    .ranges
+                    .iter()
+                    .any(|r| r.segment == segment && r.holder != *holder) =>
             {
                 NumberCheck::NotHolder
             }
@@ -856,7 +874,10 @@ mod tests {
         );
         assert_eq!(
             idx.check_hinted(&mut hint, &h(0), &tp(A), 11001, 1),
-            NumberCheck::Held { slot: 0, segment: i }
+            NumberCheck::Held {
+                slot: 0,
+                segment: i
+            }
         );
         assert_eq!(
             s.return_range(A, 11001, 5, 6, other),

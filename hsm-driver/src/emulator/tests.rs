@@ -86,8 +86,7 @@ fn frames_in_frames_out() {
     for other in [Holder::new(8, 3), Holder::new(9, 0)] {
         let mut theirs = batch.clone();
         theirs.set_holder(other);
-        let Ok(Response::TaxCodes(refused)) = roundtrip(&emu, 2, &Request::TaxCodes(theirs))
-        else {
+        let Ok(Response::TaxCodes(refused)) = roundtrip(&emu, 2, &Request::TaxCodes(theirs)) else {
             panic!()
         };
         assert_eq!(refused[0].status(), Some(TaxCodeStatus::NotHolder));
@@ -161,7 +160,12 @@ fn reopen_keeps_grants_and_uploads() {
             count: 5
         }
     );
-    assert_eq!(emu.requisition(&tp(), 5, Holder::default(), 2).unwrap().first, 6);
+    assert_eq!(
+        emu.requisition(&tp(), 5, Holder::default(), 2)
+            .unwrap()
+            .first,
+        6
+    );
     let inv = invoice(2, 10);
     assert_eq!(
         emu.upload([(inv.as_slice(), code)].into_iter()).unwrap(),
