@@ -119,6 +119,8 @@ struct StatsCells {
     wakes: AtomicU64,
     interrupts: AtomicU64,
     interrupt_errors: AtomicU64,
+    inline: AtomicU64,
+    handed: AtomicU64,
 }
 
 /// Counters of the firmware's notifications, for tests and operators.
@@ -133,6 +135,10 @@ pub struct FirmwareStats {
     pub interrupts: u64,
     /// Completion interrupts that could not be sent (no such socket, its queue full).
     pub interrupt_errors: u64,
+    /// Commands run on the firmware thread itself (small and cheap ones).
+    pub inline: u64,
+    /// Commands handed to a worker thread.
+    pub handed: u64,
 }
 
 /// One command on its way to a worker: only its descriptor. The request body stays in
@@ -181,6 +187,8 @@ impl PcieServer {
             wakes: c.wakes.load(Ordering::Relaxed),
             interrupts: c.interrupts.load(Ordering::Relaxed),
             interrupt_errors: c.interrupt_errors.load(Ordering::Relaxed),
+            inline: c.inline.load(Ordering::Relaxed),
+            handed: c.handed.load(Ordering::Relaxed),
         }
     }
 
@@ -658,11 +666,13 @@ fn firmware(dev: &Dev, tx: &Sender<Job>, generation: u32) {
                             sq_head,
                         };
                         if runs_inline(dev, q, &sub) {
+                            dev.stats.inline.fetch_add(1, Ordering::Relaxed);
                             execute(dev, job, &mut scratch);
                             scratch.trim();
                             answered = true;
                         } else {
                             handed = true;
+                            dev.stats.handed.fetch_add(1, Ordering::Relaxed);
                             if let Err(job) = hand_off(dev, tx, job) {
                                 stalled = Some(job);
                                 break;
@@ -717,17 +727,18 @@ fn runs_inline(dev: &Dev, q: usize, sub: &ValidSubmission) -> bool {
     let faults = dev.emulator.faults();
     let quiet =
         faults.latency().is_zero() && faults.stall_remaining().is_none() && !faults.refusing();
-    // The item count is the body's first 4 bytes: read just those (a private copy, as
-    // everything read from the shared area). The count only picks the thread; the
-    // command itself is decoded from the copy the executing thread makes.
+    // The item count follows the holder at the start of the body: read just those 4
+    // bytes (a private copy, as everything read from the shared area). The count only
+    // picks the thread; the command itself is decoded from the copy the executing thread
+    // makes.
     let small_batch = || {
         let mut count = [0u8; 4];
         opcode == Opcode::TaxCodes.request_byte()
-            && sub.request_len >= count.len()
+            && sub.request_len >= proto::HOLDER_BYTES + count.len()
             && dev
                 .dma
                 .read(
-                    dev.queues[q].geometry.data_offset + sub.data_offset,
+                    dev.queues[q].geometry.data_offset + sub.data_offset + proto::HOLDER_BYTES,
                     &mut count,
                 )
                 .is_ok()
@@ -1086,6 +1097,66 @@ mod tests {
             }))
             .await
             .expect("set faults");
+    }
+
+    /// A small TaxCodes batch runs on the firmware thread (a worker's wake-up costs as
+    /// much as the crypto), a large one on a worker: the count is read after the holder.
+    #[test]
+    fn small_tax_code_batches_run_inline_and_large_ones_on_workers() {
+        let fx = start();
+        let region = fx.region.clone();
+        let server = Arc::new(Mutex::new(fx.server));
+        run(move || async move {
+            let client = PcieClient::connect(&region, QueueSelect::Any, config())
+                .await
+                .expect("attach");
+            // A holder whose first bytes, read as a count, would be huge.
+            let holder = proto::Holder::new(u128::MAX - 1, 0);
+            let segment = match client
+                .call(&Request::Requisition {
+                    taxpayer: SELLER.as_bytes().try_into().expect("18 bytes"),
+                    count: 200,
+                    holder,
+                    request_id: 1,
+                })
+                .await
+            {
+                Ok(Response::Requisition(s)) => s,
+                other => panic!("requisition: {other:?}"),
+            };
+            for items in [2u32, INLINE_TAX_CODES_MAX + 1] {
+                let mut batch = proto::InvoiceBatch::new();
+                batch.set_holder(holder);
+                for i in 0..items {
+                    let mut invoice = vec![0u8; appliance_core::canonical::CANONICAL_HEADER_BYTES];
+                    invoice[..4].copy_from_slice(&appliance_core::canonical::CANONICAL_MAGIC);
+                    invoice[4..6].copy_from_slice(
+                        &appliance_core::canonical::CANONICAL_VERSION.to_le_bytes(),
+                    );
+                    invoice[8..16].copy_from_slice(&segment.code.to_le_bytes());
+                    invoice[16..20].copy_from_slice(&(segment.first + i).to_le_bytes());
+                    invoice[60..78].copy_from_slice(SELLER.as_bytes());
+                    batch.push(&invoice).expect("push");
+                }
+                let before = lock(&server).stats();
+                match client.call(&Request::TaxCodes(batch)).await {
+                    Ok(Response::TaxCodes(codes)) => {
+                        assert_eq!(codes.len(), items as usize);
+                        assert!(codes
+                            .iter()
+                            .all(|c| c.status() == Some(proto::TaxCodeStatus::Ok)));
+                    }
+                    other => panic!("tax codes: {other:?}"),
+                }
+                let after = lock(&server).stats();
+                let ran_inline = after.inline > before.inline;
+                assert_eq!(
+                    ran_inline,
+                    items <= INLINE_TAX_CODES_MAX,
+                    "{items} items: {before:?} -> {after:?}"
+                );
+            }
+        });
     }
 
     #[test]
