@@ -663,3 +663,74 @@ fn a_damaged_last_commit_never_gets_its_numbers_coded_again() {
     rt.block_on(client.close());
     serving.kill();
 }
+
+/// A small idempotency index: the log warns at 80 % and 95 %, the gauges show it, and the
+/// refusal (not retryable) names the setting to raise.
+#[test]
+fn a_small_index_warns_as_it_fills_then_refuses_naming_the_setting() {
+    const CAPACITY: u64 = 16;
+    let setup = Setup::new("uniq-index");
+    let rt = runtime();
+    let a = setup.instance("a", loopback(free_udp_port()), vec![free_udp_port()]);
+    let path = setup.config(&a);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let small = text.replace(
+        "index_capacity_orders = 20000",
+        &format!("index_capacity_orders = {CAPACITY}"),
+    );
+    assert_ne!(small, text);
+    let log = setup.dir.join("index.log");
+    let mut command = Command::new(APPLIANCE);
+    command.arg("serve").arg("--config").arg(&path);
+    // `serve_command` would rewrite the file: start from the edited one.
+    std::fs::write(&path, small).unwrap();
+    command.stderr(std::fs::File::create(&log).unwrap());
+    let mut serving = ListeningChild::spawn(command, Duration::from_secs(60)).unwrap();
+    let client = setup.client(&rt, serving.addr());
+    let mut issued = 0;
+    let mut refusals = Vec::new();
+    // One order per request, so that every tick reports the fill it reached.
+    for order in orders("IDX", CAPACITY + 4) {
+        for outcome in rt.block_on(client.issue(vec![order])) {
+            match outcome {
+                Ok(ItemResult::Issued(_)) => issued += 1,
+                Ok(ItemResult::Failed { code, message }) => refusals.push((code, message)),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(issued, CAPACITY, "{refusals:?}");
+    assert_eq!(refusals.len(), 4);
+    for (code, message) in &refusals {
+        assert_eq!(*code, appliance_client::ErrorCode::IndexFull);
+        assert!(!code.is_retryable());
+        assert!(
+            message.contains("limits.index_capacity_orders"),
+            "{message}"
+        );
+    }
+    let metrics = http_get(a.control, "/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "einvoice_index_entries{{shard=\"0\"}} {CAPACITY}\n"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "einvoice_index_capacity{{shard=\"0\"}} {CAPACITY}\n"
+        )),
+        "{metrics}"
+    );
+    rt.block_on(client.close());
+    serving.kill();
+    let log = std::fs::read_to_string(&log).unwrap();
+    for line in [
+        "index 80 % full",
+        "index 95 % full",
+        "idempotency index full",
+    ] {
+        assert!(log.contains(line), "no {line:?} in {log}");
+    }
+    assert!(log.contains("limits.index_capacity_orders"), "{log}");
+}
