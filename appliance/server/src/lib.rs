@@ -7,6 +7,7 @@ pub mod child;
 pub mod config;
 pub mod demo;
 pub mod identity;
+pub mod inbox;
 pub mod journal;
 pub mod metrics;
 pub mod ownership;

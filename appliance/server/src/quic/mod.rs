@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod endpoint;
+mod exchange;
 pub mod tls;
 pub mod udp;
 

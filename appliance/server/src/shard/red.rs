@@ -28,6 +28,7 @@ use appliance_core::routing::key_home_shard;
 use appliance_core::{InvoiceKind, IssueError, IssueRequest, RedClaim};
 
 use super::{BatchSlot, Message, Shard, ShardSender};
+use crate::inbox::ClaimResult;
 
 /// Claims a shard waits for at once, all held batches together.
 pub const RED_CLAIMS_WAITING_MAX: usize = 256;
@@ -38,8 +39,6 @@ const _: () = assert!(RED_CLAIMS_WAITING_MAX <= appliance_core::issuer::red::RED
 
 /// A claim's answer on its way back to the red's shard.
 pub(super) type ClaimReply = (flume::Sender<ClaimResult>, ClaimResult);
-/// What the original's shard answers a claim.
-pub(super) type ClaimResult = Result<(), IssueError>;
 
 /// A batch held aside until its reds' claims are answered.
 struct HeldBatch {
@@ -267,7 +266,7 @@ impl Shard {
             .into_iter()
             .map(|h| h.slot)
             .chain(ready.into_iter().map(|(_, slot)| slot));
-        super::answer_all(slots.collect(), failure.clone());
+        super::answers::answer_all(slots.collect(), failure.clone());
         self.red.keys.clear();
         self.red.claims_waiting = 0;
     }
