@@ -13,8 +13,8 @@
 //! * [`idempotency`]: the bounded (seller, order id) index, 64 B per order.
 //! * [`routing`]: the home shard of a (seller, order id) key.
 //! * [`issuer`]: the tick state machine (`begin_tick` / `finish_tick` / `abort_tick` /
-//!   `cancel_tick`), and the cross-shard claim on a red invoice's original
-//!   ([`issuer::red`]).
+//!   `cancel_tick`), control records and start-up reconciliation, and the cross-shard
+//!   claim on a red invoice's original ([`issuer::red`]); one file each in `issuer/`.
 //! * [`journal`]: record framing, record bodies of every kind, recovery.
 //!
 //! # How a shell drives it
