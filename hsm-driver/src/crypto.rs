@@ -27,8 +27,8 @@ pub const SM2_PUBLIC_KEY_BYTES: usize = 65;
 pub const SM2_SECRET_KEY_BYTES: usize = 32;
 /// Bytes of an SM2 signature `r ‖ s`.
 pub const SM2_SIGNATURE_BYTES: usize = 64;
-/// Default SM2 distinguishing identifier (GM/T 0009-2012 §10), used by every signer and
-/// verifier in this crate unless a caller names another one.
+/// Default SM2 distinguishing identifier (GM/T 0009-2012 §10), used by every verifier
+/// here and every signer (the emulator's) unless a caller names another one.
 pub const SM2_DEFAULT_DIST_ID: &str = "1234567812345678";
 
 /// 10^20: check codes are the tax code's leading u128 reduced to 20 decimal digits (the
