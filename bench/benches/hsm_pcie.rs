@@ -5,7 +5,7 @@
 //!
 //! The emulator is the release binary next to this bench executable
 //! (`target/release/hsm-emu`); build it first with
-//! `cargo build --release -p hsm-driver --bin hsm-emu`. Its PCIe region is a file under
+//! `cargo build --release -p hsm-emulator --bin hsm-emu`. Its PCIe region is a file under
 //! /dev/shm. Client, emulator firmware and workers share this machine's cores.
 
 mod common;
@@ -165,7 +165,7 @@ fn bench(c: &mut Criterion) {
     let Some(path) = emulator_path() else {
         eprintln!(
             "hsm_pcie: SKIPPED: no hsm-emu next to this bench executable; run \
-             `cargo build --release -p hsm-driver --bin hsm-emu` first"
+             `cargo build --release -p hsm-emulator --bin hsm-emu` first"
         );
         return;
     };

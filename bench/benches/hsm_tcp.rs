@@ -4,7 +4,7 @@
 //!
 //! The emulator is the release binary next to this bench executable
 //! (`target/release/hsm-emu`); build it first with
-//! `cargo build --release -p hsm-driver --bin hsm-emu`. Client and emulator share this
+//! `cargo build --release -p hsm-emulator --bin hsm-emu`. Client and emulator share this
 //! machine's cores, so the figures are an upper bound on a shard's HSM latency.
 
 mod common;
@@ -123,7 +123,7 @@ fn bench(c: &mut Criterion) {
     let Some(path) = emulator_path() else {
         eprintln!(
             "hsm_tcp: SKIPPED: no hsm-emu next to this bench executable; run \
-             `cargo build --release -p hsm-driver --bin hsm-emu` first"
+             `cargo build --release -p hsm-emulator --bin hsm-emu` first"
         );
         return;
     };

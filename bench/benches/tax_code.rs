@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use appliance_core::{canonical, InvoiceNumber};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use hsm_driver::crypto::{
-    check_code, sm3_digest, tax_code, Sm2Signer, TaxCodeKey, SM2_SECRET_KEY_BYTES,
-};
-use hsm_driver::emulator::{Config, Emulator, Grant};
 use hsm_driver::proto::{
     decode_frame, InvoiceBatch, Opcode, Request, Response, TaxCodeStatus, Taxpayer,
 };
+use hsm_emulator::crypto::{
+    check_code, sm3_digest, tax_code, Sm2Signer, TaxCodeKey, SM2_SECRET_KEY_BYTES,
+};
+use hsm_emulator::{Config, Emulator, Grant};
 
 fn bench(c: &mut Criterion) {
     let canonical = canonical::encode(&common::issued_invoice(42));

@@ -30,11 +30,11 @@ use appliance_core::{
     canonical, Answer, Invoice, InvoiceCode, InvoiceKind, InvoiceNumber, IssueRequest, Issuer,
     IssuerConfig, ItemError, LineItem, NumberSegment, TaxRate, TaxpayerConfig, TaxpayerId,
 };
-use hsm_driver::emulator::{Config, Emulator, Grant};
 use hsm_driver::proto::{
     Holder, InventoryScope, InvoiceBatch, Request, Response, TaxCodeStatus, UploadBatch,
     UploadStatus,
 };
+use hsm_emulator::{Config, Emulator, Grant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;

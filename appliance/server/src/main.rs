@@ -234,7 +234,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Cmd::HsmEmu { args }) = &cli.command {
         let argv = std::iter::once("hsm-emu".to_string()).chain(args.iter().cloned());
-        return match hsm_driver::emulator::run_from_args(argv) {
+        return match hsm_emulator::run_from_args(argv) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("hsm-emu: {e}");

@@ -15,13 +15,16 @@
 //! - [`mem`]: the mappings (file, heap, VFIO) behind [`mem::DeviceMemory`]; every access
 //!   is bounds-checked there.
 //! - [`queue`]: the driver's sans-IO queue engine (indices, phase, tags, buffers).
-//! - [`device`]: the device's sans-IO side, used by the emulator's firmware and tests.
-//! - [`notify`]: the doorbell wake (futex) and completion interrupt (datagram)
-//!   primitives, for when a side stops polling.
+//! - [`notify`]: the doorbell wake (futex) and the naming of completion interrupt
+//!   (datagram) sockets, for when a side stops polling.
+//!
+//! The device's side of the rings (fetching submissions, posting completions) and the
+//! sender of completion interrupts belong to the emulator crate
+//! (`hsm_emulator::pcie::device`, `hsm_emulator::pcie::notify`); its tests drive this
+//! crate's [`queue`] engine against that scripted device.
 //! - [`PcieClient`]: the glommio shell a shard uses.
 
 mod client;
-pub mod device;
 pub mod mem;
 pub mod notify;
 pub mod queue;

@@ -2,7 +2,7 @@
 //! commands in flight, the data-buffer allocator, and the validation of every
 //! completion. It touches device memory only through the bounds-checked [`MemRegion`]s
 //! it is given, so tests drive it over [`super::mem::HeapMemory`] with a scripted (and
-//! hostile) device.
+//! hostile) device (the emulator crate's sans-IO device side: `hsm-emulator/tests/pcie_queue.rs`).
 //!
 //! Memory ordering (docs/hsm-pcie.md, "Memory ordering"):
 //! - submit: the data buffer and the descriptor are written with plain copies, then the
@@ -295,6 +295,12 @@ impl QueueEngine {
     /// stay the device's until it completes them).
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// The data-buffer allocator, read-only (the queue tests, which live with the
+    /// emulator's scripted device, check through it that no buffer leaks).
+    pub fn allocator(&self) -> &ChunkAllocator {
+        &self.alloc
     }
 
     /// Counters.
@@ -707,6 +713,3 @@ impl QueueEngine {
         failed
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 
 use zerocopy::{FromBytes, IntoBytes};
 
-use super::mem::{MemRegion, OutOfBounds};
-use super::regs::{
+use hsm_driver::pcie::mem::{MemRegion, OutOfBounds};
+use hsm_driver::pcie::regs::{
     queue_reg, CompletionEntry, QueueGeometry, SubmissionEntry, SubmissionError, ValidSubmission,
     CQ_ENTRY_BYTES, CQ_FLAG_OVERFLOW, CQ_PHASE_OFFSET, QERR_CQ_HEAD, QERR_DESCRIPTOR,
     QERR_DOORBELL, Q_CQ_HEAD, Q_SQ_TAIL, SQ_ENTRY_BYTES,

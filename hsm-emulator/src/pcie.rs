@@ -24,6 +24,9 @@
 //! - Completion interrupts: after posting to a queue whose driver armed its interrupt,
 //!   the posting thread disarms it and sends one datagram to the driver's socket.
 
+pub mod device;
+pub mod notify;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,10 +38,11 @@ use zerocopy::FromBytes;
 
 use super::server::{ServeError, JOBS_PER_THREAD};
 use super::{lock, Emulator, PcieSettings};
-use crate::pcie::device::{self, Corruption, DeviceCq, DeviceSq, Fetched};
-use crate::pcie::mem::{DeviceMemory, FileMapping, MemRegion};
-use crate::pcie::notify::{futex_wait, futex_wake, IrqSender, WaitEnd};
-use crate::pcie::regs::{
+use crate::pcie::notify::IrqSender;
+use device::{Corruption, DeviceCq, DeviceSq, Fetched};
+use hsm_driver::pcie::mem::{DeviceMemory, FileMapping, MemRegion};
+use hsm_driver::pcie::notify::{futex_wait, futex_wake, WaitEnd};
+use hsm_driver::pcie::regs::{
     plan_layout, queue_reg, CompletionEntry, QueueGeometry, SubmissionError, ValidSubmission,
     BAR_BYTES, CHUNK_BYTES, DEVICE_MAGIC, FAULT_CORRUPT_DATA, FAULT_CORRUPT_DESCRIPTOR,
     FAULT_QUEUE_ERROR, FAULT_RESET_DEVICE, FEATURE_COMPLETION_IRQ, FEATURE_DOORBELL_WAKE,
@@ -49,7 +53,7 @@ use crate::pcie::regs::{
     REG_QUEUE_COUNT, REG_QUEUE_ENTRIES, REG_RESET, REG_STATUS, REG_VERSION, SLEEP_AWAKE,
     SLEEP_BUSY, SLEEP_DOORBELL, STATUS_OFFLINE, STATUS_READY, STATUS_RESETTING,
 };
-use crate::proto::{self, FrameHeader, Opcode, Status, FRAME_HEADER_BYTES};
+use hsm_driver::proto::{self, FrameHeader, Opcode, Status, FRAME_HEADER_BYTES};
 
 /// Poll without sleeping this long after a worker's completion: not at all. Worker
 /// commands are the long ones (TaxCodes of more than `INLINE_TAX_CODES_MAX` invoices:
@@ -1022,9 +1026,9 @@ mod tests {
     //! answers and counters; every wait is bounded and none is a timing assertion.
 
     use super::*;
-    use crate::emulator::{Config, Grant};
-    use crate::pcie::{PcieClient, PcieClientConfig, PcieStats, QueueSelect};
-    use crate::proto::{FaultConfig, Request, Response};
+    use crate::{Config, Grant};
+    use hsm_driver::pcie::{PcieClient, PcieClientConfig, PcieStats, QueueSelect};
+    use hsm_driver::proto::{FaultConfig, Request, Response};
 
     const SELLER: &str = "91350100M000100Y43";
 

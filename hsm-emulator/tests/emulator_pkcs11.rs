@@ -10,12 +10,12 @@ mod emulator_support;
 use std::path::Path;
 
 use emulator_support::*;
-use hsm_driver::crypto::{self, TaxCodeKey};
-use hsm_driver::keys::{
+use hsm_driver::proto::{Request, Response};
+use hsm_emulator::crypto::{self, TaxCodeKey};
+use hsm_emulator::keys::{
     pkcs11_init_token, KeyBackend, KeyError, Pkcs11Backend, Pkcs11Settings, SOFTHSM2_MODULE_PATH,
     WRAPPED_KEY_FILE,
 };
-use hsm_driver::proto::{Request, Response};
 
 const TOKEN: &str = "hsm-emu-test";
 const PIN: &str = "user-pin-1234";

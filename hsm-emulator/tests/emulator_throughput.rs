@@ -8,8 +8,8 @@ mod emulator_support;
 use std::time::Instant;
 
 use emulator_support::*;
-use hsm_driver::emulator::{Config, Emulator, Grant};
 use hsm_driver::proto::{InvoiceBatch, Opcode, Request, TAX_CODES_BATCH_MAX};
+use hsm_emulator::{Config, Emulator, Grant};
 
 const CODE: u64 = 144_031_900_111;
 
@@ -68,15 +68,15 @@ fn tax_codes_per_second_one_core() {
     let mut sink = 0u8;
     for i in 0..n {
         padded[200] = i as u8;
-        sink ^= hsm_driver::crypto::tax_code(emu.tax_code_key(), &padded)[0];
+        sink ^= hsm_emulator::crypto::tax_code(emu.tax_code_key(), &padded)[0];
     }
     let mac_ns = start.elapsed().as_nanos() as f64 / f64::from(n);
-    let code = hsm_driver::crypto::tax_code(emu.tax_code_key(), &padded);
+    let code = hsm_emulator::crypto::tax_code(emu.tax_code_key(), &padded);
     let start = Instant::now();
     for i in 0..n {
         let mut c = code;
         c[0] = i as u8;
-        sink ^= hsm_driver::crypto::check_code(std::hint::black_box(&c))[0];
+        sink ^= hsm_emulator::crypto::check_code(std::hint::black_box(&c))[0];
     }
     let check_ns = start.elapsed().as_nanos() as f64 / f64::from(n);
     println!(

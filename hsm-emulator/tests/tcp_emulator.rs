@@ -25,14 +25,14 @@ use appliance_core::{
     Invoice, InvoiceCode, InvoiceKind, InvoiceNumber, IssueRequest, LineItem, RedReference,
     TaxRate, TaxpayerId,
 };
-use hsm_driver::crypto::{self, Sm2Verifier, TaxCode, TaxCodeAlgorithm, TaxCodeKey};
-use hsm_driver::keys::{DeviceKeys, KeyBackend, SoftwareBackend};
 use hsm_driver::proto::{
     FaultConfig, HeldSegment, Holder, InventoryScope, InvoiceBatch, Request, Response, Segment,
     Status, TaxCodeItem, TaxCodeStatus, TaxpayerInventory, UploadBatch, UploadStatus,
     TAX_CODES_BATCH_MAX,
 };
 use hsm_driver::tcp::{HsmError, TcpClient, TcpClientConfig};
+use hsm_emulator::crypto::{self, Sm2Verifier, TaxCode, TaxCodeAlgorithm, TaxCodeKey};
+use hsm_emulator::keys::{DeviceKeys, KeyBackend, SoftwareBackend};
 
 // ---------------------------------------------------------------------------------------
 // The emulator process.

@@ -1,14 +1,22 @@
-//! The driver's queue engine against a scripted device (the sans-IO device side of
-//! `super::super::device`) over heap memory: the protocol, back-pressure, and every way
+//! The driver's queue engine (`hsm_driver::pcie::queue`) against a scripted device (the
+//! sans-IO device side, [`hsm_emulator::pcie::device`]) over heap memory: the protocol, back-pressure, and every way
 //! a completion can lie. Plus a model test: random interleavings of submissions,
 //! out-of-order completions and corruptions, checking that every call ends exactly
 //! once, answers reach their own call, and no buffer leaks.
 
-use super::*;
-use crate::pcie::device::{Corruption, DeviceCq, DeviceSq, Fetched};
-use crate::pcie::mem::{DeviceMemory, HeapMemory};
-use crate::pcie::regs::{plan_layout, ValidSubmission};
-use crate::proto::{self, Status};
+//!
+//! Moved from a unit test of the driver's queue module when the device side became the
+//! emulator crate's; it uses only the engine's public interface.
+
+use std::sync::atomic::Ordering;
+use std::task::{Poll, Waker};
+
+use hsm_driver::pcie::mem::{DeviceMemory, HeapMemory};
+use hsm_driver::pcie::queue::*;
+use hsm_driver::pcie::regs::*;
+use hsm_driver::proto::{self, Opcode, Response, Status};
+use hsm_driver::tcp::HsmError;
+use hsm_emulator::pcie::device::{Corruption, DeviceCq, DeviceSq, Fetched};
 use proptest::prelude::*;
 use std::sync::Arc;
 use std::task::Wake;
@@ -134,7 +142,10 @@ fn round_trip_and_wrap_many_times() {
         assert_eq!(nop_answer(r.outcome(tag, i + 1)).expect("ok"), body);
     }
     assert_eq!(r.engine.in_flight(), 0);
-    assert_eq!(r.engine.alloc.free_chunks(), r.engine.alloc.chunks());
+    assert_eq!(
+        r.engine.allocator().free_chunks(),
+        r.engine.allocator().chunks()
+    );
 }
 
 #[test]
@@ -219,7 +230,10 @@ fn corrupt_descriptor_is_fatal_and_untrusted() {
         nop_answer(r.outcome(t1, 1)),
         Err(HsmError::ConnectionLost)
     ));
-    assert_eq!(r.engine.alloc.free_chunks(), r.engine.alloc.chunks());
+    assert_eq!(
+        r.engine.allocator().free_chunks(),
+        r.engine.allocator().chunks()
+    );
 }
 
 #[test]
@@ -373,12 +387,12 @@ fn abandoned_call_keeps_its_buffer_until_completed() {
     let t = r.submit(1, &[0; 4096]).expect("room");
     r.engine.abandon(t, 1);
     assert_eq!(r.engine.in_flight(), 1);
-    assert_eq!(r.engine.alloc.free_chunks(), 1);
+    assert_eq!(r.engine.allocator().free_chunks(), 1);
     let f = r.fetch_all();
     r.answer(&f[0].0, f[0].1, b"late", None);
     assert_eq!(r.poll(), Ok(1));
     assert_eq!(r.engine.in_flight(), 0);
-    assert_eq!(r.engine.alloc.free_chunks(), 2);
+    assert_eq!(r.engine.allocator().free_chunks(), 2);
     // Its outcome is gone: a poll of the old call is "lost", not someone else's answer.
     assert!(matches!(
         nop_answer(r.outcome(t, 1)),
@@ -535,7 +549,7 @@ proptest! {
             r.engine.fail_all(|| HsmError::ConnectionLost);
         }
         prop_assert_eq!(r.engine.in_flight(), 0);
-        prop_assert_eq!(r.engine.alloc.free_chunks(), r.engine.alloc.chunks());
+        prop_assert_eq!(r.engine.allocator().free_chunks(), r.engine.allocator().chunks());
     }
 }
 

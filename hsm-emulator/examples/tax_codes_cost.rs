@@ -26,13 +26,13 @@ use std::sync::atomic::Ordering;
 use appliance_core::canonical::{
     CanonicalHeader, CANONICAL_HEADER_BYTES, CANONICAL_MAGIC, CANONICAL_VERSION, KIND_BLUE,
 };
-use hsm_driver::emulator::{Config, Emulator, Grant};
-use hsm_driver::pcie::device::{read_request_into, DeviceCq, DeviceSq, Fetched};
 use hsm_driver::pcie::mem::{DeviceMemory, HeapMemory, MemRegion};
 use hsm_driver::pcie::queue::{Outcome, QueueEngine};
 use hsm_driver::pcie::regs::{plan_layout, queue_reg, CompletionEntry, QueueGeometry, Q_ENABLE};
 use hsm_driver::pcie::response_capacity;
 use hsm_driver::proto::{FrameHeader, InvoiceBatch, Request, Response};
+use hsm_emulator::pcie::device::{read_request_into, DeviceCq, DeviceSq, Fetched};
+use hsm_emulator::{Config, Emulator, Grant};
 use zerocopy::little_endian::{I64, U16, U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -207,7 +207,7 @@ fn main() {
         // Every answer against an independent recomputation (the keys are random per
         // run, so digests differ between runs; these checks do not).
         for (answer, inv) in answers.iter().zip(&invoices) {
-            let code = hsm_driver::crypto::tax_code(emu.tax_code_key(), inv);
+            let code = hsm_emulator::crypto::tax_code(emu.tax_code_key(), inv);
             let head = u128::from_be_bytes(code[..16].try_into().expect("16 bytes"));
             let check = format!("{:020}", head % 100_000_000_000_000_000_000);
             assert_eq!(answer.tax_code, code);

@@ -1,6 +1,8 @@
-//! The tax-server emulator: a cipher machine's tax logic with persistent state, keys from
-//! a [`crate::keys::KeyBackend`], and fault switches, served over the TCP frame protocol
-//! of [`crate::proto`].
+//! The tax-server emulator (binary `hsm-emu`): a cipher machine's tax logic with
+//! persistent state, keys from a [`keys::KeyBackend`], and fault switches, served over the
+//! TCP frame protocol of [`hsm_driver::proto`] and over the PCIe interface whose driver
+//! side is [`hsm_driver::pcie`]. Everything device-side lives in this crate, so that the
+//! appliance links only the driver.
 //!
 //! - [`Emulator`] is the device: state plus command handling, sans-IO. Its
 //!   [`Emulator::handle_frame`] takes a request frame's opcode, correlation id and body
@@ -8,16 +10,24 @@
 //! - [`serve`] is the network shell: an accept thread, a reader thread per connection
 //!   and a pool of worker threads answering frames as they complete (out of order).
 //! - [`pcie`] serves the same device over the PCIe interface (docs/hsm-pcie.md): a
-//!   firmware thread polling shared-memory rings in a file mapping.
+//!   firmware thread polling shared-memory rings in a file mapping, with the device's
+//!   sans-IO side of the rings ([`pcie::device`]) and its interrupt sender
+//!   ([`pcie::notify`]).
+//! - [`keys`]: the device key backends (software file, PKCS#11 wrapped).
+//! - [`crypto`]: tax control codes and SM2 signing (plus the driver's shared crypto,
+//!   re-exported).
 //! - [`run_from_args`] is the `hsm-emu` binary (and the `appliance hsm-emu` subcommand).
 //!
 //! Durability: every change a response depends on (grants, returns, report marks,
 //! uploads) is on disk before the response is written; see docs/hsm-emulator.md.
+#![deny(missing_docs)]
 
 mod coded;
 pub mod config;
 mod counters;
+pub mod crypto;
 mod faults;
+pub mod keys;
 pub mod pcie;
 mod server;
 pub mod state;
@@ -34,9 +44,9 @@ use appliance_core::canonical::{
 };
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::crypto::{self, Sm2Signer, TaxCodeAlgorithm, TaxCodeKey};
 use crate::keys::{KeyBackend, KeyError, Pkcs11Backend, SoftwareBackend};
-use crate::proto::{
+use crypto::{Sm2Signer, TaxCodeAlgorithm, TaxCodeKey};
+use hsm_driver::proto::{
     self, DecodeError, DeviceInfo, FaultConfig, HeldSegment, Holder, InventoryScope, Opcode,
     PeriodReport, Request, Response, Segment, Status, TaxCodeItem, TaxCodeStatus, Taxpayer,
     TaxpayerInventory, UploadStatus, INVENTORY_SEGMENTS_MAX, TAX_CODES_BATCH_MAX,

@@ -1,8 +1,8 @@
 //! Sans-IO tests of the device logic: frames in, frames out, no sockets.
 
 use super::*;
-use crate::proto::{FrameHeader, Holder, InvoiceBatch, UploadBatch};
 use appliance_core::canonical::CanonicalHeader;
+use hsm_driver::proto::{FrameHeader, Holder, InvoiceBatch, UploadBatch};
 use zerocopy::little_endian::{I64, U16, U32, U64};
 
 const SELLER: &str = "91350100M000100Y43";
@@ -181,8 +181,8 @@ fn reopen_keeps_grants_and_uploads() {
 
 #[test]
 fn in_process_server_serves_and_shuts_down() {
-    use crate::tcp::blocking::Client;
-    use crate::tcp::TcpClientConfig;
+    use hsm_driver::tcp::blocking::Client;
+    use hsm_driver::tcp::TcpClientConfig;
     let dir = tempfile::tempdir().unwrap();
     let grants = vec![Grant::new(SELLER, CODE, 1, 10).unwrap()];
     let server = serve(&Config::new(dir.path(), grants)).unwrap();

@@ -10,7 +10,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    match hsm_driver::emulator::run_from_args(std::env::args_os()) {
+    match hsm_emulator::run_from_args(std::env::args_os()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hsm-emu: {e}");

@@ -3,11 +3,11 @@
 mod emulator_support;
 
 use emulator_support::*;
-use hsm_driver::crypto::{self, TaxCodeAlgorithm, TaxCodeKey};
-use hsm_driver::keys::{KeyBackend, SoftwareBackend};
 use hsm_driver::proto::{
     FaultConfig, InventoryScope, Request, Response, Segment, Status, TaxCodeStatus, UploadStatus,
 };
+use hsm_emulator::crypto::{self, TaxCodeAlgorithm, TaxCodeKey};
+use hsm_emulator::keys::{KeyBackend, SoftwareBackend};
 
 const CODE_A: u64 = 144_031_900_111;
 const CODE_A2: u64 = 144_031_900_112;

@@ -10,12 +10,12 @@ mod pcie_support;
 use std::path::Path;
 
 use emulator_support::{invoice, seller_a, seller_b, tp, Emu};
-use hsm_driver::crypto::Sm2Verifier;
 use hsm_driver::proto::{
     FaultConfig, InventoryScope, InvoiceBatch, Request, Response, Segment, Status, UploadBatch,
 };
 use hsm_driver::route::{HsmClient, HsmClientConfig, Route};
 use hsm_driver::tcp::{HsmError, TcpClientConfig};
+use hsm_emulator::crypto::Sm2Verifier;
 
 const CODE: u64 = 144_031_900_111;
 

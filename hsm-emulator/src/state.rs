@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::config::{Grant, TAXPAYER_BYTES};
-use crate::proto::Holder;
+use hsm_driver::proto::Holder;
 
 /// File name of the state inside the data dir.
 pub const STATE_FILE: &str = "state.json";

@@ -535,14 +535,15 @@ impl Config {
                     .pcie_data_mib
                     .or(file_pcie.data_mib)
                     .unwrap_or(PCIE_DATA_MIB_DEFAULT);
-                if queues == 0 || queues > crate::pcie::regs::QUEUES_MAX {
+                if queues == 0 || queues > hsm_driver::pcie::regs::QUEUES_MAX {
                     return Err(ConfigError::Invalid(format!(
                         "pcie queues {queues} not in 1..={}",
-                        crate::pcie::regs::QUEUES_MAX
+                        hsm_driver::pcie::regs::QUEUES_MAX
                     )));
                 }
                 if !queue_entries.is_power_of_two()
-                    || !(crate::pcie::regs::RING_ENTRIES_MIN..=crate::pcie::regs::RING_ENTRIES_MAX)
+                    || !(hsm_driver::pcie::regs::RING_ENTRIES_MIN
+                        ..=hsm_driver::pcie::regs::RING_ENTRIES_MAX)
                         .contains(&queue_entries)
                 {
                     return Err(ConfigError::Invalid(format!(

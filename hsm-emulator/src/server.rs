@@ -24,7 +24,7 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
 use super::config::{Args, Config, ConfigError};
 use super::{lock, Emulator, EmulatorError};
-use crate::proto::{self, DecodeError, FrameDecoder, Opcode, Status};
+use hsm_driver::proto::{self, DecodeError, FrameDecoder, Opcode, Status};
 
 /// Frames queued per worker thread before readers block.
 pub const JOBS_PER_THREAD: usize = 16;

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::config::FaultSettings;
-use crate::proto::FaultConfig;
+use hsm_driver::proto::FaultConfig;
 
 /// The emulator's current faults.
 #[derive(Debug)]
