@@ -335,6 +335,19 @@ impl World {
         }
     }
 
+    /// Remembers that the device coded `invoice` (canonical bytes) with `tax_code`; a
+    /// number coded before for another invoice fails the run.
+    fn note_coded(&mut self, invoice: &[u8], tax_code: [u8; 32]) {
+        let h = appliance_core::canonical::decode_header(invoice).unwrap();
+        let identity = (h.invoice_code.get(), h.invoice_number.get());
+        if let Some(earlier) = self.coded.insert(identity, tax_code) {
+            assert_eq!(
+                earlier, tax_code,
+                "number {identity:?} coded for two different invoices"
+            );
+        }
+    }
+
     fn tick(&mut self) {
         let requests = self.pick_requests();
         let tick = self
@@ -358,14 +371,7 @@ impl World {
                 };
                 for (item, code) in items.into_iter().zip(coded.iter()) {
                     assert_eq!(code.status(), Some(TaxCodeStatus::Ok));
-                    let h = appliance_core::canonical::decode_header(&item).unwrap();
-                    let identity = (h.invoice_code.get(), h.invoice_number.get());
-                    if let Some(earlier) = self.coded.insert(identity, code.tax_code) {
-                        assert_eq!(
-                            earlier, code.tax_code,
-                            "number {identity:?} coded for two different invoices"
-                        );
-                    }
+                    self.note_coded(&item, code.tax_code);
                     self.doomed_pending.push((item, code.tax_code));
                 }
             }
@@ -381,23 +387,11 @@ impl World {
             for item in tick.canonical_items() {
                 batch.push(item).unwrap();
             }
-            let identities: Vec<(u64, u32)> = tick
-                .canonical_items()
-                .map(|item| {
-                    let h = appliance_core::canonical::decode_header(item).unwrap();
-                    (h.invoice_code.get(), h.invoice_number.get())
-                })
-                .collect();
             let Response::TaxCodes(items) = call(self.hsm(), Request::TaxCodes(batch)) else {
                 panic!("tax codes answer")
             };
-            for (identity, item) in identities.iter().zip(items.iter()) {
-                if let Some(earlier) = self.coded.insert(*identity, item.tax_code) {
-                    assert_eq!(
-                        earlier, item.tax_code,
-                        "number {identity:?} coded for two different invoices"
-                    );
-                }
+            for (invoice, item) in tick.canonical_items().zip(items.iter()) {
+                self.note_coded(invoice, item.tax_code);
             }
             items
                 .iter()

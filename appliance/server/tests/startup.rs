@@ -294,13 +294,8 @@ fn a_second_instance_on_the_same_service_address_is_refused() {
     issue_all(&rt, &client, orders("SECOND", 20));
     rt.block_on(client.close());
     // Its status shows the identity its data dir was given.
-    let identity = std::fs::read_to_string(first.data_dir.join("identity.toml")).unwrap();
     let status = http_get(first.control, "/status");
-    let id = identity
-        .lines()
-        .find_map(|l| l.strip_prefix("id = \""))
-        .and_then(|l| l.strip_suffix('"'))
-        .unwrap();
+    let id = identity_id(&first.data_dir);
     assert!(
         status.contains(&format!("\"appliance\":{{\"id\":\"{id}\"")),
         "{status}"
@@ -574,13 +569,10 @@ fn two_appliances_on_one_tax_server_never_share_a_number_even_after_a_wipe() {
 
 /// The appliance id in `data_dir`'s identity file.
 fn identity_id(data_dir: &Path) -> String {
-    let identity = std::fs::read_to_string(data_dir.join("identity.toml")).unwrap();
-    identity
-        .lines()
-        .find_map(|l| l.strip_prefix("id = \""))
-        .and_then(|l| l.strip_suffix('"'))
+    appliance_server::identity::load(data_dir)
         .unwrap()
-        .to_owned()
+        .expect("an identity")
+        .id_hex()
 }
 
 /// The block offsets of `file`'s commits (a commit header record starts every commit, at
