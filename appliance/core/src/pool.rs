@@ -231,22 +231,28 @@ impl Pool {
 
     /// Start-up reconciliation: takes the available numbers of the segment holding
     /// `end - 1` (under `code`) from its cursor up to `end` exclusive, at most `max` of
-    /// them, and counts them spoiled. Returns the numbers, in order; empty when the cursor
-    /// is already at or past `end` or no held segment holds `end - 1`.
+    /// them, and counts them spoiled. Returns the numbers, in order, and how many are
+    /// still to spoil (more than `max` were due); nothing when the cursor is already at or
+    /// past `end` or no held segment holds `end - 1`.
     ///
     /// # Panics
     /// With numbers in flight: reconciliation runs before any tick.
-    pub fn spoil_until(&mut self, code: InvoiceCode, end: u32, max: u32) -> Vec<InvoiceNumber> {
+    pub fn spoil_until(
+        &mut self,
+        code: InvoiceCode,
+        end: u32,
+        max: u32,
+    ) -> (Vec<InvoiceNumber>, u32) {
         assert_eq!(self.counts.in_flight, 0);
         let Some(last) = end.checked_sub(1).and_then(|n| InvoiceNumber::new(n).ok()) else {
-            return Vec::new();
+            return (Vec::new(), 0);
         };
         let Some(cursor) = self
             .cursors
             .iter_mut()
             .find(|k| k.segment.contains(code, last))
         else {
-            return Vec::new();
+            return (Vec::new(), 0);
         };
         let mut out = Vec::new();
         while cursor.next < end && (out.len() as u32) < max {
@@ -257,11 +263,12 @@ impl Pool {
             out.push(number);
             cursor.next += 1;
         }
+        let left = end.saturating_sub(cursor.next);
         let n = out.len() as u64;
         self.counts.available -= n;
         self.counts.spoiled += n;
         self.accounting();
-        out
+        (out, left)
     }
 
     /// Drops exhausted segments from the queue; only with nothing in flight, because

@@ -117,7 +117,7 @@ impl Issuer {
         }
         let room = (CONTROL_RECORDS_MAX - self.control.len()) as u32;
         let pool = self.pool_mut(seller)?;
-        let numbers = pool.spoil_until(code, coded_end, room);
+        let (numbers, left) = pool.spoil_until(code, coded_end, room);
         for &number in &numbers {
             self.queue(Record::NumberSpoiled {
                 seller: *seller,
@@ -125,13 +125,7 @@ impl Issuer {
                 reason: ItemError::CodedNotJournaled,
             })?;
         }
-        let pending = self
-            .pool_mut(seller)?
-            .available_segments()
-            .iter()
-            .find(|s| s.code == code && s.first.get() < coded_end && coded_end <= s.end())
-            .map_or(0, |s| coded_end - s.first.get());
-        Ok((numbers.len() as u32, pending))
+        Ok((numbers.len() as u32, left))
     }
 
     /// The requisition for this seller failed: the next tick may ask again.
